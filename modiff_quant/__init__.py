@@ -1,0 +1,38 @@
+"""modiff-quant: MoDiff (modulated quantization of temporal differences) for diffusion models.
+
+Quantize the change of each layer's input between denoising steps instead of the input itself,
+with error compensation, on top of any base quantizer, driven by YAML recipes.
+"""
+
+from .api import branch, calibrate, convert, plan_of, prepare, reset, sampling
+from .base_quantizer import ActivationQuantizer, BaseQuantizer
+from .observers import Observer
+from .quant import Granularity, QuantSpec
+from .recipe import Recipe, RecipeError, load_recipe, shipped_recipes
+from .registry import register_base_quantizer, register_observer, register_scheme
+from .schemes import Scheme
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationQuantizer",
+    "BaseQuantizer",
+    "Granularity",
+    "Observer",
+    "QuantSpec",
+    "Recipe",
+    "RecipeError",
+    "Scheme",
+    "branch",
+    "calibrate",
+    "convert",
+    "load_recipe",
+    "plan_of",
+    "prepare",
+    "register_base_quantizer",
+    "register_observer",
+    "register_scheme",
+    "reset",
+    "sampling",
+    "shipped_recipes",
+]

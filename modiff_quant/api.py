@@ -1,0 +1,114 @@
+"""The lifecycle of a quantized model: prepare -> calibrate -> convert -> sampling.
+
+`prepare` re-classes the Linear/Conv layers a recipe selects and installs block caches;
+`calibrate` runs the user's own sampling loop with observers on; `convert` freezes quantization
+parameters and quantizes weights; `sampling` scopes one or more trajectories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from torch import nn
+
+from .blocks import install_block_cache
+from .layers import QuantizedLayer, quantize_layer
+from .recipe import Plan, Recipe, load_recipe
+from .trajectory import Mode, Stateful, Tracker
+
+_TRACKER = "_modiff_tracker"
+_PLAN = "_modiff_plan"
+
+
+def prepare(model: nn.Module, recipe: Recipe | str | Path) -> nn.Module:
+    """Apply a recipe (object, file or shipped name) to `model` in place and return it.
+
+    The recipe is resolved and validated against the model before anything changes.
+    """
+    if hasattr(model, _TRACKER):
+        raise RuntimeError("model is already prepared by modiff_quant; prepare a fresh copy of the float model")
+    plan = (recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).resolve(model)
+    members: list[Stateful] = []
+    tracker = Tracker(members)
+    modules = dict(model.named_modules())
+    members += [quantize_layer(modules[name], layer, tracker) for name, layer in plan.layers.items()]
+    members += [install_block_cache(modules[name], block, tracker) for name, block in plan.blocks.items()]
+    setattr(model, _TRACKER, tracker)
+    setattr(model, _PLAN, plan)
+    model.register_forward_pre_hook(tracker.on_model_call, with_kwargs=True)
+    return model
+
+
+def plan_of(model: nn.Module) -> Plan:
+    """The resolved recipe plan a prepared model was built from."""
+    _tracker(model)
+    return getattr(model, _PLAN)
+
+
+@contextmanager
+def calibrate(model: nn.Module) -> Iterator[nn.Module]:
+    """Run your sampling loop inside: layers compute in float while observers record what they
+    will quantize (temporal differences under `modiff`). State is reset on entry and exit."""
+    tracker = _tracker(model)
+    if tracker.mode is not Mode.PREPARED:
+        raise RuntimeError(f"calibrate() needs a prepared model that is not yet converted (model is {tracker.mode.value})")
+    tracker.reset()
+    tracker.mode = Mode.CALIBRATING
+    try:
+        yield model
+    finally:
+        tracker.mode = Mode.PREPARED
+        tracker.reset()
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Freeze calibrated quantization parameters and quantize weights (once)."""
+    tracker = _tracker(model)
+    if tracker.mode is not Mode.PREPARED:
+        raise RuntimeError(f"convert() needs a prepared model (model is {tracker.mode.value})")
+    for layer in model.modules():
+        if isinstance(layer, QuantizedLayer):
+            try:
+                layer.convert()
+            except RuntimeError as exc:
+                raise RuntimeError(f"{layer.plan.name}: {exc}") from exc
+    tracker.mode = Mode.CONVERTED
+    tracker.reset()
+    return model
+
+
+@contextmanager
+def sampling(model: nn.Module) -> Iterator[nn.Module]:
+    """Scope of sampling runs: every layer's and block's state is reset on entry and on exit."""
+    tracker = _tracker(model)
+    tracker.reset()
+    try:
+        yield model
+    finally:
+        tracker.reset()
+
+
+def reset(model: nn.Module) -> None:
+    """Forget all trajectory state; the next call starts a new trajectory."""
+    _tracker(model).reset()
+
+
+@contextmanager
+def branch(model: nn.Module, key: Hashable) -> Iterator[nn.Module]:
+    """Calls inside belong to CFG branch `key` (e.g. "cond"/"uncond"), overriding the automatic
+    detection, for pipelines whose branches do not repeat the step's timestep."""
+    tracker = _tracker(model)
+    previous, tracker.branch = tracker.branch, key
+    try:
+        yield model
+    finally:
+        tracker.branch = previous
+
+
+def _tracker(model: nn.Module) -> Tracker:
+    tracker = getattr(model, _TRACKER, None)
+    if tracker is None:
+        raise RuntimeError("model is not prepared: call modiff_quant.prepare(model, recipe) first")
+    return tracker

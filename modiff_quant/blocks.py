@@ -1,0 +1,43 @@
+"""Block-level 0-bit skipping: DeepCache-style caching in the recipe language.
+
+The block keeps its class, name and attributes (pipelines inspect blocks, e.g. diffusers'
+`has_cross_attention`); only its instance `forward` is replaced by a `BlockCache`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+from torch import nn
+
+from .recipe import BlockPlan
+from .trajectory import CachedOutput, Tracker
+
+
+class BlockCache:
+    """On the block's 0-bit steps, return its last output for this branch without calling it."""
+
+    def __init__(self, module: nn.Module, plan: BlockPlan, tracker: Tracker) -> None:
+        self.plan = plan
+        self._tracker = tracker
+        self._forward = module.forward
+        self._outputs: dict[Hashable, CachedOutput] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        branch, step = self._tracker.position
+        cached = self._outputs.get(branch)
+        if cached is not None and self.plan.schedule.contains(step):
+            return cached.get(self.plan.name)
+        output = self._forward(*args, **kwargs)
+        self._outputs[branch] = CachedOutput(output)
+        return output
+
+    def reset_state(self) -> None:
+        self._outputs.clear()
+
+
+def install_block_cache(module: nn.Module, plan: BlockPlan, tracker: Tracker) -> BlockCache:
+    cache = BlockCache(module, plan, tracker)
+    module.forward = cache
+    return cache

@@ -1,0 +1,130 @@
+"""Observers: statistics gathered during `calibrate()` that become static quantization parameters.
+
+Under the `modiff` scheme a layer's delta observer sees temporal differences (a_t − a_{t+1}),
+not raw activations; the observers themselves are generic and only see tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .quant import QuantSpec, fake_quantize, qparams, stats_view
+from .registry import register_observer
+
+
+class Observer(nn.Module):
+    """Collects statistics of a tensor stream; `qparams()` turns them into scale and zero point."""
+
+    def __init__(self, spec: QuantSpec, *, channel_dim: int = 1, weight: bool = False) -> None:
+        super().__init__()
+        if spec.granularity.kind == "sample":
+            raise ValueError("granularity 'sample' has no static scale (batch items change); use the 'dynamic' base quantizer for it")
+        self.spec = spec
+        self.channel_dim = channel_dim
+        self.weight = weight
+        self.register_buffer("lo", None)
+        self.register_buffer("hi", None)
+
+    @property
+    def observed(self) -> bool:
+        return self.lo is not None
+
+    def observe(self, x: Tensor) -> None:
+        view, dims = self._view(x)
+        self._update(view.amin(dims, keepdim=True).float(), view.amax(dims, keepdim=True).float())
+
+    def _update(self, lo: Tensor, hi: Tensor) -> None:
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        if not self.observed:
+            raise RuntimeError("no data observed: run the sampling loop inside modiff_quant.calibrate(model)")
+        return qparams(self.lo, self.hi, self.spec)
+
+    def _view(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        return stats_view(x.detach(), self.spec.granularity, channel_dim=self.channel_dim, weight=self.weight)
+
+
+@register_observer("minmax")
+class MinMaxObserver(Observer):
+    """Running minimum and maximum: no clipping at all, so outliers set the scale."""
+
+
+@register_observer("ema_minmax")
+class MovingAverageMinMaxObserver(Observer):
+    """Exponential moving average of per-call min/max: single outlier calls matter less."""
+
+    def __init__(self, spec: QuantSpec, *, channel_dim: int = 1, weight: bool = False, momentum: float = 0.9) -> None:
+        super().__init__(spec, channel_dim=channel_dim, weight=weight)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+
+    def _update(self, lo: Tensor, hi: Tensor) -> None:
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        else:
+            self.lo = self.momentum * self.lo + (1 - self.momentum) * lo
+            self.hi = self.momentum * self.hi + (1 - self.momentum) * hi
+
+
+@register_observer("mse")
+class LpSearchObserver(Observer):
+    """Clipping range chosen by a grid search minimising the L_p quantization error.
+
+    Keeps a bounded, seeded random subsample of the observed values per scale group, then tries
+    `grid` shrink factors of the min-max range in [min_ratio, 1] (p = 2 is MSE; PTQ4DM uses 2.4).
+    """
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        *,
+        channel_dim: int = 1,
+        weight: bool = False,
+        p: float = 2.0,
+        grid: int = 100,
+        min_ratio: float = 0.1,
+        values_per_call: int = 2048,
+    ) -> None:
+        super().__init__(spec, channel_dim=channel_dim, weight=weight)
+        if p <= 0 or grid < 1 or not 0.0 < min_ratio <= 1.0 or values_per_call < 1:
+            raise ValueError(f"invalid L_p search options: p={p}, grid={grid}, min_ratio={min_ratio}, values_per_call={values_per_call}")
+        self.p, self.grid, self.min_ratio, self.values_per_call = p, grid, min_ratio, values_per_call
+        self._samples: list[Tensor] = []
+        self._generator = torch.Generator().manual_seed(0)
+
+    def observe(self, x: Tensor) -> None:
+        super().observe(x)
+        rows = self._rows(x)
+        if rows.shape[1] > self.values_per_call:
+            keep = torch.randperm(rows.shape[1], generator=self._generator)[: self.values_per_call]
+            rows = rows[:, keep.to(rows.device)]
+        self._samples.append(rows.float())
+
+    def _rows(self, x: Tensor) -> Tensor:
+        """[groups, values]: one row per scale group, in the element order of a keepdim statistic."""
+        view, dims = self._view(x)
+        kept = [d for d in range(view.dim()) if d not in dims]
+        return view.permute(*kept, *dims).reshape(math.prod(view.shape[d] for d in kept), -1)
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        if not self.observed:
+            return super().qparams()
+        values = torch.cat(self._samples, dim=1)
+        shape = self.lo.shape
+        lo, hi = self.lo.reshape(-1, 1), self.hi.reshape(-1, 1)
+        best_err = torch.full_like(lo, float("inf"))
+        best_scale, best_zero = qparams(lo, hi, self.spec)
+        for ratio in torch.linspace(1.0, self.min_ratio, self.grid).tolist():
+            scale, zero = qparams(lo * ratio, hi * ratio, self.spec)
+            err = (fake_quantize(values, scale, zero, self.spec) - values).abs().pow(self.p).sum(dim=1, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+        return best_scale.reshape(shape), best_zero.reshape(shape)

@@ -1,0 +1,21 @@
+"""YAML recipes mapping layers to bit-widths, schemes and base quantizers (schema version 1)."""
+
+from .resolve import BlockPlan, LayerPlan, Plan
+from .schema import Recipe, Rule, load_recipe, shipped_recipes
+from .settings import FirstStep, LayerSettings, StepSchedule
+from .source import Location, RecipeError
+
+__all__ = [
+    "BlockPlan",
+    "FirstStep",
+    "LayerPlan",
+    "LayerSettings",
+    "Location",
+    "Plan",
+    "Recipe",
+    "RecipeError",
+    "Rule",
+    "StepSchedule",
+    "load_recipe",
+    "shipped_recipes",
+]

@@ -1,0 +1,196 @@
+"""Matching a recipe against a model: which settings each layer gets, which blocks are cached.
+
+A rule that matches Linear/Conv layers sets layer settings; a rule that matches other modules
+(e.g. a UNet up block) is a block rule, whose only setting is 0-bit skipping on a step
+schedule. Everything a layer cannot support is reported here, before the model is changed.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ..quant import FLOAT_BITS, SKIP_BITS
+from ..registry import nearest
+from .schema import Recipe, Rule
+from .settings import LayerSettings, StepSchedule
+from .source import Location, RecipeError
+
+LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The resolved settings of one Linear/Conv layer and the recipe lines they came from."""
+
+    name: str
+    module_type: str
+    settings: LayerSettings
+    zero_bit_steps: tuple[StepSchedule, ...]
+    rules: tuple[Location, ...]
+
+    def skips(self, step: int) -> bool:
+        """True when this step is 0-bit for the layer (its cached output is reused)."""
+        return self.settings.a_bits == SKIP_BITS or any(s.contains(step) for s in self.zero_bit_steps)
+
+    @property
+    def has_skips(self) -> bool:
+        return self.settings.a_bits == SKIP_BITS or bool(self.zero_bit_steps)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """A module whose whole output is reused on the steps of `schedule`."""
+
+    name: str
+    module_type: str
+    schedule: StepSchedule
+    rule: Location
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    layers: Mapping[str, LayerPlan]
+    blocks: Mapping[str, BlockPlan]
+    unmatched: tuple[Rule, ...]
+
+    def explain(self) -> str:
+        return _explain(self)
+
+
+def resolve(recipe: Recipe, model: nn.Module) -> Plan:
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    layers = {name: module for name, module in modules if isinstance(module, LAYER_TYPES)}
+    values: dict[str, dict[str, object]] = {name: {} for name in layers}
+    sources: dict[str, dict[str, Location]] = {name: dict(recipe.default_locations) for name in layers}
+    hits: dict[str, list[Location]] = {name: [] for name in layers}
+    zero_steps: dict[str, list[StepSchedule]] = {name: [] for name in layers}
+    blocks: dict[str, BlockPlan] = {}
+    unmatched: list[Rule] = []
+    for rule in recipe.rules:
+        matched = [(name, module) for name, module in modules if rule.matches(name, module)]
+        matched_layers = [name for name, _ in matched if name in layers]
+        matched_blocks = [(name, module) for name, module in matched if name not in layers]
+        if not matched:
+            unmatched.append(rule)
+        elif matched_layers and matched_blocks:
+            raise RecipeError(
+                rule.location,
+                f"rule '{rule.describe()}' matches both layers ({_some(matched_layers)}) and blocks "
+                f"({_some([n for n, _ in matched_blocks])}); narrow the pattern to one kind",
+            )
+        elif matched_blocks:
+            if rule.settings != {"a_bits": SKIP_BITS}:
+                raise RecipeError(
+                    rule.location,
+                    f"rule '{rule.describe()}' matches blocks ({_some([n for n, _ in matched_blocks])}), which only take "
+                    "a_bits: 0 with steps; match their Linear/Conv layers by name to quantize them",
+                )
+            for name, module in matched_blocks:
+                blocks[name] = BlockPlan(name, type(module).__name__, rule.steps or StepSchedule(), rule.location)
+        else:
+            for name in matched_layers:
+                hits[name].append(rule.location)
+                if rule.steps is not None:
+                    zero_steps[name].append(rule.steps)
+                else:
+                    values[name].update(rule.settings)
+                    sources[name].update(rule.setting_locations)
+    _report_unmatched(recipe, unmatched, modules)
+    plans = {}
+    for name, module in layers.items():
+        settings = recipe.defaults.updated(values[name])
+        _check_layer(name, module, settings, sources[name])
+        plans[name] = LayerPlan(name, type(module).__name__, settings, tuple(zero_steps[name]), tuple(hits[name]))
+    return Plan(recipe, plans, blocks, tuple(unmatched))
+
+
+def _some(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{shown}, ... {len(names)} in all" if len(names) > limit else shown
+
+
+def _report_unmatched(recipe: Recipe, unmatched: list[Rule], modules: list[tuple[str, nn.Module]]) -> None:
+    for rule in unmatched:
+        message = f"rule '{rule.describe()}' matches no module of the model{_suggest(rule, modules)}"
+        if recipe.strict:
+            raise RecipeError(rule.location, f"{message} (strict: true)")
+        warnings.warn(f"{rule.location}: {message}", UserWarning, stacklevel=4)
+
+
+def _suggest(rule: Rule, modules: list[tuple[str, nn.Module]]) -> str:
+    """Nearest module or class names to each pattern (for a regex, to its literal prefix)."""
+    suggestions: list[str] = []
+    for pattern in rule.patterns:
+        text = re.split(r"(?<!\\)[\[\](){}*+?|^$]|\\[dDwWsSb]", pattern.removeprefix("re:"))[0].replace("\\.", ".").rstrip(".")
+        depth = text.count(".") + 1
+        candidates = {".".join(name.split(".")[:depth]) for name, _ in modules} | {type(m).__name__ for _, m in modules}
+        suggestions += nearest(text, sorted(candidates)) if text else []
+    return f"; nearest names: {', '.join(dict.fromkeys(suggestions))}" if suggestions else ""
+
+
+def _check_layer(name: str, module: nn.Module, settings: LayerSettings, sources: Mapping[str, Location]) -> None:
+    def fail(key: str, message: str) -> None:
+        raise RecipeError(sources.get(key), f"layer '{name}' ({type(module).__name__}): {message}")
+
+    if type(module) not in LAYER_TYPES:
+        fail("scheme", f"{type(module).__qualname__} subclasses a Linear/Conv class; only exact nn.Linear/Conv1d/Conv2d can be wrapped")
+    weight_width = module.weight[0].numel()
+    in_width = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+    for key, granularity, width, what in (
+        ("w_granularity", settings.w_granularity, weight_width, "a flattened input size"),
+        ("a_granularity", settings.a_granularity, in_width, "an input channel count"),
+    ):
+        if granularity.kind == "group" and width % granularity.group_size:
+            fail(key, f"{granularity} needs {what} divisible by {granularity.group_size}, got {width}")
+    if settings.first_step.kind != "fp" and settings.a_bits == SKIP_BITS:
+        fail("first_step", f"first_step {settings.first_step} quantizes the first input, but a_bits is 0 (skip)")
+    if settings.first_step.kind == "warmup" and not settings.error_compensation:
+        fail("first_step", "warm-up refines the reconstructed input, which needs error_compensation: true")
+
+
+def _bits(bits: int) -> str:
+    return "float" if bits == FLOAT_BITS else str(bits)
+
+
+def _explain(plan: Plan) -> str:
+    recipe = plan.recipe
+    header = ("layer", "type", "scheme", "base", "W", "A", "a_gran", "first", "EC", "0-bit steps", "rules")
+    rows = []
+    for layer in plan.layers.values():
+        s = layer.settings
+        modiff = s.scheme == "modiff"
+        rows.append((
+            layer.name,
+            layer.module_type,
+            s.scheme,
+            s.base_quantizer + (f"{dict(s.base_quantizer_options)}" if s.base_quantizer_options else ""),
+            _bits(s.w_bits),
+            _bits(s.a_bits) + ("" if s.a_symmetric else "u"),
+            str(s.a_granularity),
+            str(s.first_step) if modiff else "-",
+            ("on" if s.error_compensation else "off") if modiff else "-",
+            "all" if s.a_bits == SKIP_BITS else ", ".join(map(str, layer.zero_bit_steps)) or "-",
+            ", ".join(f"{Path(loc.file).name}:{loc.line}" for loc in layer.rules) or "defaults",
+        ))
+    lines = [f"recipe {recipe.name} ({recipe.source}){' strict' if recipe.strict else ''}: {recipe.description}".rstrip(": ")]
+    lines += _table(header, rows)
+    lines.append(f"{len(plan.layers)} layers; A bits: 'u' = asymmetric; rules: recipe file:line of each rule that applied")
+    if plan.blocks:
+        lines += ["", "cached blocks (0-bit: output reused without calling the block)"]
+        lines += _table(("block", "type", "0-bit steps", "rule"), [(b.name, b.module_type, str(b.schedule), str(b.rule)) for b in plan.blocks.values()])
+    for rule in plan.unmatched:
+        lines.append(f"warning: {rule.location}: rule '{rule.describe()}' matches nothing")
+    return "\n".join(lines)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip(), *(fmt.format(*r).rstrip() for r in rows)]

@@ -1,0 +1,170 @@
+"""Recipe value types: per-layer settings, first-step policies and step schedules.
+
+Each recipe key has one parser that turns a YAML value into a typed value or raises
+ValueError with a message the loader prefixes with file:line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from ..quant import FLOAT_BITS, MAX_BITS, MIN_BITS, SKIP_BITS, Granularity, QuantSpec
+
+
+@dataclass(frozen=True)
+class FirstStep:
+    """What the first call of a trajectory does before there is a previous step to subtract.
+
+    `fp`: full-precision input (the reference code); `quantized`: the raw input through a raw
+    activation quantizer; `warmup:N`: `quantized`, then N modulated updates on the same input
+    (paper App. D.5), which shrink the first step's quantization error.
+    """
+
+    kind: Literal["fp", "quantized", "warmup"]
+    rounds: int = 0
+
+    @classmethod
+    def parse(cls, value: Any) -> FirstStep:
+        if value in ("fp", "quantized"):
+            return cls(value)
+        rounds = value.removeprefix("warmup:") if isinstance(value, str) else ""
+        if rounds.isdecimal() and int(rounds) > 0:
+            return cls("warmup", int(rounds))
+        raise ValueError(f"expected fp, quantized or warmup:N (N >= 1), got {value!r}")
+
+    def __str__(self) -> str:
+        return f"warmup:{self.rounds}" if self.kind == "warmup" else self.kind
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """Steps a rule applies to: 0-based model calls of a trajectory (per CFG branch).
+
+    Either an explicit set of steps, or the range [start, stop) taking every `every`-th step.
+    """
+
+    explicit: frozenset[int] | None = None
+    start: int = 0
+    stop: int | None = None
+    every: int = 1
+
+    @classmethod
+    def parse(cls, value: Any) -> StepSchedule:
+        if value == "all":
+            return cls()
+        if isinstance(value, list) and value and all(_is_int(v) and v >= 0 for v in value):
+            return cls(explicit=frozenset(value))
+        if isinstance(value, Mapping) and value and set(value) <= {"start", "stop", "every"}:
+            start, stop, every = value.get("start", 0), value.get("stop"), value.get("every", 1)
+            if _is_int(start) and start >= 0 and _is_int(every) and every >= 1 and (stop is None or _is_int(stop) and stop > start):
+                return cls(start=start, stop=stop, every=every)
+        raise ValueError(f"expected all, a list of step indices, or a mapping with start/stop/every, got {value!r}")
+
+    def contains(self, step: int) -> bool:
+        if self.explicit is not None:
+            return step in self.explicit
+        in_range = step >= self.start and (self.stop is None or step < self.stop)
+        return in_range and (step - self.start) % self.every == 0
+
+    def __str__(self) -> str:
+        if self.explicit is not None:
+            return str(sorted(self.explicit))
+        if (self.start, self.stop, self.every) == (0, None, 1):
+            return "all"
+        every = f" every {self.every}" if self.every > 1 else ""
+        return f"{self.start}..{'' if self.stop is None else self.stop - 1}{every}"
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """Everything a recipe decides for one Linear/Conv layer (defaults: W8A8 dynamic MoDiff)."""
+
+    w_bits: int = 8
+    a_bits: int = 8
+    scheme: str = "modiff"
+    base_quantizer: str = "dynamic"
+    base_quantizer_options: Mapping[str, Any] = field(default_factory=dict)
+    w_granularity: Granularity = Granularity("channel")
+    a_granularity: Granularity = Granularity("tensor")
+    w_symmetric: bool = True
+    a_symmetric: bool = False
+    first_step: FirstStep = FirstStep("fp")
+    error_compensation: bool = True
+
+    def weight_spec(self) -> QuantSpec:
+        return QuantSpec(self.w_bits, self.w_symmetric, self.w_granularity)
+
+    def activation_spec(self) -> QuantSpec:
+        """The activation spec; a 0-bit layer never quantizes, so it gets a float spec."""
+        bits = FLOAT_BITS if self.a_bits == SKIP_BITS else self.a_bits
+        return QuantSpec(bits, self.a_symmetric, self.a_granularity)
+
+    def updated(self, values: Mapping[str, Any]) -> LayerSettings:
+        return replace(self, **values)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bits(allow_skip: bool) -> Callable[[Any], int]:
+    lowest = SKIP_BITS if allow_skip else MIN_BITS
+
+    def parse(value: Any) -> int:
+        if value == "float":
+            return FLOAT_BITS
+        if _is_int(value) and (MIN_BITS <= value <= MAX_BITS or value == FLOAT_BITS or value == lowest):
+            return value
+        skip = f"{SKIP_BITS} (skip), " if allow_skip else ""
+        raise ValueError(f"expected {skip}{MIN_BITS}-{MAX_BITS}, {FLOAT_BITS} or float, got {value!r}")
+
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _name(value: Any) -> str:
+    if isinstance(value, str) and value:
+        return value
+    raise ValueError(f"expected a name, got {value!r}")
+
+
+def _granularity(allowed: tuple[str, ...]) -> Callable[[Any], Granularity]:
+    def parse(value: Any) -> Granularity:
+        granularity = Granularity.parse(value) if isinstance(value, str) else None
+        if granularity is None or granularity.kind not in allowed:
+            raise ValueError(f"expected {', '.join(allowed)} or group:N, got {value!r}")
+        return granularity
+
+    return parse
+
+
+def _base_quantizer(value: Any) -> dict[str, Any]:
+    """`name` or `{name: ..., <option>: ...}` -> the two settings it stands for."""
+    if isinstance(value, str) and value:
+        return {"base_quantizer": value, "base_quantizer_options": {}}
+    if isinstance(value, Mapping) and isinstance(value.get("name"), str):
+        return {"base_quantizer": value["name"], "base_quantizer_options": {k: v for k, v in value.items() if k != "name"}}
+    raise ValueError(f"expected a base quantizer name or a mapping with 'name' and its options, got {value!r}")
+
+
+# recipe key -> parser returning {LayerSettings field: value}
+SETTING_PARSERS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "w_bits": lambda v: {"w_bits": _bits(allow_skip=False)(v)},
+    "a_bits": lambda v: {"a_bits": _bits(allow_skip=True)(v)},
+    "scheme": lambda v: {"scheme": _name(v)},
+    "base_quantizer": _base_quantizer,
+    "w_granularity": lambda v: {"w_granularity": _granularity(("tensor", "channel", "group"))(v)},
+    "a_granularity": lambda v: {"a_granularity": _granularity(("tensor", "sample", "channel", "group"))(v)},
+    "w_symmetric": lambda v: {"w_symmetric": _bool(v)},
+    "a_symmetric": lambda v: {"a_symmetric": _bool(v)},
+    "first_step": lambda v: {"first_step": FirstStep.parse(v)},
+    "error_compensation": lambda v: {"error_compensation": _bool(v)},
+}
+

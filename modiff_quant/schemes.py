@@ -1,0 +1,96 @@
+"""Schemes: what a quantized layer computes from its input across the steps of a trajectory.
+
+`modiff` quantizes the temporal difference of the input against its running reconstruction and
+accumulates the output (MoDiff, with error compensation); `plain` is the base quantizer alone,
+the baseline MoDiff is compared with. Both reuse the cached output on 0-bit steps.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from .registry import register_scheme
+
+if TYPE_CHECKING:
+    from .layers import LayerState, QuantizedLayer
+    from .recipe import LayerSettings
+
+
+class Scheme(ABC):
+    """Strategy object of one quantized layer; plugins register subclasses with `register_scheme`."""
+
+    @abstractmethod
+    def activation_roles(self, settings: LayerSettings) -> tuple[str, ...]:
+        """Names of the activation quantizers the layer needs (built by its base quantizer)."""
+
+    @abstractmethod
+    def forward(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
+        """Quantized output; `skip` is true on the layer's 0-bit steps."""
+
+    @abstractmethod
+    def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
+        """Float output, after showing each activation quantizer what it will quantize."""
+
+
+@register_scheme("modiff")
+class ModiffScheme(Scheme):
+    """o_t = ô + A(Q(a_t − â)) without bias, â ← â + Q(·), ô ← o_t (paper Eq. 13-14).
+
+    Without error compensation (ablation) the raw previous input replaces â (paper Eq. 7).
+    """
+
+    def activation_roles(self, settings: LayerSettings) -> tuple[str, ...]:
+        return ("delta",) if settings.first_step.kind == "fp" else ("raw", "delta")
+
+    def forward(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
+        if state.output is None:
+            return self._first_call(layer, x, state)
+        o_hat = state.output.get(layer.plan.name)
+        if skip:
+            return o_hat
+        q = layer.act_quantizers["delta"](x - state.a_hat)
+        state.a_hat = state.a_hat + q if layer.plan.settings.error_compensation else x
+        return state.remember(o_hat + layer.apply_op(q, bias=False))
+
+    def _first_call(self, layer: QuantizedLayer, x: Tensor, state: LayerState) -> Tensor:
+        settings = layer.plan.settings
+        a_hat = x if settings.first_step.kind == "fp" else layer.act_quantizers["raw"](x)
+        output = layer.apply_op(a_hat, bias=True)
+        for _ in range(settings.first_step.rounds):
+            q = layer.act_quantizers["delta"](x - a_hat)
+            a_hat = a_hat + q
+            output = output + layer.apply_op(q, bias=False)
+        state.a_hat = a_hat if settings.error_compensation else x
+        return state.remember(output)
+
+    def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
+        """The delta observer sees Δ_t = a_t − a_{t+1} (float); the raw one sees the first input."""
+        if state.a_hat is None:
+            if "raw" in layer.act_quantizers:
+                layer.act_quantizers["raw"].observe(x)
+            state.a_hat = x
+        elif not skip:
+            layer.act_quantizers["delta"].observe(x - state.a_hat)
+            state.a_hat = x
+        return layer.apply_op(x, bias=True)
+
+
+@register_scheme("plain")
+class PlainScheme(Scheme):
+    """o = A(Q(a)) + b: post-training quantization without modulation."""
+
+    def activation_roles(self, settings: LayerSettings) -> tuple[str, ...]:
+        return ("raw",)
+
+    def forward(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
+        if skip and state.output is not None:
+            return state.output.get(layer.plan.name)
+        output = layer.apply_op(layer.act_quantizers["raw"](x), bias=True)
+        return state.remember(output) if layer.plan.has_skips else output
+
+    def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
+        layer.act_quantizers["raw"].observe(x)
+        return layer.apply_op(x, bias=True)
