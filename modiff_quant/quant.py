@@ -27,6 +27,14 @@ _SCALE_FLOOR = torch.finfo(torch.float32).tiny  # below it scales lose precision
 GranularityKind = Literal["tensor", "sample", "channel", "group"]
 
 
+def count_suffix(value: object, prefix: str) -> int | None:
+    """N from `<prefix>N` with N a positive integer (as in `group:32`, `warmup:4`), else None."""
+    if not isinstance(value, str) or not value.startswith(prefix):
+        return None
+    digits = value[len(prefix) :]
+    return int(digits) if digits.isdecimal() and int(digits) > 0 else None
+
+
 @dataclass(frozen=True)
 class Granularity:
     """Which elements share one scale.
@@ -44,9 +52,9 @@ class Granularity:
     def parse(cls, text: str) -> Granularity:
         if text in ("tensor", "sample", "channel"):
             return cls(text)
-        size = text.removeprefix("group:")
-        if size != text and size.isdecimal() and int(size) > 0:
-            return cls("group", int(size))
+        size = count_suffix(text, "group:")
+        if size is not None:
+            return cls("group", size)
         raise ValueError(f"unknown granularity {text!r}: expected tensor, sample, channel or group:N")
 
     def __str__(self) -> str:

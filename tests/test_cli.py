@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,7 +46,8 @@ def test_demo_shows_modiff_ahead_of_plain():
 
 
 def test_console_script_is_installed():
-    executable = shutil.which("modiff-quant")
-    assert executable, "pip install must provide the modiff-quant command"
-    result = subprocess.run([executable, "--help"], capture_output=True, text=True, check=True)
+    """pip install puts the command beside the interpreter of the environment it installs into."""
+    executable = Path(sys.executable).parent / "modiff-quant"
+    assert executable.is_file(), "pip install must provide the modiff-quant command"
+    result = subprocess.run([str(executable), "--help"], capture_output=True, text=True, check=True)
     assert "explain" in result.stdout and "demo" in result.stdout

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from ..quant import FLOAT_BITS, MAX_BITS, MIN_BITS, SKIP_BITS, Granularity, QuantSpec
+from ..quant import FLOAT_BITS, MAX_BITS, MIN_BITS, SKIP_BITS, Granularity, QuantSpec, count_suffix
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,9 @@ class FirstStep:
     def parse(cls, value: Any) -> FirstStep:
         if value in ("fp", "quantized"):
             return cls(value)
-        rounds = value.removeprefix("warmup:") if isinstance(value, str) else ""
-        if rounds.isdecimal() and int(rounds) > 0:
-            return cls("warmup", int(rounds))
+        rounds = count_suffix(value, "warmup:")
+        if rounds is not None:
+            return cls("warmup", rounds)
         raise ValueError(f"expected fp, quantized or warmup:N (N >= 1), got {value!r}")
 
     def __str__(self) -> str:
