@@ -7,7 +7,8 @@ from typing import Any
 from torch import Tensor
 
 from modiff_quant.base_quantizer import ActivationQuantizer, BaseQuantizer, ObservedActivationQuantizer
-from modiff_quant.quant import QuantSpec, fake_quantize_grouped
+from modiff_quant.observers import Observer
+from modiff_quant.quant import Granularity, QuantSpec, fake_quantize_grouped
 from modiff_quant.registry import OBSERVERS, register_base_quantizer
 
 
@@ -21,14 +22,17 @@ class StaticQuantizer(BaseQuantizer):
     """
 
     def __init__(self, observer: str = "minmax", observer_options: dict[str, Any] | None = None) -> None:
-        OBSERVERS.get(observer)  # fail at prepare time, not at convert time
         self.observer = observer
         self.observer_options = dict(observer_options or {})
+        self._make_observer(QuantSpec(8, True, Granularity("tensor")), 0, weight=True)  # bad names/options fail at recipe load
+
+    def _make_observer(self, spec: QuantSpec, channel_dim: int, *, weight: bool = False) -> Observer:
+        return OBSERVERS.get(self.observer)(spec, channel_dim=channel_dim, weight=weight, **self.observer_options)
 
     def quantize_weight(self, weight: Tensor, spec: QuantSpec) -> Tensor:
         if spec.is_float:
             return weight
-        observer = OBSERVERS.get(self.observer)(spec, channel_dim=0, weight=True, **self.observer_options)
+        observer = self._make_observer(spec, 0, weight=True)
         observer.observe(weight)
         scale, zero_point = observer.qparams()
         return fake_quantize_grouped(weight, scale, zero_point, spec, weight=True)

@@ -16,7 +16,7 @@ from torch import nn
 from .blocks import install_block_cache
 from .layers import QuantizedLayer, quantize_layer
 from .recipe import Plan, Recipe, load_recipe
-from .trajectory import Mode, Stateful, Tracker
+from .trajectory import Mode, Tracker
 
 _TRACKER = "_modiff_tracker"
 _PLAN = "_modiff_plan"
@@ -27,14 +27,14 @@ def prepare(model: nn.Module, recipe: Recipe | str | Path) -> nn.Module:
 
     The recipe is resolved and validated against the model before anything changes.
     """
-    if hasattr(model, _TRACKER):
-        raise RuntimeError("model is already prepared by modiff_quant; prepare a fresh copy of the float model")
+    prepared = [name or "the model" for name, module in model.named_modules() if hasattr(module, _TRACKER) or isinstance(module, QuantizedLayer)]
+    if prepared:
+        raise RuntimeError(f"already prepared by modiff_quant: {', '.join(prepared[:3])}; prepare a fresh copy of the float model")
     plan = (recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).resolve(model)
-    members: list[Stateful] = []
-    tracker = Tracker(members)
+    tracker = Tracker()
     modules = dict(model.named_modules())
-    members += [quantize_layer(modules[name], layer, tracker) for name, layer in plan.layers.items()]
-    members += [install_block_cache(modules[name], block, tracker) for name, block in plan.blocks.items()]
+    tracker.members.extend(quantize_layer(modules[name], layer, tracker) for name, layer in plan.layers.items())
+    tracker.members.extend(install_block_cache(modules[name], block, tracker) for name, block in plan.blocks.items())
     setattr(model, _TRACKER, tracker)
     setattr(model, _PLAN, plan)
     model.register_forward_pre_hook(tracker.on_model_call, with_kwargs=True)

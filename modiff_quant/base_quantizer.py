@@ -61,16 +61,18 @@ class ObservedActivationQuantizer(ActivationQuantizer):
         self.register_buffer("zero_point", None)
 
     def observe(self, x: Tensor) -> None:
-        if self.observer is not None:
+        if self.observer is not None and x.numel():
             self.observer.observe(x)
 
     def freeze(self) -> None:
+        """Fix scale and zero point, then drop the observer and the statistics it held."""
         if self.observer is not None:
             self.scale, self.zero_point = self.observer.qparams()
+            self.observer = None
 
     def _quantize(self, x: Tensor) -> Tensor:
         if self.scale is None:
-            raise RuntimeError("activation quantizer used before convert() froze its scale")
+            raise RuntimeError("static activation quantizer used before convert() froze its scale")
         return fake_quantize_grouped(x, self.scale, self.zero_point, self.spec, channel_dim=self.channel_dim)
 
 

@@ -19,9 +19,11 @@ class BlockCache:
     """On the block's 0-bit steps, return its last output for this branch without calling it."""
 
     def __init__(self, module: nn.Module, plan: BlockPlan, tracker: Tracker) -> None:
+        if "forward" in vars(module):
+            raise RuntimeError(f"{plan.name}: its forward is already replaced by another library's hook; cannot cache the block")
         self.plan = plan
         self._tracker = tracker
-        self._forward = module.forward
+        self._module = module  # the class forward is called on it: a bound method would pickle as this cache
         self._outputs: dict[Hashable, CachedOutput] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -29,7 +31,7 @@ class BlockCache:
         cached = self._outputs.get(branch)
         if cached is not None and self.plan.schedule.contains(step):
             return cached.get(self.plan.name)
-        output = self._forward(*args, **kwargs)
+        output = type(self._module).forward(self._module, *args, **kwargs)
         self._outputs[branch] = CachedOutput(output)
         return output
 

@@ -10,6 +10,7 @@ import torch
 from .models import load_model
 from .recipe import RecipeError, load_recipe
 from .registry import UnknownNameError
+from .samplers import SAMPLERS
 
 
 def _explain(args: argparse.Namespace) -> None:
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="plain vs MoDiff: ε-prediction error vs full precision along a diffusion path")
     demo.add_argument("--model", default="cifar10-ddpm")
     demo.add_argument("--recipes", nargs="+", default=["w8a4-plain", "w8a4-modiff"])
-    demo.add_argument("--sampler", default="ddim")
+    demo.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     demo.add_argument("--steps", type=int, default=50)
     demo.add_argument("--samples", type=int, default=4)
     demo.add_argument("--seed", type=int, default=0)

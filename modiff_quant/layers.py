@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base_quantizer import BaseQuantizer
+from .layer_parts import build_parts
 from .recipe import LayerPlan
-from .registry import BASE_QUANTIZERS, SCHEMES
-from .trajectory import CachedOutput, Mode, Tracker
+from .schemes import Scheme
+from .trajectory import CachedOutput, Mode, Position, Tracker
 
 
 @dataclass
@@ -26,7 +28,8 @@ class LayerState:
     output: CachedOutput | None = None
 
     def remember(self, output: Tensor) -> Tensor:
-        self.output = CachedOutput(output)
+        """Keep ô for the next step (detached: the cache must not chain autograd graphs over steps)."""
+        self.output = CachedOutput(output.detach())
         return output
 
 
@@ -34,26 +37,30 @@ class QuantizedLayer(nn.Module):
     """Behaviour shared by `QuantLinear`, `QuantConv1d` and `QuantConv2d`."""
 
     plan: LayerPlan
+    scheme: Scheme
+    base_quantizer: BaseQuantizer
     act_quantizers: nn.ModuleDict
-    qweight: Tensor | None
+    _tracker: Tracker
+    _states: dict[tuple[Hashable, int], LayerState]
 
-    def _setup(self, plan: LayerPlan, tracker: Tracker) -> None:
-        settings = plan.settings
+    def _setup(self, plan: LayerPlan, tracker: Tracker, layer_type: type[nn.Module]) -> None:
         self.plan = plan
-        self.scheme = SCHEMES.get(settings.scheme)()
-        self.base_quantizer = BASE_QUANTIZERS.get(settings.base_quantizer)(**settings.base_quantizer_options)
-        channel_dim = -1 if isinstance(self, nn.Linear) else 1
-        self.act_quantizers = nn.ModuleDict(
-            {role: self.base_quantizer.activation_quantizer(settings.activation_spec(), channel_dim) for role in self.scheme.activation_roles(settings)}
-        )
-        self.register_buffer("qweight", None)
+        self.scheme, self.base_quantizer, quantizers = build_parts(plan.settings, layer_type)
+        self.act_quantizers = nn.ModuleDict(quantizers)
         self._tracker = tracker
-        self._states: dict[Hashable, LayerState] = {}
+        self._states = {}
+        self._last_position: Position | None = None
+        self._repeat = 0
 
     def forward(self, x: Tensor) -> Tensor:
         tracker = self._tracker
-        branch, step = tracker.position
-        state = self._states.setdefault(branch, LayerState())
+        step = tracker.position[1]
+        state = self._state_for(tracker.position)
+        if state.a_hat is not None and state.a_hat.shape != x.shape:
+            raise RuntimeError(
+                f"{self.plan.name}: input shape changed from {list(state.a_hat.shape)} to {list(x.shape)} within a trajectory "
+                "(e.g. another prompt length); call modiff_quant.reset(model) between runs or wrap each in modiff_quant.sampling(model)"
+            )
         if tracker.mode is Mode.CALIBRATING:
             return self.scheme.calibrate(self, x, state, self.plan.skips(step))
         if tracker.mode is Mode.PREPARED:
@@ -63,23 +70,31 @@ class QuantizedLayer(nn.Module):
             )
         return self.scheme.forward(self, x, state, self.plan.skips(step))
 
+    def _state_for(self, position: Position) -> LayerState:
+        """The state of this call: one per CFG branch, and one per call site when a shared layer
+        runs more than once per model call, so that differences are always taken between steps."""
+        self._repeat = self._repeat + 1 if position == self._last_position else 0
+        self._last_position = position
+        return self._states.setdefault((position[0], self._repeat), LayerState())
+
     def apply_op(self, x: Tensor, *, bias: bool) -> Tensor:
-        """A(x): the layer's operation with its (quantized, once converted) weight."""
-        weight = self.weight if self.qweight is None else self.qweight
+        """A(x): the layer's operation with its weight (quantized in place by `convert`)."""
         b = self.bias if bias else None
-        return F.linear(x, weight, b) if isinstance(self, nn.Linear) else self._conv_forward(x, weight, b)
+        return F.linear(x, self.weight, b) if isinstance(self, nn.Linear) else self._conv_forward(x, self.weight, b)
 
     @torch.no_grad()
     def convert(self) -> None:
-        """Freeze the activation quantizers and quantize the weight, once."""
+        """Freeze the activation quantizers and quantize the weight in place, once (as torchao's
+        quantize_ does: the float weight is only needed before, by calibration)."""
         for quantizer in self.act_quantizers.values():
             quantizer.freeze()
         spec = self.plan.settings.weight_spec()
         if not spec.is_float:
-            self.qweight = self.base_quantizer.quantize_weight(self.weight.detach(), spec)
+            self.weight.copy_(self.base_quantizer.quantize_weight(self.weight.detach(), spec))
 
     def reset_state(self) -> None:
         self._states.clear()
+        self._last_position = None
 
     def extra_repr(self) -> str:
         s = self.plan.settings
@@ -103,6 +118,7 @@ _QUANTIZED: dict[type[nn.Module], type[QuantizedLayer]] = {nn.Linear: QuantLinea
 
 def quantize_layer(module: nn.Module, plan: LayerPlan, tracker: Tracker) -> QuantizedLayer:
     """Turn an exact nn.Linear/Conv1d/Conv2d into its quantized class, in place."""
-    module.__class__ = _QUANTIZED[type(module)]
-    module._setup(plan, tracker)
+    layer_type = type(module)
+    module.__class__ = _QUANTIZED[layer_type]
+    module._setup(plan, tracker, layer_type)
     return module

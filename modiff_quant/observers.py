@@ -24,7 +24,7 @@ class Observer(nn.Module):
             raise ValueError("granularity 'sample' has no static scale (batch items change); use the 'dynamic' base quantizer for it")
         self.spec = spec
         self.channel_dim = channel_dim
-        self.weight = weight
+        self.for_weight = weight
         self.register_buffer("lo", None)
         self.register_buffer("hi", None)
 
@@ -46,7 +46,7 @@ class Observer(nn.Module):
         return qparams(self.lo, self.hi, self.spec)
 
     def _view(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-        return stats_view(x.detach(), self.spec.granularity, channel_dim=self.channel_dim, weight=self.weight)
+        return stats_view(x.detach(), self.spec.granularity, channel_dim=self.channel_dim, weight=self.for_weight)
 
 
 @register_observer("minmax")
@@ -76,8 +76,9 @@ class MovingAverageMinMaxObserver(Observer):
 class LpSearchObserver(Observer):
     """Clipping range chosen by a grid search minimising the L_p quantization error.
 
-    Keeps a bounded, seeded random subsample of the observed values per scale group, then tries
-    `grid` shrink factors of the min-max range in [min_ratio, 1] (p = 2 is MSE; PTQ4DM uses 2.4).
+    Keeps a uniform random sample (seeded reservoir) of at most `max_values` observed values per
+    scale group, then tries `grid` shrink factors of the min-max range in [min_ratio, 1]
+    (p = 2 is MSE; PTQ4DM uses 2.4). Memory stays bounded however long calibration runs.
     """
 
     def __init__(
@@ -89,22 +90,26 @@ class LpSearchObserver(Observer):
         p: float = 2.0,
         grid: int = 100,
         min_ratio: float = 0.1,
-        values_per_call: int = 2048,
+        max_values: int = 8192,
     ) -> None:
         super().__init__(spec, channel_dim=channel_dim, weight=weight)
-        if p <= 0 or grid < 1 or not 0.0 < min_ratio <= 1.0 or values_per_call < 1:
-            raise ValueError(f"invalid L_p search options: p={p}, grid={grid}, min_ratio={min_ratio}, values_per_call={values_per_call}")
-        self.p, self.grid, self.min_ratio, self.values_per_call = p, grid, min_ratio, values_per_call
-        self._samples: list[Tensor] = []
+        if p <= 0 or grid < 1 or not 0.0 < min_ratio <= 1.0 or max_values < 1:
+            raise ValueError(f"invalid L_p search options: p={p}, grid={grid}, min_ratio={min_ratio}, max_values={max_values}")
+        self.p, self.grid, self.min_ratio, self.max_values = p, grid, min_ratio, max_values
+        self._values: Tensor | None = None  # [groups, kept values]
+        self._keys: Tensor | None = None  # one uniform key per kept column; the smallest keys are kept
         self._generator = torch.Generator().manual_seed(0)
 
     def observe(self, x: Tensor) -> None:
         super().observe(x)
-        rows = self._rows(x)
-        if rows.shape[1] > self.values_per_call:
-            keep = torch.randperm(rows.shape[1], generator=self._generator)[: self.values_per_call]
-            rows = rows[:, keep.to(rows.device)]
-        self._samples.append(rows.float())
+        rows = self._rows(x).float().cpu()
+        keys = torch.rand(rows.shape[1], generator=self._generator)
+        if self._values is not None:
+            rows, keys = torch.cat([self._values, rows], dim=1), torch.cat([self._keys, keys])
+        if keys.numel() > self.max_values:
+            keep = keys.topk(self.max_values, largest=False).indices
+            rows, keys = rows[:, keep], keys[keep]
+        self._values, self._keys = rows, keys
 
     def _rows(self, x: Tensor) -> Tensor:
         """[groups, values]: one row per scale group, in the element order of a keepdim statistic."""
@@ -115,7 +120,7 @@ class LpSearchObserver(Observer):
     def qparams(self) -> tuple[Tensor, Tensor]:
         if not self.observed:
             return super().qparams()
-        values = torch.cat(self._samples, dim=1)
+        values = self._values.to(self.lo.device)
         shape = self.lo.shape
         lo, hi = self.lo.reshape(-1, 1), self.hi.reshape(-1, 1)
         best_err = torch.full_like(lo, float("inf"))

@@ -146,7 +146,7 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec)
 
 def quantize_minmax(x: Tensor, spec: QuantSpec, *, channel_dim: int = 1, weight: bool = False) -> Tensor:
     """Fake-quantize `x` with scales from its own min/max at the spec's granularity."""
-    if spec.is_float:
+    if spec.is_float or x.numel() == 0:
         return x
     view, dims = stats_view(x, spec.granularity, channel_dim=channel_dim, weight=weight)
     scale, zero_point = qparams(view.amin(dims, keepdim=True), view.amax(dims, keepdim=True), spec)

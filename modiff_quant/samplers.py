@@ -18,7 +18,7 @@ def make_scheduler(name: str, *, num_train_timesteps: int = 1000, beta_schedule:
     """A diffusers scheduler for the DDPM training setup (epsilon prediction, linear betas)."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-    classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm-solver": DPMSolverMultistepScheduler}
+    classes = dict(zip(SAMPLERS, (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler)))
     if name not in classes:
         raise ValueError(f"unknown sampler {name!r}{did_you_mean(name, list(classes))} (known: {', '.join(classes)})")
     return classes[name](num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type="epsilon")

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from .layers import LayerState, QuantizedLayer
     from .recipe import LayerSettings
 
+RAW, DELTA = "raw", "delta"
+"""Activation quantizer roles: raw inputs (plain, quantized first step) and temporal differences."""
+
 
 class Scheme(ABC):
     """Strategy object of one quantized layer; plugins register subclasses with `register_scheme`."""
@@ -43,7 +46,7 @@ class ModiffScheme(Scheme):
     """
 
     def activation_roles(self, settings: LayerSettings) -> tuple[str, ...]:
-        return ("delta",) if settings.first_step.kind == "fp" else ("raw", "delta")
+        return (DELTA,) if settings.first_step.kind == "fp" else (RAW, DELTA)
 
     def forward(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
         if state.output is None:
@@ -51,30 +54,30 @@ class ModiffScheme(Scheme):
         o_hat = state.output.get(layer.plan.name)
         if skip:
             return o_hat
-        q = layer.act_quantizers["delta"](x - state.a_hat)
-        state.a_hat = state.a_hat + q if layer.plan.settings.error_compensation else x
+        q = layer.act_quantizers[DELTA](x - state.a_hat)
+        state.a_hat = (state.a_hat + q if layer.plan.settings.error_compensation else x).detach()
         return state.remember(o_hat + layer.apply_op(q, bias=False))
 
     def _first_call(self, layer: QuantizedLayer, x: Tensor, state: LayerState) -> Tensor:
         settings = layer.plan.settings
-        a_hat = x if settings.first_step.kind == "fp" else layer.act_quantizers["raw"](x)
+        a_hat = x if settings.first_step.kind == "fp" else layer.act_quantizers[RAW](x)
         output = layer.apply_op(a_hat, bias=True)
         for _ in range(settings.first_step.rounds):
-            q = layer.act_quantizers["delta"](x - a_hat)
+            q = layer.act_quantizers[DELTA](x - a_hat)
             a_hat = a_hat + q
             output = output + layer.apply_op(q, bias=False)
-        state.a_hat = a_hat if settings.error_compensation else x
+        state.a_hat = (a_hat if settings.error_compensation else x).detach()
         return state.remember(output)
 
     def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
         """The delta observer sees Δ_t = a_t − a_{t+1} (float); the raw one sees the first input."""
         if state.a_hat is None:
-            if "raw" in layer.act_quantizers:
-                layer.act_quantizers["raw"].observe(x)
-            state.a_hat = x
+            if RAW in layer.act_quantizers:
+                layer.act_quantizers[RAW].observe(x)
+            state.a_hat = x.detach()
         elif not skip:
-            layer.act_quantizers["delta"].observe(x - state.a_hat)
-            state.a_hat = x
+            layer.act_quantizers[DELTA].observe(x - state.a_hat)
+            state.a_hat = x.detach()
         return layer.apply_op(x, bias=True)
 
 
@@ -83,14 +86,14 @@ class PlainScheme(Scheme):
     """o = A(Q(a)) + b: post-training quantization without modulation."""
 
     def activation_roles(self, settings: LayerSettings) -> tuple[str, ...]:
-        return ("raw",)
+        return (RAW,)
 
     def forward(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
         if skip and state.output is not None:
             return state.output.get(layer.plan.name)
-        output = layer.apply_op(layer.act_quantizers["raw"](x), bias=True)
+        output = layer.apply_op(layer.act_quantizers[RAW](x), bias=True)
         return state.remember(output) if layer.plan.has_skips else output
 
     def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
-        layer.act_quantizers["raw"].observe(x)
+        layer.act_quantizers[RAW].observe(x)
         return layer.apply_op(x, bias=True)

@@ -65,8 +65,8 @@ def _tensors(value: Any) -> Iterable[Tensor]:
 class Tracker:
     """Assigns each model call a (branch, step) position and resets state at trajectory starts."""
 
-    def __init__(self, members: list[Stateful]) -> None:
-        self.members = members
+    def __init__(self) -> None:
+        self.members: list[Stateful] = []  # quantized layers and block caches, filled by prepare()
         self.mode = Mode.PREPARED
         self.branch: Hashable | None = None  # set by `branch()`: overrides automatic detection
         self.position: Position = (0, 0)
@@ -99,7 +99,7 @@ class Tracker:
                     f"after {self._calls} calls without a new timestep sequence; starting a new trajectory "
                     "(wrap each sampling run in modiff_quant.sampling(model) to make this explicit)",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=5,  # this hook <- torch Module call internals (3 frames) <- the caller
                 )
             if t_went_up or signature != self._signature:
                 self.reset()
@@ -143,8 +143,12 @@ def _find_timestep(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | Non
 
 
 def _as_float(value: Any) -> float | None:
+    """A timestep as a float: tensors (largest entry), Python and NumPy numbers; else None."""
     if isinstance(value, Tensor):
         return float(value.detach().max()) if value.numel() else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
         return float(value)
-    return None
+    except (TypeError, ValueError):
+        return None

@@ -418,7 +418,7 @@ def l2_error(x: torch.Tensor, scale, zero_point, spec, **kw) -> float:
 def test_mse_observer_clips_no_wider_and_lowers_l2_error(granularity, symmetric, bits):
     """mse never widens the min-max range and, on the data it searched, never loses to min-max."""
     spec = spec_of(bits, symmetric, granularity)
-    # Each scale group sees <= values_per_call values per call, so the search uses all the data.
+    # Each scale group keeps <= max_values values, so the search uses all the data here.
     batches = [student_t((2, 4, 8, 8), df=2.0, seed=s) for s in range(3)]
     mse, minmax = LpSearchObserver(spec, grid=50), MinMaxObserver(spec)
     for b in batches:
@@ -440,9 +440,9 @@ def test_mse_observer_clips_no_wider_and_lowers_l2_error(granularity, symmetric,
 
 
 def test_mse_observer_beats_minmax_on_unseen_heavy_tailed_data():
-    """With subsampling (more values than values_per_call) mse still wins on held-out Student-t data."""
+    """With subsampling (more values than max_values) mse still wins on held-out Student-t data."""
     spec = spec_of(4, False, "channel")
-    mse, minmax = LpSearchObserver(spec, values_per_call=512), MinMaxObserver(spec)
+    mse, minmax = LpSearchObserver(spec, max_values=512), MinMaxObserver(spec)
     for s in range(4):
         batch = student_t((4, 3, 16, 16), df=3.0, seed=100 + s)
         mse.observe(batch)

@@ -147,8 +147,10 @@ def test_lifecycle_misuse_errors():
     """Preparing twice, converting twice, calibrating a converted model and using an unprepared
     model are all clear errors."""
     model = mq.prepare(tiny_unet(), W8A4)
-    with pytest.raises(RuntimeError, match="already prepared"):
+    with pytest.raises(RuntimeError, match="already prepared by modiff_quant: the model"):
         mq.prepare(model, W8A4)
+    with pytest.raises(RuntimeError, match=r"already prepared by modiff_quant: 0, 1;"):
+        mq.prepare(torch.nn.Sequential(model.conv_in, model.time_embedding.linear_1), W8A4)
     mq.convert(model)
     with pytest.raises(RuntimeError, match="convert"):
         mq.convert(model)

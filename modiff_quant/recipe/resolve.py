@@ -15,13 +15,13 @@ from pathlib import Path
 
 from torch import nn
 
+from ..layer_parts import CHANNEL_DIMS, build_parts
 from ..quant import FLOAT_BITS, SKIP_BITS
 from ..registry import nearest
 from .schema import Recipe, Rule
 from .settings import LayerSettings, StepSchedule
 from .source import Location, RecipeError
 
-LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class Plan:
     layers: Mapping[str, LayerPlan]
     blocks: Mapping[str, BlockPlan]
     unmatched: tuple[Rule, ...]
+    unwrapped: tuple[str, ...]  # subclasses of Linear/Conv that no rule named: left float
 
     def explain(self) -> str:
         return _explain(self)
@@ -66,7 +67,9 @@ class Plan:
 
 def resolve(recipe: Recipe, model: nn.Module) -> Plan:
     modules = [(name, module) for name, module in model.named_modules() if name]
-    layers = {name: module for name, module in modules if isinstance(module, LAYER_TYPES)}
+    layers = {name: module for name, module in modules if type(module) in CHANNEL_DIMS}
+    # e.g. nn.MultiheadAttention's out_proj: its owner uses the weight directly, so wrapping is impossible
+    unwrapped = [name for name, module in modules if isinstance(module, tuple(CHANNEL_DIMS)) and name not in layers]
     values: dict[str, dict[str, object]] = {name: {} for name in layers}
     sources: dict[str, dict[str, Location]] = {name: dict(recipe.default_locations) for name in layers}
     hits: dict[str, list[Location]] = {name: [] for name in layers}
@@ -75,6 +78,13 @@ def resolve(recipe: Recipe, model: nn.Module) -> Plan:
     unmatched: list[Rule] = []
     for rule in recipe.rules:
         matched = [(name, module) for name, module in modules if rule.matches(name, module)]
+        named_unwrapped = [name for name, _ in matched if name in unwrapped]
+        if named_unwrapped:
+            raise RecipeError(
+                rule.location,
+                f"rule '{rule.describe()}' matches {_some(named_unwrapped)}, subclasses of Linear/Conv that cannot be wrapped "
+                "(their owners may use the weight directly); only exact nn.Linear/Conv1d/Conv2d are quantized",
+            )
         matched_layers = [name for name, _ in matched if name in layers]
         matched_blocks = [(name, module) for name, module in matched if name not in layers]
         if not matched:
@@ -108,7 +118,7 @@ def resolve(recipe: Recipe, model: nn.Module) -> Plan:
         settings = recipe.defaults.updated(values[name])
         _check_layer(name, module, settings, sources[name])
         plans[name] = LayerPlan(name, type(module).__name__, settings, tuple(zero_steps[name]), tuple(hits[name]))
-    return Plan(recipe, plans, blocks, tuple(unmatched))
+    return Plan(recipe, plans, blocks, tuple(unmatched), tuple(unwrapped))
 
 
 def _some(names: list[str], limit: int = 3) -> str:
@@ -139,8 +149,6 @@ def _check_layer(name: str, module: nn.Module, settings: LayerSettings, sources:
     def fail(key: str, message: str) -> None:
         raise RecipeError(sources.get(key), f"layer '{name}' ({type(module).__name__}): {message}")
 
-    if type(module) not in LAYER_TYPES:
-        fail("scheme", f"{type(module).__qualname__} subclasses a Linear/Conv class; only exact nn.Linear/Conv1d/Conv2d can be wrapped")
     weight_width = module.weight[0].numel()
     in_width = module.in_features if isinstance(module, nn.Linear) else module.in_channels
     for key, granularity, width, what in (
@@ -153,9 +161,19 @@ def _check_layer(name: str, module: nn.Module, settings: LayerSettings, sources:
         fail("first_step", f"first_step {settings.first_step} quantizes the first input, but a_bits is 0 (skip)")
     if settings.first_step.kind == "warmup" and not settings.error_compensation:
         fail("first_step", "warm-up refines the reconstructed input, which needs error_compensation: true")
+    try:
+        _, _, quantizers = build_parts(settings, type(module))
+    except (TypeError, ValueError) as exc:
+        fail("base_quantizer", str(exc))
+    if settings.first_step.kind == "warmup" and any(q.needs_calibration for q in quantizers.values()):
+        fail(
+            "first_step",
+            f"warm-up with the calibrated base quantizer '{settings.base_quantizer}' would be a no-op: its static delta scale "
+            "is sized for temporal differences, so the warm-up residual rounds to zero; use first_step: quantized or a dynamic base quantizer",
+        )
 
 
-def _bits(bits: int) -> str:
+def _format_bits(bits: int) -> str:
     return "float" if bits == FLOAT_BITS else str(bits)
 
 
@@ -171,8 +189,8 @@ def _explain(plan: Plan) -> str:
             layer.module_type,
             s.scheme,
             s.base_quantizer + (f"{dict(s.base_quantizer_options)}" if s.base_quantizer_options else ""),
-            _bits(s.w_bits),
-            _bits(s.a_bits) + ("" if s.a_symmetric else "u"),
+            _format_bits(s.w_bits),
+            _format_bits(s.a_bits) + ("" if s.a_symmetric else "u"),
             str(s.a_granularity),
             str(s.first_step) if modiff else "-",
             ("on" if s.error_compensation else "off") if modiff else "-",
@@ -185,6 +203,8 @@ def _explain(plan: Plan) -> str:
     if plan.blocks:
         lines += ["", "cached blocks (0-bit: output reused without calling the block)"]
         lines += _table(("block", "type", "0-bit steps", "rule"), [(b.name, b.module_type, str(b.schedule), str(b.rule)) for b in plan.blocks.values()])
+    if plan.unwrapped:
+        lines.append(f"left float (subclasses of Linear/Conv, not wrappable): {', '.join(plan.unwrapped)}")
     for rule in plan.unmatched:
         lines.append(f"warning: {rule.location}: rule '{rule.describe()}' matches nothing")
     return "\n".join(lines)

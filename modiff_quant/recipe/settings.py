@@ -85,7 +85,7 @@ class LayerSettings:
     a_bits: int = 8
     scheme: str = "modiff"
     base_quantizer: str = "dynamic"
-    base_quantizer_options: Mapping[str, Any] = field(default_factory=dict)
+    base_quantizer_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     w_granularity: Granularity = Granularity("channel")
     a_granularity: Granularity = Granularity("tensor")
     w_symmetric: bool = True

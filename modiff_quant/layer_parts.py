@@ -1,0 +1,30 @@
+"""Building the quantization parts of one layer from its recipe settings.
+
+Shared by recipe resolution (which builds them once to validate, so that `prepare` never fails
+half-way) and by `prepare` (which keeps them).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .base_quantizer import ActivationQuantizer, BaseQuantizer
+from .registry import BASE_QUANTIZERS, SCHEMES
+
+if TYPE_CHECKING:
+    from .recipe.settings import LayerSettings
+    from .schemes import Scheme
+
+CHANNEL_DIMS: dict[type[nn.Module], int] = {nn.Linear: -1, nn.Conv1d: -2, nn.Conv2d: -3}
+"""The layer types the core wraps, and their input channel dim counted from the end (so that
+unbatched inputs work too)."""
+
+
+def build_parts(settings: LayerSettings, layer_type: type[nn.Module]) -> tuple[Scheme, BaseQuantizer, dict[str, ActivationQuantizer]]:
+    """The scheme, base quantizer and activation quantizers (by role) of one layer."""
+    scheme = SCHEMES.get(settings.scheme)()
+    base_quantizer = BASE_QUANTIZERS.get(settings.base_quantizer)(**settings.base_quantizer_options)
+    spec = settings.activation_spec()
+    return scheme, base_quantizer, {role: base_quantizer.activation_quantizer(spec, CHANNEL_DIMS[layer_type]) for role in scheme.activation_roles(settings)}
