@@ -22,9 +22,10 @@ CHANNEL_DIMS: dict[type[nn.Module], int] = {nn.Linear: -1, nn.Conv1d: -2, nn.Con
 unbatched inputs work too)."""
 
 
-def build_parts(settings: LayerSettings, layer_type: type[nn.Module]) -> tuple[Scheme, BaseQuantizer, dict[str, ActivationQuantizer]]:
-    """The scheme, base quantizer and activation quantizers (by role) of one layer."""
+def build_parts(settings: LayerSettings, layer_type: type[nn.Module]) -> tuple[Scheme, BaseQuantizer, dict[str, list[ActivationQuantizer]]]:
+    """The scheme, base quantizer and activation quantizers of one layer: per role, one per
+    timestep group."""
     scheme = SCHEMES.get(settings.scheme)()
     base_quantizer = BASE_QUANTIZERS.get(settings.base_quantizer)(**settings.base_quantizer_options)
-    spec = settings.activation_spec()
-    return scheme, base_quantizer, {role: base_quantizer.activation_quantizer(spec, CHANNEL_DIMS[layer_type]) for role in scheme.activation_roles(settings)}
+    spec, dim, groups = settings.activation_spec(), CHANNEL_DIMS[layer_type], settings.timestep_groups.count
+    return scheme, base_quantizer, {role: [base_quantizer.activation_quantizer(spec, dim) for _ in range(groups)] for role in scheme.activation_roles(settings)}

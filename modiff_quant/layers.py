@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base_quantizer import BaseQuantizer
+from .base_quantizer import ActivationQuantizer, BaseQuantizer
 from .layer_parts import build_parts
 from .recipe import LayerPlan
 from .schemes import Scheme
@@ -46,7 +46,7 @@ class QuantizedLayer(nn.Module):
     def _setup(self, plan: LayerPlan, tracker: Tracker, layer_type: type[nn.Module]) -> None:
         self.plan = plan
         self.scheme, self.base_quantizer, quantizers = build_parts(plan.settings, layer_type)
-        self.act_quantizers = nn.ModuleDict(quantizers)
+        self.act_quantizers = nn.ModuleDict({role: nn.ModuleList(group) for role, group in quantizers.items()})
         self._tracker = tracker
         self._states = {}
         self._last_position: Position | None = None
@@ -77,6 +77,10 @@ class QuantizedLayer(nn.Module):
         self._last_position = position
         return self._states.setdefault((position[0], self._repeat), LayerState())
 
+    def quantizer(self, role: str) -> ActivationQuantizer:
+        """The activation quantizer of `role` for the timestep group of the current model call."""
+        return self.act_quantizers[role][self.plan.settings.timestep_groups.index(self._tracker.timestep)]
+
     def apply_op(self, x: Tensor, *, bias: bool) -> Tensor:
         """A(x): the layer's operation with its weight (quantized in place by `convert`)."""
         b = self.bias if bias else None
@@ -86,8 +90,13 @@ class QuantizedLayer(nn.Module):
     def convert(self) -> None:
         """Freeze the activation quantizers and quantize the weight in place, once (as torchao's
         quantize_ does: the float weight is only needed before, by calibration)."""
-        for quantizer in self.act_quantizers.values():
-            quantizer.freeze()
+        groups = self.plan.settings.timestep_groups
+        for role, quantizers in self.act_quantizers.items():
+            for group, quantizer in enumerate(quantizers):
+                try:
+                    quantizer.freeze()
+                except RuntimeError as exc:
+                    raise RuntimeError(f"{role} quantizer, {groups.describe(group)}: {exc}" if groups.count > 1 else str(exc)) from exc
         spec = self.plan.settings.weight_spec()
         if not spec.is_float:
             self.weight.copy_(self.base_quantizer.quantize_weight(self.weight.detach(), spec))

@@ -54,16 +54,16 @@ class ModiffScheme(Scheme):
         o_hat = state.output.get(layer.plan.name)
         if skip:
             return o_hat
-        q = layer.act_quantizers[DELTA](x - state.a_hat)
+        q = layer.quantizer(DELTA)(x - state.a_hat)
         state.a_hat = (state.a_hat + q if layer.plan.settings.error_compensation else x).detach()
         return state.remember(o_hat + layer.apply_op(q, bias=False))
 
     def _first_call(self, layer: QuantizedLayer, x: Tensor, state: LayerState) -> Tensor:
         settings = layer.plan.settings
-        a_hat = x if settings.first_step.kind == "fp" else layer.act_quantizers[RAW](x)
+        a_hat = x if settings.first_step.kind == "fp" else layer.quantizer(RAW)(x)
         output = layer.apply_op(a_hat, bias=True)
         for _ in range(settings.first_step.rounds):
-            q = layer.act_quantizers[DELTA](x - a_hat)
+            q = layer.quantizer(DELTA)(x - a_hat)
             a_hat = a_hat + q
             output = output + layer.apply_op(q, bias=False)
         state.a_hat = (a_hat if settings.error_compensation else x).detach()
@@ -73,10 +73,10 @@ class ModiffScheme(Scheme):
         """The delta observer sees Δ_t = a_t − a_{t+1} (float); the raw one sees the first input."""
         if state.a_hat is None:
             if RAW in layer.act_quantizers:
-                layer.act_quantizers[RAW].observe(x)
+                layer.quantizer(RAW).observe(x)
             state.a_hat = x.detach()
         elif not skip:
-            layer.act_quantizers[DELTA].observe(x - state.a_hat)
+            layer.quantizer(DELTA).observe(x - state.a_hat)
             state.a_hat = x.detach()
         return layer.apply_op(x, bias=True)
 
@@ -91,9 +91,9 @@ class PlainScheme(Scheme):
     def forward(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
         if skip and state.output is not None:
             return state.output.get(layer.plan.name)
-        output = layer.apply_op(layer.act_quantizers[RAW](x), bias=True)
+        output = layer.apply_op(layer.quantizer(RAW)(x), bias=True)
         return state.remember(output) if layer.plan.has_skips else output
 
     def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
-        layer.act_quantizers[RAW].observe(x)
+        layer.quantizer(RAW).observe(x)
         return layer.apply_op(x, bias=True)

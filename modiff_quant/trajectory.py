@@ -70,6 +70,7 @@ class Tracker:
         self.mode = Mode.PREPARED
         self.branch: Hashable | None = None  # set by `branch()`: overrides automatic detection
         self.position: Position = (0, 0)
+        self.timestep: float | None = None  # of the current model call, if it carried one
         self._clear()
 
     def _clear(self) -> None:
@@ -103,7 +104,7 @@ class Tracker:
                 )
             if t_went_up or signature != self._signature:
                 self.reset()
-        self._signature, self._last_t = signature, t
+        self._signature, self._last_t, self.timestep = signature, t, t
         self.position = self._advance(t)
 
     def _advance(self, t: float | None) -> Position:

@@ -41,7 +41,7 @@ def test_delta_observer_sees_temporal_differences(write_recipe):
     runs = [trajectory(seed=0), trajectory(seed=1)]
     recipe = write_recipe(STATIC.format(observer="minmax", scheme="modiff") + "  first_step: quantized\n")
     model = calibrated(recipe, runs)
-    quantizers = model[0].act_quantizers
+    quantizers = {role: group[0] for role, group in model[0].act_quantizers.items()}
     deltas = torch.stack([b - a for run in runs for a, b in zip(run, run[1:])])
     firsts = torch.stack([run[0] for run in runs])
     assert quantizers["delta"].observer.lo.item() == deltas.min().item()
@@ -54,7 +54,7 @@ def test_plain_observer_sees_raw_inputs(write_recipe):
     """Under `plain`, the same observer sees the raw activations of every step."""
     runs = [trajectory()]
     model = calibrated(write_recipe(STATIC.format(observer="minmax", scheme="plain")), runs)
-    observer = model[0].act_quantizers["raw"].observer
+    observer = model[0].act_quantizers["raw"][0].observer
     inputs = torch.stack(runs[0])
     assert (observer.lo.item(), observer.hi.item()) == (inputs.min().item(), inputs.max().item())
 
@@ -96,9 +96,78 @@ def test_calibrating_a_unet_with_cfg_like_calls(write_recipe):
         for x, t in inputs:
             quantized(x, t)
             quantized(-x, t)
-    delta_quantizers = [m.act_quantizers["delta"] for m in quantized.modules() if hasattr(m, "act_quantizers")]
+    delta_quantizers = [m.act_quantizers["delta"][0] for m in quantized.modules() if hasattr(m, "act_quantizers")]
     assert delta_quantizers and all(q.observer.observed for q in delta_quantizers)
     mq.convert(quantized)
     assert all(q.observer is None and q.scale is not None for q in delta_quantizers)  # statistics released
     with mq.sampling(quantized):
         assert all(torch.isfinite(quantized(x, t).sample).all() for x, t in inputs)
+
+
+class TimeScaled(nn.Module):
+    """A denoiser whose layer input grows with the timestep, as raw activations do with noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.fc(x * (1 + float(t) / 50))
+
+
+def run_time_scaled(model: nn.Module, timesteps: list[int], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(reference, output) per call; the reference uses the model's float layer."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for t in timesteps:
+        x = torch.randn(4, 16, generator=g)
+        out = model(x, torch.tensor(t))
+        pairs.append((nn.functional.linear(x * (1 + t / 50), model.fc.weight, model.fc.bias), out))
+    return pairs
+
+
+def test_timestep_groups_follow_shifting_ranges(write_recipe):
+    """With 4 timestep groups, static plain scales follow the noise level: each group's scale
+    differs, and a 50-step run is far more accurate than with one scale for all timesteps, after
+    calibrating on 20 steps (groups are keyed by timestep value, not step index)."""
+    errors = {}
+    for groups in (1, 4):
+        recipe = write_recipe(STATIC.format(observer="minmax", scheme="plain") + f"  timestep_groups: {groups}\n", f"g{groups}.yaml")
+        model = mq.prepare(TimeScaled(), recipe)
+        with mq.calibrate(model):
+            run_time_scaled(model, list(range(999, 0, -50)), seed=0)
+        mq.convert(model)
+        with mq.sampling(model):
+            pairs = run_time_scaled(model, list(range(999, 0, -20)), seed=1)
+        errors[groups] = sum(float((o - r).norm() / r.norm()) for r, o in pairs) / len(pairs)
+        scales = [float(q.scale) for q in model.fc.act_quantizers["raw"]]
+        assert len(scales) == groups and scales == sorted(scales)
+    assert errors[4] * 2 < errors[1], errors
+
+
+def test_timestep_group_without_calibration_data_names_the_group(write_recipe):
+    recipe = write_recipe(STATIC.format(observer="minmax", scheme="plain") + "  timestep_groups: 4\n")
+    model = mq.prepare(TimeScaled(), recipe)
+    with mq.calibrate(model):
+        run_time_scaled(model, [400, 300, 200, 100], seed=0)
+    with pytest.raises(RuntimeError, match=r"fc: raw quantizer, timestep group 2 \(t in \[500, 750\)\): no data observed"):
+        mq.convert(model)
+
+
+def test_timestep_groups_need_calibrated_scales(write_recipe):
+    recipe = write_recipe("version: 1\ndefaults:\n  base_quantizer: dynamic\n  timestep_groups: 4\n")
+    with pytest.raises(mq.RecipeError, match=r"recipe.yaml:4: layer 'fc' \(Linear\): base quantizer 'dynamic' computes scales per call"):
+        mq.prepare(TimeScaled(), recipe)
+
+
+def test_timestep_group_ranges_for_other_timestep_conventions():
+    """`{count, range}` covers models whose timesteps are not 0-1000 (e.g. sigmas or t in [0, 1])."""
+    from modiff_quant.recipe import TimestepGroups
+
+    groups = TimestepGroups.parse({"count": 4, "range": [0, 1]})
+    assert [groups.index(t) for t in (0.0, 0.3, 0.5, 0.99, 1.0, 7.0, -1.0, None)] == [0, 1, 2, 3, 3, 3, 0, 0]
+    assert TimestepGroups.parse(2).index(999) == 1
+    for bad in (0, -1, True, 2.5, {"count": 2}, {"count": 2, "range": [1, 0]}, {"count": 2, "range": [0, "x"]}):
+        with pytest.raises(ValueError, match="group count"):
+            TimestepGroups.parse(bad)

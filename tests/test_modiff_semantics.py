@@ -172,7 +172,7 @@ def test_quantized_first_step_uses_the_raw_quantizer(write_recipe):
     x = torch.randn(4, 16)
     with mq.sampling(quantized):
         out = quantized(x)
-    torch.testing.assert_close(out, model[0](layer.act_quantizers["raw"](x)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, model[0](layer.act_quantizers["raw"][0](x)), rtol=0, atol=1e-6)
 
 
 def test_weights_are_quantized_once_at_convert(write_recipe):

@@ -2,7 +2,7 @@
 
 from .resolve import BlockPlan, LayerPlan, Plan
 from .schema import Recipe, Rule, load_recipe, shipped_recipes
-from .settings import FirstStep, LayerSettings, StepSchedule
+from .settings import FirstStep, LayerSettings, StepSchedule, TimestepGroups
 from .source import Location, RecipeError
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "RecipeError",
     "Rule",
     "StepSchedule",
+    "TimestepGroups",
     "load_recipe",
     "shipped_recipes",
 ]

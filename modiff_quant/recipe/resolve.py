@@ -165,7 +165,10 @@ def _check_layer(name: str, module: nn.Module, settings: LayerSettings, sources:
         _, _, quantizers = build_parts(settings, type(module))
     except (TypeError, ValueError) as exc:
         fail("base_quantizer", str(exc))
-    if settings.first_step.kind == "warmup" and any(q.needs_calibration for q in quantizers.values()):
+    calibrated = any(q.needs_calibration for group in quantizers.values() for q in group)
+    if settings.timestep_groups.count > 1 and not calibrated:
+        fail("timestep_groups", f"base quantizer '{settings.base_quantizer}' computes scales per call; timestep groups apply to calibrated scales only")
+    if settings.first_step.kind == "warmup" and calibrated:
         fail(
             "first_step",
             f"warm-up with the calibrated base quantizer '{settings.base_quantizer}' would be a no-op: its static delta scale "
@@ -179,7 +182,7 @@ def _format_bits(bits: int) -> str:
 
 def _explain(plan: Plan) -> str:
     recipe = plan.recipe
-    header = ("layer", "type", "scheme", "base", "W", "A", "a_gran", "first", "EC", "0-bit steps", "rules")
+    header = ("layer", "type", "scheme", "base", "W", "A", "a_gran", "t-groups", "first", "EC", "0-bit steps", "rules")
     rows = []
     for layer in plan.layers.values():
         s = layer.settings
@@ -192,6 +195,7 @@ def _explain(plan: Plan) -> str:
             _format_bits(s.w_bits),
             _format_bits(s.a_bits) + ("" if s.a_symmetric else "u"),
             str(s.a_granularity),
+            str(s.timestep_groups.count),
             str(s.first_step) if modiff else "-",
             ("on" if s.error_compensation else "off") if modiff else "-",
             "all" if s.a_bits == SKIP_BITS else ", ".join(map(str, layer.zero_bit_steps)) or "-",

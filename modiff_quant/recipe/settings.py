@@ -78,6 +78,40 @@ class StepSchedule:
 
 
 @dataclass(frozen=True)
+class TimestepGroups:
+    """Separate static activation scales per range of timestep values.
+
+    Activation ranges shift with the noise level; calibrated scales can follow them (as in
+    TDQ / Q-Diffusion's time-dependent analyses). Groups split [low, high) evenly; they are keyed
+    by the timestep value, not the step index, so a 20-step calibration serves 100-step sampling.
+    """
+
+    count: int = 1
+    low: float = 0.0
+    high: float = 1000.0
+
+    @classmethod
+    def parse(cls, value: Any) -> TimestepGroups:
+        if _is_int(value) and value >= 1:
+            return cls(value)
+        if isinstance(value, Mapping) and set(value) == {"count", "range"}:
+            count, span = value["count"], value["range"]
+            if _is_int(count) and count >= 1 and isinstance(span, list) and len(span) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in span) and span[0] < span[1]:
+                return cls(count, float(span[0]), float(span[1]))
+        raise ValueError(f"expected a group count N >= 1 (timesteps 0-1000) or {{count: N, range: [low, high]}}, got {value!r}")
+
+    def index(self, timestep: float | None) -> int:
+        """The group of a timestep (group 0 when the model call carried none)."""
+        if timestep is None:
+            return 0
+        return min(max(int((timestep - self.low) / (self.high - self.low) * self.count), 0), self.count - 1)
+
+    def describe(self, group: int) -> str:
+        width = (self.high - self.low) / self.count
+        return f"timestep group {group} (t in [{self.low + group * width:g}, {self.low + (group + 1) * width:g}))"
+
+
+@dataclass(frozen=True)
 class LayerSettings:
     """Everything a recipe decides for one Linear/Conv layer (defaults: W8A8 dynamic MoDiff)."""
 
@@ -92,6 +126,7 @@ class LayerSettings:
     a_symmetric: bool = False
     first_step: FirstStep = FirstStep("fp")
     error_compensation: bool = True
+    timestep_groups: TimestepGroups = TimestepGroups()
 
     def weight_spec(self) -> QuantSpec:
         return QuantSpec(self.w_bits, self.w_symmetric, self.w_granularity)
@@ -166,5 +201,6 @@ SETTING_PARSERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "a_symmetric": lambda v: {"a_symmetric": _bool(v)},
     "first_step": lambda v: {"first_step": FirstStep.parse(v)},
     "error_compensation": lambda v: {"error_compensation": _bool(v)},
+    "timestep_groups": lambda v: {"timestep_groups": TimestepGroups.parse(v)},
 }
 
