@@ -22,7 +22,7 @@ from .trajectory import CachedOutput, Mode, Position, Tracker
 
 @dataclass
 class LayerState:
-    """One layer's memory of one trajectory branch: â (or the raw previous input) and ô."""
+    """One layer's memory of one trajectory branch and call site: â (or the raw previous input) and ô."""
 
     a_hat: Tensor | None = None
     output: CachedOutput | None = None
