@@ -41,6 +41,10 @@ def prepare(model: nn.Module, recipe: Recipe | str | Path) -> nn.Module:
     return model
 
 
+def is_prepared(model: nn.Module) -> bool:
+    return hasattr(model, _TRACKER)
+
+
 def plan_of(model: nn.Module) -> Plan:
     """The resolved recipe plan a prepared model was built from."""
     _tracker(model)
@@ -88,6 +92,11 @@ def sampling(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         tracker.reset()
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Memory held right now by the trajectory state (â, ô and cached block outputs)."""
+    return _tracker(model).cache_bytes()
 
 
 def reset(model: nn.Module) -> None:

@@ -38,6 +38,9 @@ class BlockCache:
     def reset_state(self) -> None:
         self._outputs.clear()
 
+    def cache_bytes(self) -> int:
+        return sum(cached.nbytes for cached in self._outputs.values())
+
 
 def install_block_cache(module: nn.Module, plan: BlockPlan, tracker: Tracker) -> BlockCache:
     cache = BlockCache(module, plan, tracker)

@@ -1,31 +1,87 @@
-"""`modiff-quant` command line: explain a recipe on a model, run the demo."""
+"""`modiff-quant` command line: explain, eval, demo, gate."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+from pathlib import Path
 
 import torch
 
+from .evaluate import CALIBRATION_SAMPLES, Harness
+from .gate import format_checks, run_gate
 from .models import load_model
 from .recipe import RecipeError, load_recipe
 from .registry import UnknownNameError
+from .report import save_grid, write_report
 from .samplers import SAMPLERS
 
 
 def _explain(args: argparse.Namespace) -> None:
-    print(load_recipe(args.recipe).explain(load_model(args.model)))
+    print(load_recipe(args.recipe).explain(load_model(args.model, weights=args.weights)))
+
+
+def _harness(args: argparse.Namespace) -> Harness:
+    return Harness(args.model, sampler=args.sampler, steps=args.steps, samples=args.samples, seed=args.seed, batch_size=args.batch_size, weights=args.weights)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    harness = _harness(args)
+    metrics, run = harness.evaluate(args.recipe, args.base_quantizer, args.calibration_samples)
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "json", "out", "command")}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
+    args.json.write_text(json.dumps({"settings": settings, **finite}, indent=1, allow_nan=False), encoding="utf-8")
+    if args.out:
+        save_grid(args.out / "grid.png", {"full precision": harness.reference.images, args.recipe: run.images})
+        write_report(args.out / "report.md", f"modiff-quant eval: {args.recipe} on {args.model}", settings, [{"recipe": args.recipe, **metrics}], "grid.png")
+    print(json.dumps(metrics, indent=1))
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import format_rows, run_demo
+    harness = _harness(args)
+    rows = [{"recipe": "full precision", **harness.evaluate(None)[0]}]
+    images = {"full precision": harness.reference.images}
+    for recipe in args.recipes:
+        metrics, run = harness.evaluate(recipe)
+        rows.append({"recipe": recipe, **metrics})
+        images[recipe] = run.images
+    columns = ("fd", "fd_to_fp", "psnr_vs_fp", "gbops_per_step", "wall_seconds")
+    print(f"{args.model}, {args.sampler} {args.steps} steps, {args.samples} samples, seed {args.seed} (FD: lower is better, to held-out real digits)")
+    print(f"{'recipe':<16}" + "".join(f"{c:>16}" for c in columns))
+    for row in rows:
+        print(f"{row['recipe']:<16}" + "".join(f"{row[c]:>16.2f}" if row[c] is not None else f"{'-':>16}" for c in columns))
+    save_grid(args.out / "grid.png", images)
+    settings = {k: getattr(args, k) for k in ("model", "sampler", "steps", "samples", "seed")}
+    write_report(args.out / "report.md", "modiff-quant demo: full precision vs plain vs MoDiff", settings, rows, "grid.png")
+    print(f"wrote {args.out / 'grid.png'} and {args.out / 'report.md'}")
 
-    print(
-        f"model {args.model}: relative error of the ε prediction vs full precision along a fixed forward-diffusion path "
-        f"({args.sampler} timesteps, {args.steps} steps, {args.samples} samples, seed {args.seed})"
-    )
-    rows = run_demo(args.model, args.recipes, steps=args.steps, samples=args.samples, seed=args.seed, sampler=args.sampler)
-    print(format_rows(rows))
+
+def _gate(args: argparse.Namespace) -> int:
+    checks, recorded = run_gate(args.baseline, update=args.update)
+    print(format_checks(checks))
+    failed = [check for check in checks if not check.passed]
+    if recorded:
+        print(f"recorded the current values in {args.baseline}")
+        return 0
+    if failed:
+        refused = " (nothing recorded)" if args.update else ""
+        print(f"quality gate FAILED: {len(failed)} of {len(checks)} checks out of tolerance{refused}")
+        return 1
+    print(f"quality gate passed: {len(checks)} checks")
+    return 0
+
+
+def _sampling_options(parser: argparse.ArgumentParser, *, model: str | None, samples: int) -> None:
+    parser.add_argument("--model", default=model, required=model is None, help="digits16, cifar10-ddpm or a diffusers model folder")
+    parser.add_argument("--weights", help="checkpoint for cifar10-ddpm (safetensors, torch state dict or diffusers folder)")
+    parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--samples", type=int, default=samples)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=256)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,18 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     explain = commands.add_parser("explain", help="per-layer table of what a recipe does to a model")
-    explain.add_argument("--model", required=True, help="cifar10-ddpm or a diffusers model folder")
+    explain.add_argument("--model", required=True, help="digits16, cifar10-ddpm or a diffusers model folder")
+    explain.add_argument("--weights")
     explain.add_argument("--recipe", required=True, help="shipped recipe name or YAML file")
     explain.set_defaults(run=_explain)
 
-    demo = commands.add_parser("demo", help="plain vs MoDiff: ε-prediction error vs full precision along a diffusion path")
-    demo.add_argument("--model", default="cifar10-ddpm")
+    evaluate = commands.add_parser("eval", help="sample full precision and quantized from the same noise; metrics as JSON")
+    _sampling_options(evaluate, model=None, samples=256)
+    evaluate.add_argument("--recipe", required=True)
+    evaluate.add_argument("--base-quantizer", help="swap the base quantizer of every layer")
+    evaluate.add_argument("--calibration-samples", type=int, default=CALIBRATION_SAMPLES)
+    evaluate.add_argument("--json", type=Path, required=True)
+    evaluate.add_argument("--out", type=Path, help="folder for grid.png and report.md")
+    evaluate.set_defaults(run=_eval)
+
+    demo = commands.add_parser("demo", help="full precision vs plain vs MoDiff on the bundled digits16 model")
+    _sampling_options(demo, model="digits16", samples=256)
     demo.add_argument("--recipes", nargs="+", default=["w8a4-plain", "w8a4-modiff"])
-    demo.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    demo.add_argument("--steps", type=int, default=50)
-    demo.add_argument("--samples", type=int, default=4)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", type=Path, default=Path("out/demo"))
     demo.set_defaults(run=_demo)
+
+    gate = commands.add_parser("gate", help="run the settings of a baselines YAML; exit 1 when a metric leaves its tolerance")
+    gate.add_argument("--baseline", type=Path, required=True)
+    gate.add_argument("--update", action="store_true", help="record the current values as the new baselines")
+    gate.set_defaults(run=_gate)
     return parser
 
 
@@ -52,11 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with torch.no_grad():
-            args.run(args)
+            return args.run(args) or 0
     except (RecipeError, FileNotFoundError, UnknownNameError, ValueError) as exc:
         print(f"modiff-quant: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ class LayerState:
     a_hat: Tensor | None = None
     output: CachedOutput | None = None
 
+    @property
+    def nbytes(self) -> int:
+        return (0 if self.a_hat is None else self.a_hat.nbytes) + (0 if self.output is None else self.output.nbytes)
+
     def remember(self, output: Tensor) -> Tensor:
         """Keep ô for the next step (detached: the cache must not chain autograd graphs over steps)."""
         self.output = CachedOutput(output.detach())
@@ -104,6 +108,9 @@ class QuantizedLayer(nn.Module):
     def reset_state(self) -> None:
         self._states.clear()
         self._last_position = None
+
+    def cache_bytes(self) -> int:
+        return sum(state.nbytes for state in self._states.values())
 
     def extra_repr(self) -> str:
         s = self.plan.settings

@@ -1,11 +1,14 @@
-"""Models by name: the paper's CIFAR-10 DDPM UNet built from config, or a local diffusers folder.
+"""Models by name: the bundled `digits16`, the paper's CIFAR-10 DDPM UNet built from config, or
+a local diffusers folder.
 
-Nothing is downloaded: named models are built from their config (random weights, seeded), and a
-path must be a diffusers model folder on disk.
+Nothing is downloaded: `digits16` ships with the package, `cifar10-ddpm` has seeded random
+weights unless `weights` names a local checkpoint, and a path must be a diffusers model folder.
 """
 
 from __future__ import annotations
 
+import json
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +38,44 @@ CIFAR10_DDPM_CONFIG: dict[str, Any] = {
 }
 
 BUILTIN_MODELS: dict[str, dict[str, Any]] = {"cifar10-ddpm": CIFAR10_DDPM_CONFIG}
+BUNDLED_MODELS = ("digits16",)  # diffusers folders under modiff_quant/assets
 
 
-def load_model(name_or_path: str, *, seed: int = 0) -> nn.Module:
-    """A built-in model by name (random weights from `seed`) or a diffusers model folder."""
+def load_model(name_or_path: str, *, seed: int = 0, weights: str | Path | None = None) -> nn.Module:
+    """A bundled model, a built-in architecture (seeded random weights, or `weights`: a
+    safetensors/torch state dict or a diffusers folder), or a diffusers model folder."""
     from diffusers import AutoModel, UNet2DModel
 
+    if name_or_path in BUNDLED_MODELS:
+        return AutoModel.from_pretrained(str(files("modiff_quant") / "assets" / name_or_path), low_cpu_mem_usage=False).eval()
     if name_or_path in BUILTIN_MODELS:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return UNet2DModel(**BUILTIN_MODELS[name_or_path]).eval()
+            model = UNet2DModel(**BUILTIN_MODELS[name_or_path]).eval()
+        if weights is not None:
+            model.load_state_dict(_state_dict(Path(weights)))
+        return model
     path = Path(name_or_path)
     if (path / "config.json").is_file():
-        return AutoModel.from_pretrained(path).eval()
-    names = sorted(BUILTIN_MODELS)
+        return AutoModel.from_pretrained(path, low_cpu_mem_usage=False).eval()
+    names = sorted((*BUNDLED_MODELS, *BUILTIN_MODELS))
     raise FileNotFoundError(f"model {name_or_path!r} is neither a built-in model{did_you_mean(name_or_path, names)} ({', '.join(names)}) nor a diffusers model folder")
+
+
+def training_schedule(name_or_path: str) -> dict[str, Any] | None:
+    """The noise schedule a model folder was trained with (its scheduler_config.json), if any."""
+    folder = files("modiff_quant") / "assets" / name_or_path if name_or_path in BUNDLED_MODELS else Path(name_or_path)
+    config = folder / "scheduler_config.json"
+    return json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from a diffusers folder, a .safetensors file or a torch state-dict file."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    if path.is_dir():
+        return UNet2DModel.from_pretrained(path).state_dict()
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -30,6 +30,8 @@ class Mode(Enum):
 class Stateful(Protocol):
     def reset_state(self) -> None: ...
 
+    def cache_bytes(self) -> int: ...
+
 
 class StaleCacheError(RuntimeError):
     """A cached output was modified in place after it was returned."""
@@ -41,6 +43,10 @@ class CachedOutput:
     def __init__(self, value: Any) -> None:
         self.value = value
         self._versions = [(t, t._version) for t in _tensors(value)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t, _ in self._versions)
 
     def get(self, owner: str) -> Any:
         if any(t._version != version for t, version in self._versions):
@@ -80,6 +86,10 @@ class Tracker:
         self._last_t: float | None = None
         self._signature: tuple[Any, ...] | None = None
         self._explicit_steps: dict[Hashable, int] = {}
+
+    def cache_bytes(self) -> int:
+        """Memory held by all layers' and blocks' trajectory state right now."""
+        return sum(member.cache_bytes() for member in self.members)
 
     def reset(self) -> None:
         """Forget every layer's and block's memory; the next call starts a trajectory."""

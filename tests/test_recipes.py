@@ -763,3 +763,15 @@ def test_public_api_exports_recipe_entry_points():
     """The recipe entry points used above are part of the package's public API."""
     for name in ("RecipeError", "Recipe", "load_recipe", "shipped_recipes"):
         assert name in modiff_quant.__all__
+
+
+def test_with_base_quantizer_swaps_every_layer(tmp_path):
+    """`--base-quantizer` / `Recipe.with_base_quantizer`: one switch puts every layer, rules
+    included, on another base quantizer with its default options."""
+    text = "version: 1\ndefaults:\n  base_quantizer: {name: static, observer: mse}\nrules:\n  - match: fc\n    base_quantizer: static\n    a_bits: 4\n"
+    recipe = load_recipe(str(write(tmp_path, text)))
+    plan = recipe.with_base_quantizer("dynamic").resolve(TinyNet())
+    assert all(layer.settings.base_quantizer == "dynamic" and not layer.settings.base_quantizer_options for layer in plan.layers.values())
+    assert plan.layers["fc"].settings.a_bits == 4  # the rule's other settings stay
+    with pytest.raises(KeyError, match="did you mean 'dynamic'"):
+        recipe.with_base_quantizer("dynamc")

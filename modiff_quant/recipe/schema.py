@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +69,19 @@ class Recipe:
         from .resolve import resolve
 
         return resolve(self, model)
+
+    def with_base_quantizer(self, name: str) -> Recipe:
+        """The same recipe with every layer on base quantizer `name` (its default options): the
+        one-line swap of `--base-quantizer`."""
+        _check_base_quantizer_options(name, {}, None)
+        swapped = ("base_quantizer", "base_quantizer_options")
+        rules = tuple(
+            replace(rule, settings={k: v for k, v in rule.settings.items() if k not in swapped}, setting_locations={k: v for k, v in rule.setting_locations.items() if k not in swapped})
+            for rule in self.rules
+        )
+        defaults = self.defaults.updated({"base_quantizer": name, "base_quantizer_options": {}})
+        locations = {k: v for k, v in self.default_locations.items() if k not in swapped}
+        return replace(self, name=f"{self.name}+{name}", defaults=defaults, default_locations=locations, rules=rules)
 
     def explain(self, model: nn.Module) -> str:
         """Per layer: the settings that apply and the recipe lines they came from."""
@@ -168,7 +181,7 @@ def _parse_settings(mapping: LocatedDict) -> tuple[dict[str, Any], dict[str, Loc
     return values, locations
 
 
-def _check_base_quantizer_options(name: str, options: Mapping[str, Any], location: Location) -> None:
+def _check_base_quantizer_options(name: str, options: Mapping[str, Any], location: Location | None) -> None:
     """Build the base quantizer once so wrong options fail here, with the recipe line."""
     quantizer = BASE_QUANTIZERS.get(name)
     try:

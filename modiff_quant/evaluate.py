@@ -1,0 +1,145 @@
+"""The quality harness behind `modiff-quant eval`, `demo` and `gate`.
+
+Full precision and quantized models sample from identical noise with the same sampler, so paired
+metrics (PSNR vs FP, FD between the two sample sets) isolate what quantization does. FD to
+held-out real data uses the bundled digit classifier's features (digits16 only; null otherwise).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .api import calibrate, convert, is_prepared, plan_of, prepare, reset, sampling, state_bytes
+from .bops import count_bops, layer_macs
+from .data import load_digits16
+from .features import digit_features, frechet_distance, load_classifier
+from .layers import QuantizedLayer
+from .metrics import psnr_vs
+from .models import load_model, training_schedule
+from .recipe import load_recipe
+from .samplers import make_scheduler, sample
+
+FD_MODELS = ("digits16",)  # models whose samples the bundled feature extractor understands
+CALIBRATION_SAMPLES = 32
+CALIBRATION_SEED_OFFSET = 1_000_003  # calibration noise never coincides with any evaluation seed
+
+
+@dataclass(frozen=True)
+class Run:
+    """Samples of one model setting from the harness's noise, and its ε prediction per step."""
+
+    images: Tensor
+    seconds: float
+    cache_bytes_per_image: int
+    epsilons: list[Tensor]  # per step, all samples
+
+
+class Harness:
+    """Runs recipes that share a model, noise and sampler against one full-precision reference."""
+
+    def __init__(
+        self, model: str, *, sampler: str = "ddim", steps: int = 100, samples: int = 256, seed: int = 0, batch_size: int = 256, weights: str | None = None
+    ) -> None:
+        self.model_name, self.sampler, self.steps, self.samples, self.seed, self.batch_size = model, sampler, steps, samples, seed, batch_size
+        self.model = load_model(model, seed=seed, weights=weights)
+        self.training = training_schedule(model)
+        self.noise = self._noise(samples, seed)
+
+    def _noise(self, count: int, seed: int) -> Tensor:
+        config = self.model.config
+        size = config.sample_size if isinstance(config.sample_size, (tuple, list)) else (config.sample_size, config.sample_size)
+        return torch.randn(count, config.in_channels, *size, generator=torch.Generator().manual_seed(seed))
+
+    @cached_property
+    def reference(self) -> Run:
+        return self._generate(self.model, "full precision")
+
+    @cached_property
+    def _macs(self) -> dict[str, int]:
+        return layer_macs(self.model, self.noise[:1], torch.tensor(0))  # MACs do not depend on t
+
+    @cached_property
+    def _classifier(self) -> nn.Module:
+        return load_classifier()
+
+    @cached_property
+    def _real_features(self) -> np.ndarray | None:
+        return digit_features(self._classifier, load_digits16()[1].images) if self.model_name in FD_MODELS else None
+
+    @cached_property
+    def _reference_features(self) -> np.ndarray:
+        return digit_features(self._classifier, self.reference.images)
+
+    def quantize(self, recipe: str, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> nn.Module:
+        """A quantized copy of the model; calibrated on other noise when its base quantizer needs it."""
+        loaded = load_recipe(recipe)
+        quantized = prepare(copy.deepcopy(self.model), loaded.with_base_quantizer(base_quantizer) if base_quantizer else loaded)
+        if _needs_calibration(quantized):
+            seed = self.seed + CALIBRATION_SEED_OFFSET
+            with calibrate(quantized):
+                for index, batch in enumerate(self._noise(calibration_samples, seed).split(self.batch_size)):
+                    reset(quantized)
+                    sample(quantized, batch, make_scheduler(self.sampler, self.training), self.steps, seed=seed + index, desc="calibrating")
+        return convert(quantized)
+
+    def evaluate(self, recipe: str | None, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> tuple[dict[str, Any], Run]:
+        """The metrics of DESIGN §6 for one recipe (None: the full-precision model itself)."""
+        reference = self.reference  # first, so that neither run pays for the other's warm-up
+        quantized = None if recipe is None else self.quantize(recipe, base_quantizer, calibration_samples)
+        run = reference if quantized is None else self._generate(quantized, recipe)
+        bops = count_bops(self._macs, None if quantized is None else plan_of(quantized), self.steps)
+        metrics = {
+            **self._fd_metrics(run.images),
+            "psnr_vs_fp": psnr_vs(reference.images, run.images),
+            "eps_rel_error": _mean_relative_error(reference.epsilons, run.epsilons),
+            "gbops_per_step": bops.gbops_per_step,
+            "gbops_per_step_amortized": bops.gbops_per_step_amortized,
+            "cache_bytes_per_image": run.cache_bytes_per_image,
+            "wall_seconds": run.seconds,
+            "wall_seconds_fp": reference.seconds,
+        }
+        return metrics, run
+
+    def _fd_metrics(self, images: Tensor) -> dict[str, float | None]:
+        if self._real_features is None:
+            return {"fd": None, "fd_fp": None, "fd_to_fp": None}
+        features = digit_features(self._classifier, images)
+        return {
+            "fd": frechet_distance(features, self._real_features),
+            "fd_fp": frechet_distance(self._reference_features, self._real_features),
+            "fd_to_fp": frechet_distance(features, self._reference_features),
+        }
+
+    def _generate(self, model: nn.Module, desc: str) -> Run:
+        """Samples of the harness's noise, batch by batch; batch i draws sampler noise from seed + i
+        in every model."""
+        prepared = is_prepared(model)
+        with torch.no_grad():
+            model(self.noise[:1], torch.tensor(0))  # untimed warm-up (first-call allocations); sampling() resets its state
+        start, batches, cache = time.perf_counter(), [], 0
+        epsilons: list[list[Tensor]] = [[] for _ in range(self.steps)]
+        for index, batch in enumerate(self.noise.split(self.batch_size)):
+            with sampling(model) if prepared else nullcontext():
+                scheduler = make_scheduler(self.sampler, self.training)
+                batches.append(sample(model, batch, scheduler, self.steps, seed=self.seed + index, desc=desc, on_step=lambda step, eps: epsilons[step].append(eps)))
+                cache = max(cache, state_bytes(model) // len(batch) if prepared else 0)
+        return Run(torch.cat(batches), time.perf_counter() - start, cache, [torch.cat(step) for step in epsilons])
+
+
+def _mean_relative_error(reference: list[Tensor], predictions: list[Tensor]) -> float:
+    """Mean over steps of ‖ε − ε_FP‖ / ‖ε_FP‖, both models sampling from the same noise."""
+    return float(torch.stack([(p - r).norm() / r.norm().clamp_min(1e-12) for r, p in zip(reference, predictions)]).mean())
+
+
+def _needs_calibration(model: nn.Module) -> bool:
+    """True when some activation quantizer has static scales that calibration must fill."""
+    return any(q.needs_calibration for m in model.modules() if isinstance(m, QuantizedLayer) for group in m.act_quantizers.values() for q in group)

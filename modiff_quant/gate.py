@@ -1,0 +1,176 @@
+"""`modiff-quant gate`: quality regression as data, for users' CI and ours.
+
+A baselines YAML lists settings (model, recipe, base quantizer, sampler, steps, samples, seed),
+the metrics recorded for each with a tolerance, and comparisons between settings: plain W8A4
+must stay far worse than MoDiff W8A4, which proves the gate can fail. `--update` records the
+current values (tolerances kept) and refuses to when a comparison fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .evaluate import CALIBRATION_SAMPLES, Harness
+from .recipe.source import LocatedDict, LocatedList, Location, RecipeError, read_located
+
+LOWER_IS_BETTER = ("fd", "fd_fp", "fd_to_fp", "eps_rel_error")
+HIGHER_IS_BETTER = ("psnr_vs_fp",)
+DEFAULT_TOLERANCES: dict[str, float | str] = {"psnr_vs_fp": 1.0, "fd": "15%", "fd_fp": "15%", "fd_to_fp": "15%", "eps_rel_error": "15%"}
+HARNESS_KEYS = ("model", "sampler", "steps", "samples", "seed", "batch_size")
+RUN_KEYS = (*HARNESS_KEYS, "recipe", "base_quantizer", "calibration_samples")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the gate's table: a metric against its baseline, or a comparison."""
+
+    setting: str
+    metric: str
+    baseline: float | None  # None for comparisons
+    value: float | None
+    limit: str
+    passed: bool
+
+
+@dataclass(frozen=True)
+class _Comparison:
+    metric: str
+    worse: str
+    better: str
+    amount: float  # a ratio for lower-is-better metrics, a margin for higher-is-better ones
+
+
+def run_gate(path: Path, *, update: bool = False) -> tuple[list[Check], bool]:
+    """Evaluate a baselines file; returns the checks and whether new values were recorded."""
+    settings, comparisons = _parse(path)
+    results = _evaluate(settings)
+    checks = [check for name, setting in settings.items() for check in _metric_checks(name, setting["metrics"], results[name], update)]
+    compared = [_compare(c, results) for c in comparisons]
+    recorded = update and all(check.passed for check in compared)
+    if recorded:
+        _record(path, results)
+    return checks + compared, recorded
+
+
+def _parse(path: Path) -> tuple[dict[str, dict[str, Any]], list[_Comparison]]:
+    data = read_located(path)
+    where = Location(str(path), 1)
+    if not isinstance(data, LocatedDict) or data.get("version") != 1 or not isinstance(data.get("settings"), LocatedDict):
+        raise RecipeError(where, "a baselines file needs 'version: 1' and a 'settings' mapping")
+    _check_keys(data, ("version", "defaults", "settings", "comparisons"), "key")
+    defaults = data.get("defaults") or LocatedDict()
+    _check_keys(defaults, RUN_KEYS, "default")
+    settings = {}
+    for name, setting in data["settings"].items():
+        if not isinstance(setting, LocatedDict) or not isinstance(setting.get("metrics"), LocatedDict):
+            raise RecipeError(data["settings"].where(name), f"setting '{name}' needs a mapping with 'metrics'")
+        _check_keys(setting, (*RUN_KEYS, "metrics"), f"key of setting '{name}'")
+        for metric, recorded in setting["metrics"].items():
+            if metric not in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER) or not isinstance(recorded, dict) or "value" not in recorded:
+                raise RecipeError(setting["metrics"].where(metric), f"metric '{metric}' needs {{value: ..., tolerance: ...}}; metrics: {', '.join((*LOWER_IS_BETTER, *HIGHER_IS_BETTER))}")
+            _slack(recorded.get("tolerance", DEFAULT_TOLERANCES[metric]), 1.0, setting["metrics"].where(metric))
+        settings[name] = {**defaults, **setting}
+        if "model" not in settings[name]:
+            raise RecipeError(data["settings"].where(name), f"setting '{name}' names no model (set 'model' in it or in defaults)")
+    comparisons = data.get("comparisons") or LocatedList()
+    if not isinstance(comparisons, LocatedList):
+        raise RecipeError(data.where("comparisons"), "comparisons must be a list")
+    return settings, [_parse_comparison(c, where, settings) for c, where in zip(comparisons, comparisons.item_locations)]
+
+
+def _check_keys(mapping: LocatedDict, allowed: tuple[str, ...], what: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise RecipeError(mapping.where(key), f"unknown {what} '{key}' (allowed: {', '.join(allowed)})")
+
+
+def _parse_comparison(spec: Any, where: Location, settings: dict[str, Any]) -> _Comparison:
+    """`{metric, worse, better, ratio}` for lower-is-better metrics (worse >= ratio x better), or
+    `{metric, worse, better, margin}` for PSNR (better leads by >= margin dB)."""
+    kind = "ratio" if isinstance(spec, dict) and spec.get("metric") in LOWER_IS_BETTER else "margin"
+    if not isinstance(spec, dict) or set(spec) != {"metric", "worse", "better", kind} or spec["metric"] not in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER):
+        raise RecipeError(where, f"a comparison is {{metric, worse, better, ratio}} for {', '.join(LOWER_IS_BETTER)} or {{metric, worse, better, margin}} for psnr_vs_fp; got {spec!r}")
+    for name in (spec["worse"], spec["better"]):
+        if name not in settings:
+            raise RecipeError(where, f"comparison names unknown setting '{name}' (settings: {', '.join(settings)})")
+    return _Comparison(spec["metric"], spec["worse"], spec["better"], float(spec[kind]))
+
+
+def _evaluate(settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Metrics per setting; settings sharing model, noise and sampler share one FP reference."""
+    harnesses: dict[tuple[Any, ...], Harness] = {}
+    results = {}
+    for name, setting in settings.items():
+        key = tuple(setting.get(k) for k in HARNESS_KEYS)
+        if key not in harnesses:
+            harnesses[key] = Harness(**{k: v for k, v in zip(HARNESS_KEYS, key) if v is not None})
+        results[name], _ = harnesses[key].evaluate(setting.get("recipe"), setting.get("base_quantizer"), setting.get("calibration_samples", CALIBRATION_SAMPLES))
+    return results
+
+
+def _slack(spec: Any, baseline: float, where: Location | None = None) -> float:
+    """Absolute slack of a tolerance: a number (metric units) or 'N%' of the baseline."""
+    try:
+        return abs(baseline) * float(spec[:-1]) / 100 if isinstance(spec, str) and spec.endswith("%") else float(spec)
+    except ValueError:
+        raise RecipeError(where, f"tolerance must be a number or 'N%', got {spec!r}") from None
+
+
+def _metric_checks(name: str, metrics: dict[str, Any], result: dict[str, Any], update: bool) -> list[Check]:
+    checks = []
+    for metric, recorded in metrics.items():
+        value, baseline = result[metric], recorded["value"]
+        spec = recorded.get("tolerance", DEFAULT_TOLERANCES[metric])
+        if update:
+            checks.append(Check(name, metric, baseline, value, "recorded", value is not None))
+        elif baseline is None or value is None:
+            checks.append(Check(name, metric, baseline, value, "unrecorded: run with --update" if baseline is None else "no value", False))
+        else:
+            slack = _slack(spec, baseline)
+            higher = metric in HIGHER_IS_BETTER
+            bound = baseline - slack if higher else baseline + slack
+            checks.append(Check(name, metric, baseline, value, f"{'>=' if higher else '<='} {bound:.4g} ({spec})", value >= bound if higher else value <= bound))
+    return checks
+
+
+def _compare(c: _Comparison, results: dict[str, dict[str, Any]]) -> Check:
+    w, b = results[c.worse][c.metric], results[c.better][c.metric]
+    setting = f"{c.worse} vs {c.better}"
+    if w is None or b is None:
+        return Check(setting, c.metric, None, None, "no value", False)
+    if c.metric in HIGHER_IS_BETTER:
+        return Check(setting, c.metric, None, b - w, f"{c.better} leads by >= {c.amount:g} ({b:.4g} vs {w:.4g})", b - w >= c.amount)
+    ratio = w / b if b > 0 else math.inf
+    return Check(setting, c.metric, None, ratio, f"{c.worse} >= {c.amount:g} x {c.better} ({w:.4g} vs {b:.4g})", ratio >= c.amount)
+
+
+def _record(path: Path, results: dict[str, dict[str, Any]]) -> None:
+    """Rewrite the file with the current values (6 significant digits; tolerances kept; comments
+    are not preserved)."""
+    plain = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for name, setting in plain["settings"].items():
+        setting["metrics"] = copy.deepcopy(setting["metrics"])  # YAML aliases would share one dict
+        for metric, recorded in setting["metrics"].items():
+            value = results[name][metric]
+            recorded["value"] = None if value is None else float(f"{value:.6g}")
+            recorded.setdefault("tolerance", DEFAULT_TOLERANCES[metric])
+    path.write_text(yaml.safe_dump(plain, sort_keys=False), encoding="utf-8")
+
+
+def format_checks(checks: list[Check]) -> str:
+    rows = [("setting", "metric", "baseline", "now", "change", "limit", "status")]
+    for c in checks:
+        change = "-" if c.baseline is None or c.value is None else f"{c.value - c.baseline:+.4g}"
+        rows.append((c.setting, c.metric, _num(c.baseline), _num(c.value), change, c.limit, "ok" if c.passed else "FAIL"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"

@@ -1,0 +1,63 @@
+"""The quality gate as a product feature, and the project's own CI gate on digits16.
+
+The project's baselines (tests/baselines/digits16.yaml) record FD, FD-to-FP and PSNR-vs-FP for
+full precision and W8A8 / W8A4 / W8A3 plain vs MoDiff, and compare plain with MoDiff so that a
+collapse of the baseline is asserted too: a broken MoDiff fails CI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from modiff_quant.cli import main
+
+BASELINE = Path(__file__).parent / "baselines" / "digits16.yaml"
+
+
+def test_project_quality_gate_passes(capsys):
+    assert main(["gate", "--baseline", str(BASELINE)]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "quality gate passed" in out and "FAIL" not in out
+
+
+def test_gate_fails_on_a_planted_regression(tmp_path, capsys):
+    """MoDiff without error compensation, checked against the MoDiff W8A4 baseline, must fail."""
+    (tmp_path / "no-ec.yaml").write_text("version: 1\nextends: w8a4-modiff\ndefaults:\n  error_compensation: false\n", encoding="utf-8")
+    baselines = yaml.safe_load(BASELINE.read_text(encoding="utf-8"))
+    planted = {**baselines["settings"]["w8a4-modiff"], "recipe": str(tmp_path / "no-ec.yaml")}
+    data = {"version": 1, "defaults": baselines["defaults"], "settings": {"w8a4-modiff": planted}}
+    (tmp_path / "baseline.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert main(["gate", "--baseline", str(tmp_path / "baseline.yaml")]) == 1
+    out = capsys.readouterr().out
+    assert "quality gate FAILED" in out
+    assert any(line.startswith("w8a4-modiff  psnr_vs_fp") and line.endswith("FAIL") for line in out.splitlines())
+
+
+def test_update_records_values_that_then_pass(tmp_path, capsys):
+    path = tmp_path / "baseline.yaml"
+    settings = {"w8a4-modiff": {"recipe": "w8a4-modiff", "metrics": {"psnr_vs_fp": {"value": None}, "fd": {"value": None}}}}
+    path.write_text(yaml.safe_dump({"version": 1, "defaults": {"model": "digits16", "steps": 5, "samples": 8}, "settings": settings}), encoding="utf-8")
+    assert main(["gate", "--baseline", str(path), "--update"]) == 0
+    recorded = yaml.safe_load(path.read_text(encoding="utf-8"))["settings"]["w8a4-modiff"]["metrics"]
+    assert recorded["psnr_vs_fp"]["value"] > 0 and recorded["fd"]["tolerance"] == "15%"
+    assert main(["gate", "--baseline", str(path)]) == 0
+    assert "quality gate passed" in capsys.readouterr().out
+
+
+def test_bad_baselines_files_are_clear_errors(tmp_path, capsys):
+    """Typos and missing parts fail before anything is sampled, naming the file and line."""
+    path = tmp_path / "baseline.yaml"
+    cases = [
+        ("version: 1\nsettings:\n  a:\n    recipe: w8a4-modiff\n    sampels: 8\n    metrics: {fd: {value: 1}}\n", ":5: unknown key of setting 'a' 'sampels'"),
+        ("version: 1\nsettings:\n  a:\n    recipe: w8a4-modiff\n", ":3: setting 'a' needs a mapping with 'metrics'"),
+        ("version: 1\nsettings:\n  a:\n    metrics: {fid: {value: 1}}\n", ":4: metric 'fid' needs {value: ..., tolerance: ...}"),
+        ("version: 1\nsettings:\n  a:\n    metrics: {fd: {value: 1, tolerance: 15 percent}}\n", ":4: tolerance must be a number or 'N%'"),
+        ("version: 1\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n", ":3: setting 'a' names no model"),
+        ("version: 1\ndefaults: {model: digits16}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\ncomparisons:\n  - {metric: fd, worse: a, better: b, ratio: 2}\n", ":7: comparison names unknown setting 'b'"),
+    ]
+    for text, message in cases:
+        path.write_text(text, encoding="utf-8")
+        assert main(["gate", "--baseline", str(path)]) == 2
+        assert f"{path}{message}" in capsys.readouterr().err
