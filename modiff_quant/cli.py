@@ -37,7 +37,7 @@ def _eval(args: argparse.Namespace) -> None:
     if args.out:
         save_grid(args.out / "grid.png", {"full precision": harness.reference.images, args.recipe: run.images})
         write_report(args.out / "report.md", f"modiff-quant eval: {args.recipe} on {args.model}", settings, [{"recipe": args.recipe, **metrics}], "grid.png")
-    print(json.dumps(metrics, indent=1))
+    print(json.dumps(finite, indent=1))
 
 
 def _demo(args: argparse.Namespace) -> None:
