@@ -27,7 +27,7 @@ def prepare(model: nn.Module, recipe: Recipe | str | Path) -> nn.Module:
 
     The recipe is resolved and validated against the model before anything changes.
     """
-    prepared = [name or "the model" for name, module in model.named_modules() if hasattr(module, _TRACKER) or isinstance(module, QuantizedLayer)]
+    prepared = [name or "the model" for name, module in model.named_modules() if is_prepared(module) or isinstance(module, QuantizedLayer)]
     if prepared:
         raise RuntimeError(f"already prepared by modiff_quant: {', '.join(prepared[:3])}; prepare a fresh copy of the float model")
     plan = (recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).resolve(model)
@@ -42,6 +42,7 @@ def prepare(model: nn.Module, recipe: Recipe | str | Path) -> nn.Module:
 
 
 def is_prepared(model: nn.Module) -> bool:
+    """True for a model that `prepare` has been applied to."""
     return hasattr(model, _TRACKER)
 
 

@@ -22,6 +22,7 @@ from .api import calibrate, convert, is_prepared, plan_of, prepare, reset, sampl
 from .bops import count_bops, layer_macs
 from .data import load_digits16
 from .features import digit_features, frechet_distance, load_classifier
+from .layer_parts import needs_calibration
 from .layers import QuantizedLayer
 from .metrics import psnr_vs
 from .models import load_model, training_schedule
@@ -83,7 +84,7 @@ class Harness:
         """A quantized copy of the model; calibrated on other noise when its base quantizer needs it."""
         loaded = load_recipe(recipe)
         quantized = prepare(copy.deepcopy(self.model), loaded.with_base_quantizer(base_quantizer) if base_quantizer else loaded)
-        if _needs_calibration(quantized):
+        if any(needs_calibration(m.act_quantizers) for m in quantized.modules() if isinstance(m, QuantizedLayer)):
             seed = self.seed + CALIBRATION_SEED_OFFSET
             with calibrate(quantized):
                 for index, batch in enumerate(self._noise(calibration_samples, seed).split(self.batch_size)):
@@ -139,7 +140,3 @@ def _mean_relative_error(reference: list[Tensor], predictions: list[Tensor]) -> 
     """Mean over steps of ‖ε − ε_FP‖ / ‖ε_FP‖, both models sampling from the same noise."""
     return float(torch.stack([(p - r).norm() / r.norm().clamp_min(1e-12) for r, p in zip(reference, predictions)]).mean())
 
-
-def _needs_calibration(model: nn.Module) -> bool:
-    """True when some activation quantizer has static scales that calibration must fill."""
-    return any(q.needs_calibration for m in model.modules() if isinstance(m, QuantizedLayer) for group in m.act_quantizers.values() for q in group)

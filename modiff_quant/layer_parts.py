@@ -6,6 +6,7 @@ half-way) and by `prepare` (which keeps them).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -29,3 +30,8 @@ def build_parts(settings: LayerSettings, layer_type: type[nn.Module]) -> tuple[S
     base_quantizer = BASE_QUANTIZERS.get(settings.base_quantizer)(**settings.base_quantizer_options)
     spec, dim, groups = settings.activation_spec(), CHANNEL_DIMS[layer_type], settings.timestep_groups.count
     return scheme, base_quantizer, {role: [base_quantizer.activation_quantizer(spec, dim) for _ in range(groups)] for role in scheme.activation_roles(settings)}
+
+
+def needs_calibration(quantizers: Mapping[str, Iterable[ActivationQuantizer]]) -> bool:
+    """True when some activation quantizer (any role, any timestep group) has static scales."""
+    return any(q.needs_calibration for group in quantizers.values() for q in group)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..layer_parts import CHANNEL_DIMS, build_parts
+from ..layer_parts import CHANNEL_DIMS, build_parts, needs_calibration
 from ..quant import FLOAT_BITS, SKIP_BITS
 from ..registry import nearest
 from .schema import Recipe, Rule
@@ -165,7 +165,7 @@ def _check_layer(name: str, module: nn.Module, settings: LayerSettings, sources:
         _, _, quantizers = build_parts(settings, type(module))
     except (TypeError, ValueError) as exc:
         fail("base_quantizer", str(exc))
-    calibrated = any(q.needs_calibration for group in quantizers.values() for q in group)
+    calibrated = needs_calibration(quantizers)
     if settings.timestep_groups.count > 1 and not calibrated:
         fail("timestep_groups", f"base quantizer '{settings.base_quantizer}' computes scales per call; timestep groups apply to calibrated scales only")
     if settings.first_step.kind == "warmup" and calibrated:
