@@ -139,4 +139,3 @@ class Harness:
 def _mean_relative_error(reference: list[Tensor], predictions: list[Tensor]) -> float:
     """Mean over steps of ‖ε − ε_FP‖ / ‖ε_FP‖, both models sampling from the same noise."""
     return float(torch.stack([(p - r).norm() / r.norm().clamp_min(1e-12) for r, p in zip(reference, predictions)]).mean())
-
