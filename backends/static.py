@@ -29,12 +29,16 @@ class StaticQuantizer(BaseQuantizer):
     def _make_observer(self, spec: QuantSpec, channel_dim: int, *, weight: bool = False) -> Observer:
         return OBSERVERS.get(self.observer)(spec, channel_dim=channel_dim, weight=weight, **self.observer_options)
 
+    def weight_qparams(self, weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+        """Scale and zero point of a weight from this quantizer's observer, shaped for `stats_view`."""
+        observer = self._make_observer(spec, 0, weight=True)
+        observer.observe(weight)
+        return observer.qparams()
+
     def quantize_weight(self, weight: Tensor, spec: QuantSpec) -> Tensor:
         if spec.is_float:
             return weight
-        observer = self._make_observer(spec, 0, weight=True)
-        observer.observe(weight)
-        scale, zero_point = observer.qparams()
+        scale, zero_point = self.weight_qparams(weight, spec)
         return fake_quantize_grouped(weight, scale, zero_point, spec, weight=True)
 
     def activation_quantizer(self, spec: QuantSpec, channel_dim: int) -> ActivationQuantizer:

@@ -14,6 +14,8 @@ from pathlib import Path
 from torch import nn
 
 from .blocks import install_block_cache
+from .calibration.engine import convert_layers
+from .calibration.record import CalibrationRecord
 from .layers import QuantizedLayer, quantize_layer
 from .recipe import Plan, Recipe, load_recipe
 from .trajectory import Mode, Tracker
@@ -54,12 +56,15 @@ def plan_of(model: nn.Module) -> Plan:
 
 @contextmanager
 def calibrate(model: nn.Module) -> Iterator[nn.Module]:
-    """Run your sampling loop inside: layers compute in float while observers record what they
-    will quantize (temporal differences under `modiff`). State is reset on entry and exit."""
+    """Run your sampling loop inside: the model computes in full precision and every call is
+    recorded. `convert()` then replays the samples each base quantizer chooses to its observers
+    (temporal differences under `modiff`) and runs its reconstruction. Calls are kept until
+    `convert()`, in memory; state is reset on entry and exit."""
     tracker = _tracker(model)
     if tracker.mode is not Mode.PREPARED:
         raise RuntimeError(f"calibrate() needs a prepared model that is not yet converted (model is {tracker.mode.value})")
     tracker.reset()
+    tracker.record = CalibrationRecord()
     tracker.mode = Mode.CALIBRATING
     try:
         yield model
@@ -68,18 +73,16 @@ def calibrate(model: nn.Module) -> Iterator[nn.Module]:
         tracker.reset()
 
 
-def convert(model: nn.Module) -> nn.Module:
-    """Freeze calibrated quantization parameters and quantize weights (once)."""
+def convert(model: nn.Module, cache_dir: str | Path | None = None) -> nn.Module:
+    """Calibrate on what `calibrate()` recorded, freeze the quantization parameters and quantize
+    the weights (once). With `cache_dir`, the outcome is saved there and reused by any later
+    convert of the same float model, recipe and calibration data."""
     tracker = _tracker(model)
     if tracker.mode is not Mode.PREPARED:
         raise RuntimeError(f"convert() needs a prepared model (model is {tracker.mode.value})")
-    for layer in model.modules():
-        if isinstance(layer, QuantizedLayer):
-            try:
-                layer.convert()
-            except RuntimeError as exc:
-                raise RuntimeError(f"{layer.plan.name}: {exc}") from exc
+    convert_layers(model, tracker, [layer for layer in model.modules() if isinstance(layer, QuantizedLayer)], cache_dir)
     tracker.mode = Mode.CONVERTED
+    tracker.record = None
     tracker.reset()
     return model
 

@@ -8,12 +8,18 @@ decide *what* an activation quantizer sees (raw inputs for `plain`, temporal dif
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
+from .calibration.record import CalibrationRecord
+from .calibration.selection import Pick, all_steps
 from .quant import QuantSpec, fake_quantize_grouped, quantize_minmax
 from .registry import OBSERVERS
+
+if TYPE_CHECKING:
+    from .calibration.reconstruction import Reconstruction
 
 
 class ActivationQuantizer(nn.Module, ABC):
@@ -37,6 +43,13 @@ class ActivationQuantizer(nn.Module, ABC):
 
     def freeze(self) -> None:
         """Conversion: fix the parameters from what was observed (no-op for runtime quantizers)."""
+
+    def frozen_state(self) -> dict[str, Tensor]:
+        """The parameters `freeze()` fixed (saved by the calibration cache)."""
+        return {}
+
+    def load_frozen_state(self, state: dict[str, Tensor]) -> None:
+        """Restore `frozen_state()` in place of observing and freezing."""
 
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, symmetric={self.spec.symmetric}, granularity={self.spec.granularity}"
@@ -70,10 +83,68 @@ class ObservedActivationQuantizer(ActivationQuantizer):
             self.scale, self.zero_point = self.observer.qparams()
             self.observer = None
 
+    def frozen_state(self) -> dict[str, Tensor]:
+        return {} if self.scale is None else {"scale": self.scale, "zero_point": self.zero_point}
+
+    def load_frozen_state(self, state: dict[str, Tensor]) -> None:
+        if self.observer is not None:
+            self.scale, self.zero_point = state["scale"], state["zero_point"]
+            self.observer = None
+
     def _quantize(self, x: Tensor) -> Tensor:
         if self.scale is None:
             raise RuntimeError("static activation quantizer used before convert() froze its scale")
         return fake_quantize_grouped(x, self.scale, self.zero_point, self.spec, channel_dim=self.channel_dim)
+
+
+class SplitActivationQuantizer(ActivationQuantizer):
+    """Separate quantizers for the two parts of a concatenated input (Q-Diffusion's shortcut
+    split): a skip connection and the upsampled path have very different ranges, so one scale
+    for both wastes the levels of the narrower one. Until `split_at` is known (detected at
+    `convert()`), or when the layer's input is no concatenation, `first` quantizes everything."""
+
+    def __init__(self, first: ActivationQuantizer, second: ActivationQuantizer) -> None:
+        super().__init__(first.spec, first.channel_dim)
+        self.first, self.second = first, second
+        self.needs_calibration = first.needs_calibration
+        self.split_at: int | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.split_at is None:
+            return self.first(x)
+        head, tail = self._parts(x)
+        return torch.cat([self.first(head), self.second(tail)], dim=self.channel_dim)
+
+    def _quantize(self, x: Tensor) -> Tensor:
+        return self.forward(x)
+
+    def _parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        head, tail = x.split([self.split_at, x.shape[self.channel_dim] - self.split_at], dim=self.channel_dim)
+        return head, tail
+
+    def observe(self, x: Tensor) -> None:
+        if self.split_at is None:
+            self.first.observe(x)
+        else:
+            head, tail = self._parts(x)
+            self.first.observe(head)
+            self.second.observe(tail)
+
+    def freeze(self) -> None:
+        self.first.freeze()
+        if self.split_at is not None:
+            self.second.freeze()
+
+    def frozen_state(self) -> dict[str, Tensor]:
+        parts = {"first": self.first.frozen_state(), "second": self.second.frozen_state() if self.split_at is not None else {}}
+        return {f"{part}.{key}": value for part, state in parts.items() for key, value in state.items()}
+
+    def load_frozen_state(self, state: dict[str, Tensor]) -> None:
+        for name, part in (("first", self.first), ("second", self.second))[: 1 if self.split_at is None else 2]:
+            part.load_frozen_state({key.removeprefix(f"{name}."): value for key, value in state.items() if key.startswith(f"{name}.")})
+
+    def extra_repr(self) -> str:
+        return f"split_at={self.split_at}"
 
 
 class BaseQuantizer(ABC):
@@ -82,7 +153,25 @@ class BaseQuantizer(ABC):
     Subclasses take their recipe options as keyword arguments of `__init__` (unknown options are
     reported against the recipe line) and are registered with `register_base_quantizer(name)` or
     the `modiff_quant.base_quantizers` entry-point group.
+
+    Calibrated methods also choose their calibration samples (`calibration_picks`) and may
+    optimise their layers on them after the observers are frozen (`reconstruct`).
     """
+
+    split_shortcuts: ClassVar[bool] = False
+    """Whether convolutions fed by a concatenation get split activation quantizers when the
+    recipe does not set `split`."""
+
+    reconstructs: ClassVar[bool] = False
+    """Whether `reconstruct` optimises layers, so that calibration data is needed even where no
+    activation has a static scale (e.g. AdaRound with float activations)."""
+
+    def calibration_picks(self, record: CalibrationRecord) -> list[Pick]:
+        """The recorded samples the activation observers see; every step by default."""
+        return all_steps(record)
+
+    def reconstruct(self, reconstruction: Reconstruction) -> None:
+        """Optimise this method's layers on calibration data (e.g. AdaRound); none by default."""
 
     @abstractmethod
     def quantize_weight(self, weight: Tensor, spec: QuantSpec) -> Tensor:

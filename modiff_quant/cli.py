@@ -24,13 +24,22 @@ def _explain(args: argparse.Namespace) -> None:
 
 
 def _harness(args: argparse.Namespace) -> Harness:
-    return Harness(args.model, sampler=args.sampler, steps=args.steps, samples=args.samples, seed=args.seed, batch_size=args.batch_size, weights=args.weights)
+    return Harness(
+        args.model,
+        sampler=args.sampler,
+        steps=args.steps,
+        samples=args.samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        weights=args.weights,
+        calibration_cache=args.calibration_cache,
+    )
 
 
 def _eval(args: argparse.Namespace) -> None:
     harness = _harness(args)
     metrics, run = harness.evaluate(args.recipe, args.base_quantizer, args.calibration_samples)
-    settings = {k: v for k, v in vars(args).items() if k not in ("run", "json", "out", "command")}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("run", "json", "out", "command")}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
     args.json.write_text(json.dumps({"settings": settings, **finite}, indent=1, allow_nan=False), encoding="utf-8")
@@ -82,6 +91,7 @@ def _sampling_options(parser: argparse.ArgumentParser, *, model: str | None, sam
     parser.add_argument("--samples", type=int, default=samples)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--calibration-cache", type=Path, help="folder where calibrations are saved and reused by later runs")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,6 @@ from .api import calibrate, convert, is_prepared, plan_of, prepare, reset, sampl
 from .bops import count_bops, layer_macs
 from .data import load_digits16
 from .features import digit_features, frechet_distance, load_classifier
-from .layer_parts import needs_calibration
 from .layers import QuantizedLayer
 from .metrics import psnr_vs
 from .models import load_model, training_schedule
@@ -48,9 +48,19 @@ class Harness:
     """Runs recipes that share a model, noise and sampler against one full-precision reference."""
 
     def __init__(
-        self, model: str, *, sampler: str = "ddim", steps: int = 100, samples: int = 256, seed: int = 0, batch_size: int = 256, weights: str | None = None
+        self,
+        model: str,
+        *,
+        sampler: str = "ddim",
+        steps: int = 100,
+        samples: int = 256,
+        seed: int = 0,
+        batch_size: int = 256,
+        weights: str | None = None,
+        calibration_cache: str | Path | None = None,
     ) -> None:
         self.model_name, self.sampler, self.steps, self.samples, self.seed, self.batch_size = model, sampler, steps, samples, seed, batch_size
+        self.calibration_cache = calibration_cache
         self.model = load_model(model, seed=seed, weights=weights)
         self.training = training_schedule(model)
         self.noise = self._noise(samples, seed)
@@ -81,16 +91,17 @@ class Harness:
         return digit_features(self._classifier, self.reference.images)
 
     def quantize(self, recipe: str, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> nn.Module:
-        """A quantized copy of the model; calibrated on other noise when its base quantizer needs it."""
+        """A quantized copy of the model, calibrated on other noise when its layers need it (with
+        `calibration_cache`, a calibration done before is loaded instead)."""
         loaded = load_recipe(recipe)
         quantized = prepare(copy.deepcopy(self.model), loaded.with_base_quantizer(base_quantizer) if base_quantizer else loaded)
-        if any(needs_calibration(m.act_quantizers) for m in quantized.modules() if isinstance(m, QuantizedLayer)):
+        if any(m.needs_calibration for m in quantized.modules() if isinstance(m, QuantizedLayer)):
             seed = self.seed + CALIBRATION_SEED_OFFSET
             with calibrate(quantized):
                 for index, batch in enumerate(self._noise(calibration_samples, seed).split(self.batch_size)):
                     reset(quantized)
                     sample(quantized, batch, make_scheduler(self.sampler, self.training), self.steps, seed=seed + index, desc="calibrating")
-        return convert(quantized)
+        return convert(quantized, cache_dir=self.calibration_cache)
 
     def evaluate(self, recipe: str | None, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> tuple[dict[str, Any], Run]:
         """The metrics of DESIGN §6 for one recipe (None: the full-precision model itself)."""

@@ -6,15 +6,15 @@ the model and `isinstance(m, nn.Conv2d)`, so code around the model keeps working
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base_quantizer import ActivationQuantizer, BaseQuantizer
-from .layer_parts import build_parts
+from .base_quantizer import ActivationQuantizer, BaseQuantizer, SplitActivationQuantizer
+from .layer_parts import build_parts, needs_calibration, splits
 from .recipe import LayerPlan
 from .schemes import Scheme
 from .trajectory import CachedOutput, Mode, Position, Tracker
@@ -37,6 +37,9 @@ class LayerState:
         return output
 
 
+_FLOAT_WEIGHT_MODES = (Mode.CALIBRATING, Mode.OBSERVING, Mode.REFERENCE)
+
+
 class QuantizedLayer(nn.Module):
     """Behaviour shared by `QuantLinear`, `QuantConv1d` and `QuantConv2d`."""
 
@@ -44,6 +47,9 @@ class QuantizedLayer(nn.Module):
     scheme: Scheme
     base_quantizer: BaseQuantizer
     act_quantizers: nn.ModuleDict
+    split_enabled: bool
+    split_at: int | None
+    staged_weight: Tensor | None
     _tracker: Tracker
     _states: dict[tuple[Hashable, int], LayerState]
 
@@ -51,13 +57,35 @@ class QuantizedLayer(nn.Module):
         self.plan = plan
         self.scheme, self.base_quantizer, quantizers = build_parts(plan.settings, layer_type)
         self.act_quantizers = nn.ModuleDict({role: nn.ModuleList(group) for role, group in quantizers.items()})
+        self.split_enabled = splits(plan.settings, layer_type)
+        self.split_at = None  # input channels of the first part of a concatenated input, once detected
+        self.staged_weight = None  # inside convert(): the quantized weight, before it replaces the float one
         self._tracker = tracker
         self._states = {}
         self._last_position: Position | None = None
         self._repeat = 0
 
+    @property
+    def calibrates(self) -> bool:
+        """True when the base quantizer learns from calibration data for this layer (static
+        activation scales, or a reconstruction)."""
+        return needs_calibration(self.act_quantizers) or self.base_quantizer.reconstructs
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when convert() needs calibration data: to learn from, or a split to detect."""
+        return self.calibrates or self.split_enabled
+
     def forward(self, x: Tensor) -> Tensor:
         tracker = self._tracker
+        mode = tracker.mode
+        if mode.stateless:
+            return self.apply_op(x, bias=True)
+        if mode is Mode.PREPARED:
+            raise RuntimeError(
+                f"{self.plan.name}: the model is prepared but not converted; call modiff_quant.convert(model) "
+                "(after running the sampling loop inside modiff_quant.calibrate(model) for calibrated base quantizers)"
+            )
         step = tracker.position[1]
         state = self._state_for(tracker.position)
         if state.a_hat is not None and state.a_hat.shape != x.shape:
@@ -65,13 +93,10 @@ class QuantizedLayer(nn.Module):
                 f"{self.plan.name}: input shape changed from {list(state.a_hat.shape)} to {list(x.shape)} within a trajectory "
                 "(e.g. another prompt length); call modiff_quant.reset(model) between runs or wrap each in modiff_quant.sampling(model)"
             )
-        if tracker.mode is Mode.CALIBRATING:
-            return self.scheme.calibrate(self, x, state, self.plan.skips(step))
-        if tracker.mode is Mode.PREPARED:
-            raise RuntimeError(
-                f"{self.plan.name}: the model is prepared but not converted; call modiff_quant.convert(model) "
-                "(after running the sampling loop inside modiff_quant.calibrate(model) for calibrated base quantizers)"
-            )
+        if mode is Mode.OBSERVING:
+            return self.scheme.calibrate(self, x, state, self.plan.skips(step), observe=self in tracker.observing)
+        if mode is Mode.PRIMING:
+            return self.scheme.prime(self, x, state)
         return self.scheme.forward(self, x, state, self.plan.skips(step))
 
     def _state_for(self, position: Position) -> LayerState:
@@ -86,24 +111,77 @@ class QuantizedLayer(nn.Module):
         return self.act_quantizers[role][self.plan.settings.timestep_groups.index(self._tracker.timestep)]
 
     def apply_op(self, x: Tensor, *, bias: bool) -> Tensor:
-        """A(x): the layer's operation with its weight (quantized in place by `convert`)."""
+        """A(x): the layer's operation with its weight (quantized in place by `convert`; inside
+        convert, the staged quantized weight except in the float modes)."""
         b = self.bias if bias else None
-        return F.linear(x, self.weight, b) if isinstance(self, nn.Linear) else self._conv_forward(x, self.weight, b)
+        weight = self.weight if self.staged_weight is None or self._tracker.mode in _FLOAT_WEIGHT_MODES else self.staged_weight
+        return F.linear(x, weight, b) if isinstance(self, nn.Linear) else self._conv_forward(x, weight, b)
+
+    def set_split(self, split_at: int | None) -> None:
+        """Record where a concatenated input divides (None: the input is no concatenation)."""
+        self.split_at = split_at
+        for quantizer in self.all_quantizers():
+            if isinstance(quantizer, SplitActivationQuantizer):
+                quantizer.split_at = split_at
+
+    def all_quantizers(self) -> list[ActivationQuantizer]:
+        return [quantizer for group in self.act_quantizers.values() for quantizer in group]
+
+    def weight_parts(self) -> list[Tensor]:
+        """The float weight, divided along its input channels where a split layer's input is."""
+        weight = self.weight.detach()
+        return [weight] if self.split_at is None else list(weight.split([self.split_at, weight.shape[1] - self.split_at], dim=1))
+
+    def map_weight_parts(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """`fn` applied to each part of `weight_parts()`, joined back into a full weight."""
+        return join_weight_parts([fn(part) for part in self.weight_parts()])
 
     @torch.no_grad()
-    def convert(self) -> None:
-        """Freeze the activation quantizers and quantize the weight in place, once (as torchao's
-        quantize_ does: the float weight is only needed before, by calibration)."""
+    def freeze(self) -> None:
+        """Fix the activation quantizers from what their observers saw."""
         groups = self.plan.settings.timestep_groups
         for role, quantizers in self.act_quantizers.items():
             for group, quantizer in enumerate(quantizers):
                 try:
                     quantizer.freeze()
                 except RuntimeError as exc:
-                    raise RuntimeError(f"{role} quantizer, {groups.describe(group)}: {exc}" if groups.count > 1 else str(exc)) from exc
+                    where = f"{role} quantizer, {groups.describe(group)}: " if groups.count > 1 else ""
+                    raise RuntimeError(f"{self.plan.name}: {where}{exc}") from exc
+
+    @torch.no_grad()
+    def stage_weight(self) -> None:
+        """Quantize the weight with the base quantizer into `staged_weight` (reconstruction may
+        replace it); `commit_weight` then overwrites the float weight."""
         spec = self.plan.settings.weight_spec()
-        if not spec.is_float:
-            self.weight.copy_(self.base_quantizer.quantize_weight(self.weight.detach(), spec))
+        self.staged_weight = self.weight.detach() if spec.is_float else self.map_weight_parts(lambda w: self.base_quantizer.quantize_weight(w, spec))
+
+    @torch.no_grad()
+    def commit_weight(self) -> None:
+        """Replace the float weight by the quantized one in place, once (as torchao's quantize_
+        does: the float weight is only needed before, by calibration)."""
+        if self.staged_weight is not None:
+            self.weight.copy_(self.staged_weight)
+            self.staged_weight = None
+
+    def calibration_state(self) -> dict[str, Tensor]:
+        """What calibration decided for this layer: frozen quantizer parameters and the weight."""
+        state = {"weight": self.weight.detach()}
+        if self.split_at is not None:
+            state["split_at"] = torch.tensor(self.split_at)
+        for role, group in self.act_quantizers.items():
+            for index, quantizer in enumerate(group):
+                state.update({f"{role}.{index}.{key}": value for key, value in quantizer.frozen_state().items()})
+        return state
+
+    @torch.no_grad()
+    def load_calibration_state(self, state: dict[str, Tensor]) -> None:
+        """Restore `calibration_state()` instead of calibrating and converting."""
+        self.set_split(int(state["split_at"]) if "split_at" in state else None)
+        for role, group in self.act_quantizers.items():
+            for index, quantizer in enumerate(group):
+                prefix = f"{role}.{index}."
+                quantizer.load_frozen_state({key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)})
+        self.weight.copy_(state["weight"])
 
     def reset_state(self) -> None:
         self._states.clear()
@@ -115,6 +193,11 @@ class QuantizedLayer(nn.Module):
     def extra_repr(self) -> str:
         s = self.plan.settings
         return f"{super().extra_repr()}, scheme={s.scheme}, base={s.base_quantizer}, w_bits={s.w_bits}, a_bits={s.a_bits}"
+
+
+def join_weight_parts(parts: list[Tensor]) -> Tensor:
+    """Inverse of `QuantizedLayer.weight_parts`."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 class QuantLinear(QuantizedLayer, nn.Linear):

@@ -8,7 +8,7 @@ the baseline MoDiff is compared with. Both reuse the cached output on 0-bit step
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
 
@@ -25,6 +25,9 @@ RAW, DELTA = "raw", "delta"
 class Scheme(ABC):
     """Strategy object of one quantized layer; plugins register subclasses with `register_scheme`."""
 
+    needs_previous_step: ClassVar[bool] = False
+    """Whether calibration must replay the step before each calibration sample (temporal differences)."""
+
     @abstractmethod
     def activation_roles(self, settings: LayerSettings) -> tuple[str, ...]:
         """Names of the activation quantizers the layer needs (built by its base quantizer)."""
@@ -34,8 +37,13 @@ class Scheme(ABC):
         """Quantized output; `skip` is true on the layer's 0-bit steps."""
 
     @abstractmethod
-    def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
-        """Float output, after showing each activation quantizer what it will quantize."""
+    def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool, observe: bool) -> Tensor:
+        """Float output; when `observe`, each activation quantizer is first shown what it will quantize."""
+
+    @abstractmethod
+    def prime(self, layer: QuantizedLayer, x: Tensor, state: LayerState) -> Tensor:
+        """Output of a step computed exactly, leaving the state a following quantized step continues
+        from (reconstruction trains on one step at a time, after its predecessor)."""
 
 
 @register_scheme("modiff")
@@ -44,6 +52,8 @@ class ModiffScheme(Scheme):
 
     Without error compensation (ablation) the raw previous input replaces â (paper Eq. 7).
     """
+
+    needs_previous_step = True
 
     def activation_roles(self, settings: LayerSettings) -> tuple[str, ...]:
         return (DELTA,) if settings.first_step.kind == "fp" else (RAW, DELTA)
@@ -69,16 +79,21 @@ class ModiffScheme(Scheme):
         state.a_hat = (a_hat if settings.error_compensation else x).detach()
         return state.remember(output)
 
-    def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
-        """The delta observer sees Δ_t = a_t − a_{t+1} (float); the raw one sees the first input."""
+    def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool, observe: bool) -> Tensor:
+        """The delta observer sees Δ_t = a_t − a_{t+1} (float); the raw one sees first inputs."""
         if state.a_hat is None:
-            if RAW in layer.act_quantizers:
+            if observe and RAW in layer.act_quantizers:
                 layer.quantizer(RAW).observe(x)
             state.a_hat = x.detach()
         elif not skip:
-            layer.quantizer(DELTA).observe(x - state.a_hat)
+            if observe:
+                layer.quantizer(DELTA).observe(x - state.a_hat)
             state.a_hat = x.detach()
         return layer.apply_op(x, bias=True)
+
+    def prime(self, layer: QuantizedLayer, x: Tensor, state: LayerState) -> Tensor:
+        state.a_hat = x.detach()
+        return state.remember(layer.apply_op(x, bias=True))
 
 
 @register_scheme("plain")
@@ -94,6 +109,11 @@ class PlainScheme(Scheme):
         output = layer.apply_op(layer.quantizer(RAW)(x), bias=True)
         return state.remember(output) if layer.plan.has_skips else output
 
-    def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
-        layer.quantizer(RAW).observe(x)
+    def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool, observe: bool) -> Tensor:
+        if observe:
+            layer.quantizer(RAW).observe(x)
         return layer.apply_op(x, bias=True)
+
+    def prime(self, layer: QuantizedLayer, x: Tensor, state: LayerState) -> Tensor:
+        output = layer.apply_op(layer.quantizer(RAW)(x), bias=True)
+        return state.remember(output) if layer.plan.has_skips else output

@@ -10,12 +10,16 @@ branches (cond/uncond called separately); each branch keeps its own state.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
+from contextlib import contextmanager
 from enum import Enum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .calibration.record import CalibrationRecord
 
 Position = tuple[Hashable, int]
 """(branch, step): step counts the calls of that branch since the trajectory started, from 0."""
@@ -23,8 +27,17 @@ Position = tuple[Hashable, int]
 
 class Mode(Enum):
     PREPARED = "prepared"  # wrapped, not converted: running it is an error (nothing is quantized yet)
-    CALIBRATING = "calibrating"  # float forward, observers see what they will quantize
+    CALIBRATING = "calibrating"  # the user's sampling loop: float forward, every model call recorded
     CONVERTED = "converted"  # quantized
+    # used inside convert() while calibration data is replayed:
+    OBSERVING = "observing"  # float forward, observers see what they will quantize
+    REFERENCE = "reference"  # float weights and activations, no state: reconstruction targets
+    WEIGHTS_ONLY = "weights-only"  # quantized weights, float activations, no state
+    PRIMING = "priming"  # float forward that sets the state a following quantized call continues from
+
+    @property
+    def stateless(self) -> bool:
+        return self in (Mode.CALIBRATING, Mode.REFERENCE, Mode.WEIGHTS_ONLY)
 
 
 class Stateful(Protocol):
@@ -42,7 +55,7 @@ class CachedOutput:
 
     def __init__(self, value: Any) -> None:
         self.value = value
-        self._versions = [(t, t._version) for t in _tensors(value)]
+        self._versions = [(t, t._version) for t in iter_tensors(value)]
 
     @property
     def nbytes(self) -> int:
@@ -57,15 +70,15 @@ class CachedOutput:
         return self.value
 
 
-def _tensors(value: Any) -> Iterable[Tensor]:
+def iter_tensors(value: Any) -> Iterable[Tensor]:
     if isinstance(value, Tensor):
         yield value
     elif isinstance(value, (tuple, list)):
         for item in value:
-            yield from _tensors(item)
+            yield from iter_tensors(item)
     elif isinstance(value, dict):
         for item in value.values():
-            yield from _tensors(item)
+            yield from iter_tensors(item)
 
 
 class Tracker:
@@ -77,6 +90,10 @@ class Tracker:
         self.branch: Hashable | None = None  # set by `branch()`: overrides automatic detection
         self.position: Position = (0, 0)
         self.timestep: float | None = None  # of the current model call, if it carried one
+        self.record: CalibrationRecord | None = None  # model calls seen inside calibrate()
+        self.observing: frozenset[torch.nn.Module] = frozenset()  # replay: the layers whose observers see this call
+        self._pinned: tuple[Position, float | None] | None = None
+        self._trajectory = -1
         self._clear()
 
     def _clear(self) -> None:
@@ -99,6 +116,9 @@ class Tracker:
 
     def on_model_call(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Forward pre-hook of the prepared model."""
+        if self._pinned is not None:
+            self.position, self.timestep = self._pinned
+            return
         sample = _find_sample(args, kwargs)
         t = _find_timestep(args, kwargs)
         signature = None if sample is None else (tuple(sample.shape), sample.device, sample.dtype)
@@ -114,8 +134,22 @@ class Tracker:
                 )
             if t_went_up or signature != self._signature:
                 self.reset()
+        if not self._calls:
+            self._trajectory += 1
         self._signature, self._last_t, self.timestep = signature, t, t
         self.position = self._advance(t)
+        if self.mode is Mode.CALIBRATING and self.record is not None:
+            self.record.add(self._trajectory, self.position, t, args, kwargs)
+
+    @contextmanager
+    def pinned(self, branch: Hashable, step: int, timestep: float | None) -> Iterator[None]:
+        """Model and block calls inside run at this position (replay of recorded calls: no detection)."""
+        previous, self._pinned = self._pinned, ((branch, step), timestep)
+        self.position, self.timestep = self._pinned
+        try:
+            yield
+        finally:
+            self._pinned = previous
 
     def _advance(self, t: float | None) -> Position:
         if self.branch is not None:

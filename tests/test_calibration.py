@@ -12,6 +12,7 @@ from helpers import ddim_inputs, tiny_unet
 from torch import nn
 
 import modiff_quant as mq
+from modiff_quant.quant import Granularity, QuantSpec, qparams
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -35,28 +36,36 @@ def calibrated(recipe, runs: list[list[torch.Tensor]]) -> nn.Sequential:
     return model
 
 
+def frozen(model: nn.Sequential) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Scale and zero point of each activation role after convert()."""
+    mq.convert(model)
+    return {role: (group[0].scale, group[0].zero_point) for role, group in model[0].act_quantizers.items()}
+
+
+def expected(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A4 asymmetric min-max parameters of exactly these values."""
+    return qparams(values.min().reshape(1), values.max().reshape(1), QuantSpec(4, False, Granularity("tensor")))
+
+
 def test_delta_observer_sees_temporal_differences(write_recipe):
-    """The modiff delta observer's range is exactly that of a_t − a_{t−1} over the calibration runs
-    (not of the raw inputs), and the raw observer sees only each run's first input."""
+    """The modiff delta scale comes exactly from the range of a_t − a_{t−1} over the calibration
+    runs (not of the raw inputs), and the raw scale from each run's first input only."""
     runs = [trajectory(seed=0), trajectory(seed=1)]
     recipe = write_recipe(STATIC.format(observer="minmax", scheme="modiff") + "  first_step: quantized\n")
-    model = calibrated(recipe, runs)
-    quantizers = {role: group[0] for role, group in model[0].act_quantizers.items()}
+    params = frozen(calibrated(recipe, runs))
     deltas = torch.stack([b - a for run in runs for a, b in zip(run, run[1:])])
     firsts = torch.stack([run[0] for run in runs])
-    assert quantizers["delta"].observer.lo.item() == deltas.min().item()
-    assert quantizers["delta"].observer.hi.item() == deltas.max().item()
-    assert quantizers["raw"].observer.lo.item() == firsts.min().item()
-    assert quantizers["raw"].observer.hi.item() == firsts.max().item()
+    for role, values in (("delta", deltas), ("raw", firsts)):
+        for got, want in zip(params[role], expected(values)):
+            torch.testing.assert_close(got.reshape(1), want.reshape(1), rtol=0, atol=0)
 
 
 def test_plain_observer_sees_raw_inputs(write_recipe):
     """Under `plain`, the same observer sees the raw activations of every step."""
     runs = [trajectory()]
-    model = calibrated(write_recipe(STATIC.format(observer="minmax", scheme="plain")), runs)
-    observer = model[0].act_quantizers["raw"][0].observer
-    inputs = torch.stack(runs[0])
-    assert (observer.lo.item(), observer.hi.item()) == (inputs.min().item(), inputs.max().item())
+    params = frozen(calibrated(write_recipe(STATIC.format(observer="minmax", scheme="plain")), runs))
+    for got, want in zip(params["raw"], expected(torch.stack(runs[0]))):
+        torch.testing.assert_close(got.reshape(1), want.reshape(1), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("observer", ["minmax", "ema_minmax", "mse"])
@@ -81,7 +90,7 @@ def test_convert_without_calibration_names_the_layer(write_recipe):
     model = mq.prepare(nn.Sequential(nn.Linear(16, 8)), write_recipe(STATIC.format(observer="minmax", scheme="modiff")))
     with mq.calibrate(model):
         pass
-    with pytest.raises(RuntimeError, match=r"^0: no data observed: run the sampling loop inside modiff_quant.calibrate\(model\)"):
+    with pytest.raises(RuntimeError, match=r"^1 layer \(0\) needs calibration data .*run the sampling loop inside modiff_quant.calibrate\(model\)"):
         mq.convert(model)
 
 
@@ -97,9 +106,8 @@ def test_calibrating_a_unet_with_cfg_like_calls(write_recipe):
             quantized(x, t)
             quantized(-x, t)
     delta_quantizers = [m.act_quantizers["delta"][0] for m in quantized.modules() if hasattr(m, "act_quantizers")]
-    assert delta_quantizers and all(q.observer.observed for q in delta_quantizers)
     mq.convert(quantized)
-    assert all(q.observer is None and q.scale is not None for q in delta_quantizers)  # statistics released
+    assert delta_quantizers and all(q.observer is None and q.scale is not None for q in delta_quantizers)  # statistics released
     with mq.sampling(quantized):
         assert all(torch.isfinite(quantized(x, t).sample).all() for x, t in inputs)
 
@@ -171,3 +179,22 @@ def test_timestep_group_ranges_for_other_timestep_conventions():
     for bad in (0, -1, True, 2.5, {"count": 2}, {"count": 2, "range": [1, 0]}, {"count": 2, "range": [0, "x"]}):
         with pytest.raises(ValueError, match="group count"):
             TimestepGroups.parse(bad)
+
+
+@pytest.mark.parametrize("scheme", ["modiff", "plain"])
+def test_observers_see_only_the_chosen_steps(write_recipe, monkeypatch, scheme):
+    """When a base quantizer picks some steps (here 0, 4 and 8 of 12), `modiff` observers see
+    exactly those steps' differences to the step before (step 0 has none) and `plain` ones the
+    raw inputs of those steps."""
+    from modiff_quant.backends.static import StaticQuantizer
+    from modiff_quant.calibration import uniform_steps
+
+    monkeypatch.setattr(StaticQuantizer, "calibration_picks", lambda self, record: uniform_steps(record, 3, 100))
+    runs = [trajectory(seed=0), trajectory(seed=1)]
+    params = frozen(calibrated(write_recipe(STATIC.format(observer="minmax", scheme=scheme)), runs))
+    if scheme == "modiff":
+        values, role = torch.stack([run[k] - run[k - 1] for run in runs for k in (4, 8)]), "delta"
+    else:
+        values, role = torch.stack([run[k] for run in runs for k in (0, 4, 8)]), "raw"
+    for got, want in zip(params[role], expected(values)):
+        torch.testing.assert_close(got.reshape(1), want.reshape(1), rtol=0, atol=0)

@@ -45,19 +45,23 @@ CIFAR10_UNET_CONFIG = dict(
 )
 
 # name -> (w_bits, a_bits, scheme) every layer of the CIFAR UNet must get
-SHIPPED = {
-    "w4a4-modiff": (4, 4, "modiff"),
-    "w4a4-plain": (4, 4, "plain"),
-    "w8a3-modiff": (8, 3, "modiff"),
-    "w8a3-plain": (8, 3, "plain"),
-    "w8a4-modiff": (8, 4, "modiff"),
-    "w8a4-plain": (8, 4, "plain"),
-    "w8a6-modiff": (8, 6, "modiff"),
-    "w8a6-plain": (8, 6, "plain"),
-    "w8a8": (8, 8, "plain"),
-    "w8a8-modiff": (8, 8, "modiff"),
-    "w8a8-modiff-deepcache": (8, 8, "modiff"),
-    "w8a8-plain": (8, 8, "plain"),
+SHIPPED = {  # name: w_bits, a_bits, scheme, base quantizer, activation granularity
+    "w4a4-modiff": (4, 4, "modiff", "dynamic", "sample"),
+    "w4a4-plain": (4, 4, "plain", "dynamic", "sample"),
+    "w8a3-modiff": (8, 3, "modiff", "dynamic", "sample"),
+    "w8a3-plain": (8, 3, "plain", "dynamic", "sample"),
+    "w8a4-modiff": (8, 4, "modiff", "dynamic", "sample"),
+    "w8a4-modiff-ptq4dm": (8, 4, "modiff", "ptq4dm", "tensor"),
+    "w8a4-modiff-qdiffusion": (8, 4, "modiff", "qdiffusion", "tensor"),
+    "w8a4-plain": (8, 4, "plain", "dynamic", "sample"),
+    "w8a4-plain-ptq4dm": (8, 4, "plain", "ptq4dm", "tensor"),
+    "w8a4-plain-qdiffusion": (8, 4, "plain", "qdiffusion", "tensor"),
+    "w8a6-modiff": (8, 6, "modiff", "dynamic", "sample"),
+    "w8a6-plain": (8, 6, "plain", "dynamic", "sample"),
+    "w8a8": (8, 8, "plain", "dynamic", "sample"),
+    "w8a8-modiff": (8, 8, "modiff", "dynamic", "sample"),
+    "w8a8-modiff-deepcache": (8, 8, "modiff", "dynamic", "sample"),
+    "w8a8-plain": (8, 8, "plain", "dynamic", "sample"),
 }
 DEEPCACHE_BLOCKS = {"down_blocks.2", "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.1"}
 
@@ -133,7 +137,8 @@ def test_shipped_recipes_are_the_expected_set():
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_recipe_resolves_on_cifar10_unet(name, unet):
-    """Each shipped recipe loads by name and covers all 113 Linear/Conv layers with its W/A/scheme."""
+    """Each shipped recipe loads by name and covers all 113 Linear/Conv layers with its W/A,
+    scheme, base quantizer and activation granularity."""
     recipe = load_recipe(name)
     assert recipe.name == name
     with warnings.catch_warnings():
@@ -142,11 +147,13 @@ def test_shipped_recipe_resolves_on_cifar10_unet(name, unet):
     assert len(plan.layers) == 113
     assert Counter(layer.module_type for layer in plan.layers.values()) == {"Conv2d": 65, "Linear": 48}
     assert plan.unmatched == ()
-    w_bits, a_bits, scheme = SHIPPED[name]
+    w_bits, a_bits, scheme, base, a_granularity = SHIPPED[name]
     for layer in plan.layers.values():
-        assert (layer.settings.w_bits, layer.settings.a_bits, layer.settings.scheme) == (w_bits, a_bits, scheme), layer.name
-        assert layer.settings.base_quantizer == "dynamic"
-        assert layer.settings.a_granularity == Granularity("sample")
+        first_or_last = layer.name in ("conv_in", "conv_out")  # W4 recipes keep them at 8 bits
+        expected_w = 8 if first_or_last and w_bits == 4 else w_bits
+        assert (layer.settings.w_bits, layer.settings.a_bits, layer.settings.scheme) == (expected_w, a_bits, scheme), layer.name
+        assert layer.settings.base_quantizer == base
+        assert layer.settings.a_granularity == Granularity(a_granularity)
         assert not layer.has_skips, layer.name
     if name != "w8a8-modiff-deepcache":
         assert dict(plan.blocks) == {}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..layer_parts import CHANNEL_DIMS, build_parts, needs_calibration
+from ..layer_parts import CHANNEL_DIMS, build_parts, needs_calibration, splits
 from ..quant import FLOAT_BITS, SKIP_BITS
 from ..registry import nearest
 from .schema import Recipe, Rule
@@ -182,7 +182,8 @@ def _format_bits(bits: int) -> str:
 
 def _explain(plan: Plan) -> str:
     recipe = plan.recipe
-    header = ("layer", "type", "scheme", "base", "W", "A", "a_gran", "t-groups", "first", "EC", "0-bit steps", "rules")
+    header = ("layer", "type", "scheme", "base", "W", "A", "a_gran", "t-groups", "split", "first", "EC", "0-bit steps", "rules")
+    types = {layer_type.__name__: layer_type for layer_type in CHANNEL_DIMS}
     rows = []
     for layer in plan.layers.values():
         s = layer.settings
@@ -196,6 +197,7 @@ def _explain(plan: Plan) -> str:
             _format_bits(s.a_bits) + ("" if s.a_symmetric else "u"),
             str(s.a_granularity),
             str(s.timestep_groups.count),
+            "on" if splits(s, types[layer.module_type]) else "-",
             str(s.first_step) if modiff else "-",
             ("on" if s.error_compensation else "off") if modiff else "-",
             "all" if s.a_bits == SKIP_BITS else ", ".join(map(str, layer.zero_bit_steps)) or "-",
@@ -203,7 +205,10 @@ def _explain(plan: Plan) -> str:
         ))
     lines = [f"recipe {recipe.name} ({recipe.source}){' strict' if recipe.strict else ''}: {recipe.description}".rstrip(": ")]
     lines += _table(header, rows)
-    lines.append(f"{len(plan.layers)} layers; A bits: 'u' = asymmetric; rules: recipe file:line of each rule that applied")
+    lines.append(
+        f"{len(plan.layers)} layers; A bits: 'u' = asymmetric; split: separate quantizers where the input is a concatenation "
+        "(found at convert); rules: recipe file:line of each rule that applied"
+    )
     if plan.blocks:
         lines += ["", "cached blocks (0-bit: output reused without calling the block)"]
         lines += _table(("block", "type", "0-bit steps", "rule"), [(b.name, b.module_type, str(b.schedule), str(b.rule)) for b in plan.blocks.values()])

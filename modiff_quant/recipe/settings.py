@@ -127,6 +127,7 @@ class LayerSettings:
     first_step: FirstStep = FirstStep("fp")
     error_compensation: bool = True
     timestep_groups: TimestepGroups = TimestepGroups()
+    split: bool | None = None  # None: as the base quantizer prefers (`split_shortcuts`)
 
     def weight_spec(self) -> QuantSpec:
         return QuantSpec(self.w_bits, self.w_symmetric, self.w_granularity)
@@ -202,5 +203,6 @@ SETTING_PARSERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "first_step": lambda v: {"first_step": FirstStep.parse(v)},
     "error_compensation": lambda v: {"error_compensation": _bool(v)},
     "timestep_groups": lambda v: {"timestep_groups": TimestepGroups.parse(v)},
+    "split": lambda v: {"split": _bool(v)},
 }
 

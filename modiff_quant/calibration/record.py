@@ -1,0 +1,123 @@
+"""The model calls of the sampling loop run inside `calibrate()`, kept for replay at `convert()`.
+
+Base quantizers choose their calibration samples from the whole trajectory after it has run
+(Q-Diffusion: uniformly spaced steps; PTQ4DM: normally distributed timesteps), and MoDiff
+observers need each chosen step together with the step before it; so the calls are recorded,
+not observed on the fly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..trajectory import Position, iter_tensors
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Positional and keyword arguments of one call, batched along dim 0 with `rows` rows."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    rows: int
+
+    @classmethod
+    def keep(cls, args: tuple[Any, ...], kwargs: dict[str, Any], rows: int) -> Inputs:
+        """Detached copies, safe from later in-place changes by the caller, in the standard memory
+        layout (torch 2.13's channels-last GroupNorm backward crashes on small inputs)."""
+        return cls(_map(args, _copy), _map(kwargs, _copy), rows)
+
+    def select(self, rows: Tensor) -> Inputs:
+        """The inputs restricted to some batch rows (tensors whose first dim is the batch)."""
+        return Inputs(_map(self.args, lambda t: _rows(t, rows, self.rows)), _map(self.kwargs, lambda t: _rows(t, rows, self.rows)), len(rows))
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    """One model call: its trajectory, CFG branch, step, timestep and inputs."""
+
+    trajectory: int
+    branch: Hashable
+    step: int
+    timestep: float | None
+    inputs: Inputs
+
+    @property
+    def rows(self) -> int:
+        return self.inputs.rows
+
+    @property
+    def chain(self) -> tuple[int, Hashable]:
+        """The trajectory branch this call continues (state carries over only within one)."""
+        return self.trajectory, self.branch
+
+
+class CalibrationRecord:
+    """All model calls of the calibration loop, indexed by (trajectory, branch, step)."""
+
+    def __init__(self) -> None:
+        self.calls: list[RecordedCall] = []
+        self._index: dict[tuple[int, Hashable, int], RecordedCall] = {}
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def add(self, trajectory: int, position: Position, timestep: float | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        sample = next((t for t in iter_tensors((args, kwargs)) if t.dim() > 0), None)
+        if sample is None:
+            raise RuntimeError("calibrate(): the model call carries no batched tensor to record")
+        call = RecordedCall(trajectory, position[0], position[1], timestep, Inputs.keep(args, kwargs, sample.shape[0]))
+        self.calls.append(call)
+        self._index[(trajectory, call.branch, call.step)] = call
+
+    def previous(self, call: RecordedCall) -> RecordedCall | None:
+        """The call one step earlier in the same trajectory branch."""
+        return self._index.get((call.trajectory, call.branch, call.step - 1))
+
+    def chains(self) -> dict[tuple[int, Hashable], list[RecordedCall]]:
+        """Calls grouped by trajectory branch, in step order."""
+        chains: dict[tuple[int, Hashable], list[RecordedCall]] = {}
+        for call in self.calls:
+            chains.setdefault(call.chain, []).append(call)
+        return {key: sorted(calls, key=lambda c: c.step) for key, calls in chains.items()}
+
+    def fingerprint(self) -> str:
+        """A hash of every recorded input and position: equal records replay identically."""
+        digest = hashlib.sha256()
+        for call in self.calls:
+            digest.update(repr((call.trajectory, call.branch, call.step, call.timestep, call.rows)).encode())
+            for tensor in iter_tensors((call.inputs.args, call.inputs.kwargs)):
+                digest.update(tensor_bytes(tensor))
+        return digest.hexdigest()
+
+
+def tensor_bytes(tensor: Tensor) -> bytes:
+    """Shape, dtype and raw contents: equal bytes mean an identical tensor."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return repr((tuple(tensor.shape), str(tensor.dtype))).encode() + flat.view(torch.uint8).numpy().tobytes()
+
+
+def _copy(tensor: Tensor) -> Tensor:
+    return tensor.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _rows(tensor: Tensor, rows: Tensor, batch: int) -> Tensor:
+    return tensor[rows.to(tensor.device)] if tensor.dim() > 0 and tensor.shape[0] == batch else tensor
+
+
+def _map(value: Any, fn: Any) -> Any:
+    """Apply `fn` to every tensor in nested tuples, lists and dicts."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map(v, fn) for k, v in value.items()}
+    return value
+
