@@ -1,8 +1,9 @@
 """The quality gate as a product feature, and the project's own CI gate on digits16.
 
 The project's baselines (tests/baselines/digits16.yaml) record FD, FD-to-FP and PSNR-vs-FP for
-full precision and W8A8 / W8A4 / W8A3 plain vs MoDiff, and compare plain with MoDiff so that a
-collapse of the baseline is asserted too: a broken MoDiff fails CI.
+full precision and W8A8 / W8A4 / W8A3 plain vs MoDiff (dynamic scales), and W8A4 plain vs MoDiff
+over PTQ4DM and Q-Diffusion; they compare plain with MoDiff so that a collapse of the baseline is
+asserted too: a broken MoDiff fails CI.
 """
 
 from __future__ import annotations
