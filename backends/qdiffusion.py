@@ -107,6 +107,8 @@ class QDiffusionQuantizer(StaticQuantizer):
             if step >= start_decay:
                 beta = self.beta[1] + (self.beta[0] - self.beta[1]) * (1 - (step - start_decay) / max(self.weight_iters - start_decay, 1))
                 loss = loss + self.round_weight * sum(r.regularizer(beta) for parts in roundings.values() for r in parts)
+            if not loss.requires_grad:  # the unit's output ignores its weights (e.g. a 0-bit layer reuses its cached output)
+                break
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -142,6 +144,8 @@ class QDiffusionQuantizer(StaticQuantizer):
                     quantizer.scale = scale * log.exp()
                 output = reconstruction.forward(unit, sample, rows, quantized_activations=True)
                 loss = (output - sample.target[rows]).abs().pow(self.p).sum(1).mean()
+                if not loss.requires_grad:  # the output ignores the step sizes (e.g. a 0-bit layer reuses its cached output)
+                    break
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

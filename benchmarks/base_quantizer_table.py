@@ -1,4 +1,4 @@
-"""FD and PSNR-vs-FP of {dynamic, qdiffusion, ptq4dm} × {plain, modiff} × bit-widths on the
+"""FD and PSNR-vs-FP of {dynamic, qdiffusion, ptq4dm, torchao_int4, brevitas} × {plain, modiff} × bit-widths on the
 bundled digits16 model, every setting sampled from the same noise as one full-precision run.
 
     python benchmarks/base_quantizer_table.py --out out/base-quantizers [--steps 100 --samples 256]
@@ -17,8 +17,10 @@ from pathlib import Path
 
 from modiff_quant.evaluate import Harness
 
-BITS = ((8, 8), (8, 6), (8, 4), (8, 3), (4, 4))
-BASES = ("dynamic", "qdiffusion", "ptq4dm")
+BITS = ((8, 8), (8, 6), (8, 4), (8, 3), (4, 8), (4, 4))
+BASES = ("dynamic", "qdiffusion", "ptq4dm", "torchao_int4", "brevitas")
+RECIPE_SUFFIX = {"torchao_int4": "torchao"}
+"""Base quantizers whose shipped recipes are named differently."""
 SCHEMES = ("plain", "modiff")
 
 
@@ -28,7 +30,7 @@ FIRST_LAST_W8 = "rules:\n  - match: [conv_in, conv_out]\n    w_bits: 8\n"
 
 def recipe_for(base: str, scheme: str, w_bits: int, a_bits: int, folder: Path) -> Path:
     """dynamic: the shipped per-sample recipes; the others: their shipped W8A4 recipe at other bits."""
-    parent = f"w8a4-{scheme}" if base == "dynamic" else f"w8a4-{scheme}-{base}"
+    parent = f"w8a4-{scheme}" if base == "dynamic" else f"w8a4-{scheme}-{RECIPE_SUFFIX.get(base, base)}"
     path = folder / f"table-w{w_bits}a{a_bits}-{scheme}-{base}.yaml"  # never the name of the recipe it extends
     rules = FIRST_LAST_W8 if w_bits < 8 else ""
     path.write_text(f"version: 1\nextends: {parent}\ndefaults:\n  w_bits: {w_bits}\n  a_bits: {a_bits}\n{rules}", encoding="utf-8")
@@ -70,7 +72,8 @@ def _table(fp: dict, rows: list[dict], args: argparse.Namespace) -> str:
         "| base | bits | FD plain | FD MoDiff | PSNR plain | PSNR MoDiff |",
         "|---|---|---|---|---|---|",
     ]
-    for base in dict.fromkeys(r["base"] for r in rows):
+    known = {r["base"] for r in rows}
+    for base in [b for b in BASES if b in known] + sorted(known - set(BASES)):
         for w_bits, a_bits in BITS:
             pair = {r["scheme"]: r for r in rows if (r["base"], r["w_bits"], r["a_bits"]) == (base, w_bits, a_bits)}
             if len(pair) == 2:

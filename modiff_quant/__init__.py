@@ -5,7 +5,7 @@ with error compensation, on top of any base quantizer, driven by YAML recipes.
 """
 
 from .api import branch, calibrate, convert, plan_of, prepare, reset, sampling
-from .base_quantizer import ActivationQuantizer, BaseQuantizer
+from .base_quantizer import ActivationQuantizer, BaseQuantizer, UnsupportedSetting
 from .observers import Observer
 from .quant import Granularity, QuantSpec
 from .recipe import Recipe, RecipeError, load_recipe, shipped_recipes
@@ -23,6 +23,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "Scheme",
+    "UnsupportedSetting",
     "branch",
     "calibrate",
     "convert",

@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from .blocks import install_block_cache
 from .calibration.engine import convert_layers
 from .calibration.record import CalibrationRecord
+from .deferred import take_marks
 from .layers import QuantizedLayer, quantize_layer
 from .recipe import Plan, Recipe, load_recipe
 from .trajectory import Mode, Tracker
@@ -120,7 +122,26 @@ def branch(model: nn.Module, key: Hashable) -> Iterator[nn.Module]:
         tracker.branch = previous
 
 
+def bind_deferred(model: nn.Module) -> bool:
+    """Prepare `model` from layers marked by torchao's `quantize_(..., MoDiffConfig(...))`, and
+    convert it at once when none of them needs calibration data."""
+    recipe = take_marks(model)
+    if recipe is None:
+        return False
+    prepare(model, recipe)
+    if not any(layer.needs_calibration for layer in model.modules() if isinstance(layer, QuantizedLayer)):
+        convert(model)
+    return True
+
+
+def on_first_call(model: nn.Module, args: tuple[Any, ...]) -> None:
+    """Give the tracker the call during which `model` was bound (its hook was not yet installed
+    when the call began; keyword arguments are not visible to the global hook that binds)."""
+    _tracker(model).on_model_call(model, args, {})
+
+
 def _tracker(model: nn.Module) -> Tracker:
+    bind_deferred(model)
     tracker = getattr(model, _TRACKER, None)
     if tracker is None:
         raise RuntimeError("model is not prepared: call modiff_quant.prepare(model, recipe) first")

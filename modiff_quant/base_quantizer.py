@@ -7,6 +7,7 @@ decide *what* an activation quantizer sees (raw inputs for `plain`, temporal dif
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -147,6 +148,15 @@ class SplitActivationQuantizer(ActivationQuantizer):
         return f"split_at={self.split_at}"
 
 
+class UnsupportedSetting(ValueError):
+    """A base quantizer cannot do what a recipe setting asks of a layer; `setting` is the recipe
+    key at fault, so the error points at its line."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
 class BaseQuantizer(ABC):
     """A PTQ method as a plugin: builds the weight and activation quantization of a layer.
 
@@ -173,9 +183,23 @@ class BaseQuantizer(ABC):
     def reconstruct(self, reconstruction: Reconstruction) -> None:
         """Optimise this method's layers on calibration data (e.g. AdaRound); none by default."""
 
+    def check_layer(self, layer: nn.Module, weight: QuantSpec, activation: QuantSpec) -> None:
+        """Raise `UnsupportedSetting` when this method cannot quantize `layer` as asked; called
+        when a recipe is resolved, before the model changes. By default weight groups must
+        divide the flattened input (methods with a fallback override this)."""
+        width, granularity = math.prod(layer.weight.shape[1:]), weight.granularity
+        if not weight.is_float and granularity.kind == "group" and width % granularity.group_size:
+            raise UnsupportedSetting("w_granularity", f"{granularity} needs a flattened input size divisible by {granularity.group_size}, got {width}")
+
+    def weight_note(self, layer: nn.Module, weight: QuantSpec) -> str | None:
+        """How `layer`'s weight is stored when that is not plain fake quantization as asked
+        (a kernel format or a fallback), shown by `explain`; None by default."""
+        return None
+
     @abstractmethod
     def quantize_weight(self, weight: Tensor, spec: QuantSpec) -> Tensor:
-        """Return the fake-quantized weight; called once per layer by `convert()`."""
+        """The quantized weight, called once per layer by `convert()`: a float tensor holding the
+        dequantized values, or a tensor subclass that computes with packed integers (torchao's)."""
 
     @abstractmethod
     def activation_quantizer(self, spec: QuantSpec, channel_dim: int) -> ActivationQuantizer:

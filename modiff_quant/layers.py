@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adoption import adopt
 from .base_quantizer import ActivationQuantizer, BaseQuantizer, SplitActivationQuantizer
 from .layer_parts import build_parts, needs_calibration, splits
 from .recipe import LayerPlan
@@ -157,15 +158,25 @@ class QuantizedLayer(nn.Module):
 
     @torch.no_grad()
     def commit_weight(self) -> None:
-        """Replace the float weight by the quantized one in place, once (as torchao's quantize_
-        does: the float weight is only needed before, by calibration)."""
-        if self.staged_weight is not None:
-            self.weight.copy_(self.staged_weight)
-            self.staged_weight = None
+        """Replace the float weight by the quantized one, once (as torchao's quantize_ does: the
+        float weight is only needed before, by calibration): in place, or as a new parameter
+        when the base quantizer returned a packed tensor subclass."""
+        staged, self.staged_weight = self.staged_weight, None
+        if staged is None:
+            return
+        if _is_plain(staged):
+            self.weight.copy_(staged)
+        else:
+            self.weight = nn.Parameter(staged, requires_grad=False)
+
+    @property
+    def packed(self) -> bool:
+        """True when the weight is a packed tensor subclass (e.g. torchao int4) rather than floats."""
+        return not _is_plain(self.weight.data)
 
     def calibration_state(self) -> dict[str, Tensor]:
         """What calibration decided for this layer: frozen quantizer parameters and the weight."""
-        state = {"weight": self.weight.detach()}
+        state = {} if self.packed else {"weight": self.weight.detach()}  # packed weights are re-packed on load
         if self.split_at is not None:
             state["split_at"] = torch.tensor(self.split_at)
         for role, group in self.act_quantizers.items():
@@ -181,7 +192,11 @@ class QuantizedLayer(nn.Module):
             for index, quantizer in enumerate(group):
                 prefix = f"{role}.{index}."
                 quantizer.load_frozen_state({key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)})
-        self.weight.copy_(state["weight"])
+        if "weight" in state:
+            self.weight.copy_(state["weight"])
+        else:
+            self.stage_weight()
+            self.commit_weight()
 
     def reset_state(self) -> None:
         self._states.clear()
@@ -193,6 +208,10 @@ class QuantizedLayer(nn.Module):
     def extra_repr(self) -> str:
         s = self.plan.settings
         return f"{super().extra_repr()}, scheme={s.scheme}, base={s.base_quantizer}, w_bits={s.w_bits}, a_bits={s.a_bits}"
+
+
+def _is_plain(tensor: Tensor) -> bool:
+    return type(tensor) in (Tensor, nn.Parameter)
 
 
 def join_weight_parts(parts: list[Tensor]) -> Tensor:
@@ -216,8 +235,13 @@ _QUANTIZED: dict[type[nn.Module], type[QuantizedLayer]] = {nn.Linear: QuantLinea
 
 
 def quantize_layer(module: nn.Module, plan: LayerPlan, tracker: Tracker) -> QuantizedLayer:
-    """Turn an exact nn.Linear/Conv1d/Conv2d into its quantized class, in place."""
-    layer_type = type(module)
+    """Turn an exact nn.Linear/Conv1d/Conv2d (or an adopted foreign layer, once its own
+    quantizers are removed) into its quantized class, in place."""
+    layer_type = next(t for t in _QUANTIZED if t.__name__ == plan.module_type)
+    if plan.adopted_from is not None:
+        adoption = adopt(module)
+        assert adoption is not None, f"{plan.name} was adopted when the recipe was resolved"
+        adoption.release(module)
     module.__class__ = _QUANTIZED[layer_type]
     module._setup(plan, tracker, layer_type)
     return module

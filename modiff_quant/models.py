@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .imports import quiet_imports
 from .registry import did_you_mean
 
 CIFAR10_DDPM_CONFIG: dict[str, Any] = {
@@ -44,7 +45,8 @@ BUNDLED_MODELS = ("digits16",)  # diffusers folders under modiff_quant/assets
 def load_model(name_or_path: str, *, seed: int = 0, weights: str | Path | None = None) -> nn.Module:
     """A bundled model, a built-in architecture (seeded random weights, or `weights`: a
     safetensors/torch state dict or a diffusers folder), or a diffusers model folder."""
-    from diffusers import AutoModel, UNet2DModel
+    with quiet_imports():
+        from diffusers import AutoModel, UNet2DModel
 
     if name_or_path in BUNDLED_MODELS:
         return AutoModel.from_pretrained(str(files("modiff_quant") / "assets" / name_or_path), low_cpu_mem_usage=False).eval()
@@ -71,8 +73,10 @@ def training_schedule(name_or_path: str) -> dict[str, Any] | None:
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Weights from a diffusers folder, a .safetensors file or a torch state-dict file."""
-    from diffusers import UNet2DModel
     from safetensors.torch import load_file
+
+    with quiet_imports():
+        from diffusers import UNet2DModel
 
     if path.is_dir():
         return UNet2DModel.from_pretrained(path).state_dict()

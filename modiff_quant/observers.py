@@ -77,7 +77,9 @@ class LpSearchObserver(Observer):
     """Clipping range chosen by a grid search minimising the L_p quantization error.
 
     Keeps a uniform random sample (seeded reservoir) of at most `max_values` observed values per
-    scale group, then tries `grid` shrink factors of the min-max range in [min_ratio, 1]
+    scale group (plus each group's exact min and max when the sample dropped values, weighted as
+    single values), then tries
+    `grid` shrink factors of the min-max range in [min_ratio, 1]
     (p = 2 is MSE; PTQ4DM uses 2.4). Memory stays bounded however long calibration runs.
     """
 
@@ -97,12 +99,14 @@ class LpSearchObserver(Observer):
             raise ValueError(f"invalid L_p search options: p={p}, grid={grid}, min_ratio={min_ratio}, max_values={max_values}")
         self.p, self.grid, self.min_ratio, self.max_values = p, grid, min_ratio, max_values
         self._values: Tensor | None = None  # [groups, kept values]
+        self._seen = 0  # values observed per group, kept or not
         self._keys: Tensor | None = None  # one uniform key per kept column; the smallest keys are kept
         self._generator = torch.Generator().manual_seed(0)
 
     def observe(self, x: Tensor) -> None:
         super().observe(x)
         rows = self._rows(x).float().cpu()
+        self._seen += rows.shape[1]
         keys = torch.rand(rows.shape[1], generator=self._generator)
         if self._values is not None:
             rows, keys = torch.cat([self._values, rows], dim=1), torch.cat([self._keys, keys])
@@ -120,14 +124,20 @@ class LpSearchObserver(Observer):
     def qparams(self) -> tuple[Tensor, Tensor]:
         if not self.observed:
             return super().qparams()
-        values = self._values.to(self.lo.device)
         shape = self.lo.shape
         lo, hi = self.lo.reshape(-1, 1), self.hi.reshape(-1, 1)
+        values = self._values.to(lo.device)
+        weights = torch.ones(values.shape[1], device=lo.device)
+        kept = values.shape[1]
+        if self._seen > kept:  # the sample may miss the extremes: add them, each weighted as one
+            # of the values seen (a kept value stands for seen / kept), so clipping them is costed fairly
+            values = torch.cat([values, lo, hi], dim=1)
+            weights = torch.cat([weights, torch.full((2,), kept / self._seen, device=lo.device)])
         best_err = torch.full_like(lo, float("inf"))
         best_scale, best_zero = qparams(lo, hi, self.spec)
         for ratio in torch.linspace(1.0, self.min_ratio, self.grid).tolist():
             scale, zero = qparams(lo * ratio, hi * ratio, self.spec)
-            err = (fake_quantize(values, scale, zero, self.spec) - values).abs().pow(self.p).sum(dim=1, keepdim=True)
+            err = ((fake_quantize(values, scale, zero, self.spec) - values).abs().pow(self.p) * weights).sum(dim=1, keepdim=True)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, scale, best_scale)

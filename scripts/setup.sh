@@ -8,5 +8,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
 pip torch==2.13.0
-pip -c constraints.txt -e ".[test]"
+pip -c constraints.txt -e ".[test,torchao,brevitas]"
 .venv/bin/python -c "import modiff_quant, torch; print(f'modiff-quant {modiff_quant.__version__}, torch {torch.__version__}')"

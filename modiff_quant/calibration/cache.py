@@ -4,7 +4,9 @@ calibration data skips observing and reconstruction (minutes for AdaRound) and l
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,9 +48,8 @@ class CalibrationCache:
 
 def _fingerprint(model: nn.Module, layers: Sequence[QuantizedLayer], blocks: Sequence[object], record: CalibrationRecord) -> str:
     """Everything calibration depends on; `blocks` describes the cached blocks (their 0-bit steps)."""
-    from .. import __version__
-
-    digest = hashlib.sha256(f"modiff-quant {__version__} cache {FORMAT}".encode())
+    digest = hashlib.sha256(f"modiff-quant cache {FORMAT}".encode())
+    digest.update(_code_digest(tuple(sorted({inspect.getfile(type(layer.base_quantizer)) for layer in layers}))))
     for layer in layers:
         digest.update(repr((layer.plan.name, layer.plan.settings, layer.plan.zero_bit_steps)).encode())
     digest.update(repr(list(blocks)).encode())
@@ -56,3 +57,15 @@ def _fingerprint(model: nn.Module, layers: Sequence[QuantizedLayer], blocks: Seq
         digest.update(name.encode() + tensor_bytes(tensor))
     digest.update(record.fingerprint().encode())
     return digest.hexdigest()[:32]
+
+
+@cache
+def _code_digest(backend_files: tuple[str, ...]) -> bytes:
+    """The source of the library and of the base quantizers in use: a changed calibration
+    algorithm must not load results an older version computed (the version number alone would
+    miss changes made between releases)."""
+    core = sorted(Path(__file__).resolve().parents[1].rglob("*.py"))
+    digest = hashlib.sha256()
+    for path in [*core, *map(Path, backend_files)]:
+        digest.update(path.read_bytes())
+    return digest.digest()

@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
+from torch import Tensor, nn
 
+from ..adoption import Adoption, adopt
+from ..base_quantizer import UnsupportedSetting
 from ..layer_parts import CHANNEL_DIMS, build_parts, needs_calibration, splits
 from ..quant import FLOAT_BITS, SKIP_BITS
 from ..registry import nearest
@@ -33,6 +35,8 @@ class LayerPlan:
     settings: LayerSettings
     zero_bit_steps: tuple[StepSchedule, ...]
     rules: tuple[Location, ...]
+    weight_note: str | None = None  # the base quantizer's note on how the weight is stored (explain)
+    adopted_from: str | None = None  # the foreign quantized layer this one was (see modiff_quant.adoption)
 
     def skips(self, step: int) -> bool:
         """True when this step is 0-bit for the layer (its cached output is reused)."""
@@ -68,9 +72,12 @@ class Plan:
 def resolve(recipe: Recipe, model: nn.Module) -> Plan:
     modules = [(name, module) for name, module in model.named_modules() if name]
     layers = {name: module for name, module in modules if type(module) in CHANNEL_DIMS}
+    subclassed = {name: module for name, module in modules if isinstance(module, tuple(CHANNEL_DIMS)) and name not in layers}
+    adopted = {name: adoption for name, module in subclassed.items() if (adoption := adopt(module)) is not None}
+    layers.update({name: subclassed[name] for name in adopted})
     # e.g. nn.MultiheadAttention's out_proj: its owner uses the weight directly, so wrapping is impossible
-    unwrapped = [name for name, module in modules if isinstance(module, tuple(CHANNEL_DIMS)) and name not in layers]
-    values: dict[str, dict[str, object]] = {name: {} for name in layers}
+    unwrapped = [name for name in subclassed if name not in adopted]
+    values: dict[str, dict[str, object]] = {name: dict(adopted[name].settings) if name in adopted else {} for name in layers}
     sources: dict[str, dict[str, Location]] = {name: dict(recipe.default_locations) for name in layers}
     hits: dict[str, list[Location]] = {name: [] for name in layers}
     zero_steps: dict[str, list[StepSchedule]] = {name: [] for name in layers}
@@ -116,8 +123,10 @@ def resolve(recipe: Recipe, model: nn.Module) -> Plan:
     plans = {}
     for name, module in layers.items():
         settings = recipe.defaults.updated(values[name])
-        _check_layer(name, module, settings, sources[name])
-        plans[name] = LayerPlan(name, type(module).__name__, settings, tuple(zero_steps[name]), tuple(hits[name]))
+        adoption = adopted.get(name)
+        layer_type = adoption.layer_type if adoption else type(module)
+        note = _check_layer(name, module, layer_type, settings, sources[name])
+        plans[name] = LayerPlan(name, layer_type.__name__, settings, tuple(zero_steps[name]), tuple(hits[name]), note, _describe_adoption(adoption))
     return Plan(recipe, plans, blocks, tuple(unmatched), tuple(unwrapped))
 
 
@@ -145,24 +154,37 @@ def _suggest(rule: Rule, modules: list[tuple[str, nn.Module]]) -> str:
     return f"; nearest names: {', '.join(dict.fromkeys(suggestions))}" if suggestions else ""
 
 
-def _check_layer(name: str, module: nn.Module, settings: LayerSettings, sources: Mapping[str, Location]) -> None:
+def _describe_adoption(adoption: Adoption | None) -> str | None:
+    if adoption is None:
+        return None
+    return adoption.origin + (f" (not applied: {', '.join(adoption.not_applied)})" if adoption.not_applied else "")
+
+
+def _check_layer(name: str, module: nn.Module, layer_type: type[nn.Module], settings: LayerSettings, sources: Mapping[str, Location]) -> str | None:
+    """Reject what the layer cannot do; return the base quantizer's note on its weight."""
+
     def fail(key: str, message: str) -> None:
         raise RecipeError(sources.get(key), f"layer '{name}' ({type(module).__name__}): {message}")
 
-    weight_width = module.weight[0].numel()
+    weight = module.weight.data
+    packed_note = None
+    if type(weight) is not Tensor:  # e.g. a torchao tensor subclass from quantize_
+        if settings.w_bits != FLOAT_BITS:
+            fail("w_bits", f"its weight is already quantized ({type(weight).__name__}); set w_bits: float for it")
+        packed_note = f"{type(weight).__name__} (quantized before prepare)"
     in_width = module.in_features if isinstance(module, nn.Linear) else module.in_channels
-    for key, granularity, width, what in (
-        ("w_granularity", settings.w_granularity, weight_width, "a flattened input size"),
-        ("a_granularity", settings.a_granularity, in_width, "an input channel count"),
-    ):
-        if granularity.kind == "group" and width % granularity.group_size:
-            fail(key, f"{granularity} needs {what} divisible by {granularity.group_size}, got {width}")
+    group = settings.a_granularity
+    if group.kind == "group" and in_width % group.group_size:
+        fail("a_granularity", f"{group} needs an input channel count divisible by {group.group_size}, got {in_width}")
     if settings.first_step.kind != "fp" and settings.a_bits == SKIP_BITS:
         fail("first_step", f"first_step {settings.first_step} quantizes the first input, but a_bits is 0 (skip)")
     if settings.first_step.kind == "warmup" and not settings.error_compensation:
         fail("first_step", "warm-up refines the reconstructed input, which needs error_compensation: true")
     try:
-        _, _, quantizers = build_parts(settings, type(module))
+        _, base_quantizer, quantizers = build_parts(settings, layer_type)
+        base_quantizer.check_layer(module, settings.weight_spec(), settings.activation_spec())
+    except UnsupportedSetting as exc:
+        fail(exc.setting, f"base quantizer '{settings.base_quantizer}': {exc}")
     except (TypeError, ValueError) as exc:
         fail("base_quantizer", str(exc))
     calibrated = needs_calibration(quantizers)
@@ -174,6 +196,13 @@ def _check_layer(name: str, module: nn.Module, settings: LayerSettings, sources:
             f"warm-up with the calibrated base quantizer '{settings.base_quantizer}' would be a no-op: its static delta scale "
             "is sized for temporal differences, so the warm-up residual rounds to zero; use first_step: quantized or a dynamic base quantizer",
         )
+    return packed_note or base_quantizer.weight_note(module, settings.weight_spec())
+
+
+def _format_base(name: str, options: Mapping[str, object]) -> str:
+    """`name{option: value}`; classes (e.g. Brevitas injectors) by their name."""
+    shown = ", ".join(f"{key}: {getattr(value, '__name__', value)}" for key, value in options.items())
+    return f"{name}{{{shown}}}" if shown else name
 
 
 def _format_bits(bits: int) -> str:
@@ -192,7 +221,7 @@ def _explain(plan: Plan) -> str:
             layer.name,
             layer.module_type,
             s.scheme,
-            s.base_quantizer + (f"{dict(s.base_quantizer_options)}" if s.base_quantizer_options else ""),
+            _format_base(s.base_quantizer, s.base_quantizer_options),
             _format_bits(s.w_bits),
             _format_bits(s.a_bits) + ("" if s.a_symmetric else "u"),
             str(s.a_granularity),
@@ -209,6 +238,14 @@ def _explain(plan: Plan) -> str:
         f"{len(plan.layers)} layers; A bits: 'u' = asymmetric; split: separate quantizers where the input is a concatenation "
         "(found at convert); rules: recipe file:line of each rule that applied"
     )
+    adopted = [(layer.name, layer.adopted_from) for layer in plan.layers.values() if layer.adopted_from]
+    if adopted:
+        lines += ["", "adopted layers (their own quantizers set the starting settings; recipe rules override them)"]
+        lines += _table(("layer", "was"), adopted)
+    notes = [(layer.name, layer.weight_note) for layer in plan.layers.values() if layer.weight_note]
+    if notes:
+        lines += ["", "weight storage (as the base quantizer keeps it)"]
+        lines += _table(("layer", "weight"), notes)
     if plan.blocks:
         lines += ["", "cached blocks (0-bit: output reused without calling the block)"]
         lines += _table(("block", "type", "0-bit steps", "rule"), [(b.name, b.module_type, str(b.schedule), str(b.rule)) for b in plan.blocks.values()])

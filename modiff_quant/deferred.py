@@ -1,0 +1,69 @@
+"""Layers marked for MoDiff one at a time (torchao's `quantize_` hands its handlers single
+modules), bound into one prepared model once the model they belong to is known.
+
+MoDiff needs the model's calls, not only the layers': which trajectory, step and timestep each
+call is. A marked layer cannot see its model, so the model is found when it is first used:
+either a modiff_quant function is called on it (`sampling`, `calibrate`, `convert`, ...), or it is
+called, caught by a global forward pre-hook that removes itself once no marked layer is left.
+Binding resolves one recipe (an exact-name rule per marked layer, everything else float and
+unmodulated) exactly as `prepare` does, and converts at once when nothing needs calibration.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import fields
+from typing import Any
+
+from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.utils.hooks import RemovableHandle
+
+from .quant import FLOAT_BITS
+from .recipe import LayerSettings, Location, Recipe, Rule
+
+_ORIGIN = Location("torchao quantize_ (MoDiffConfig)", 0)
+
+_marked: weakref.WeakKeyDictionary[nn.Module, LayerSettings] = weakref.WeakKeyDictionary()
+_hook: RemovableHandle | None = None
+
+
+def defer(layer: nn.Module, settings: LayerSettings) -> None:
+    """Mark `layer` to get `settings` when its model is bound."""
+    global _hook
+    _marked[layer] = settings
+    if _hook is None:
+        _hook = register_module_forward_pre_hook(_bind_on_call)
+
+
+def take_marks(model: nn.Module) -> Recipe | None:
+    """The recipe of the marked layers in `model` (their marks removed), or None when none is."""
+    layers = [(name, module) for name, module in model.named_modules() if name and module in _marked]
+    if not layers:
+        return None
+    rules = tuple(Rule((name,), _as_values(_marked.pop(layer)), {}, None, _ORIGIN) for name, layer in layers)
+    unmodulated = LayerSettings(w_bits=FLOAT_BITS, a_bits=FLOAT_BITS, scheme="plain")
+    _release_hook()
+    return Recipe("torchao-quantize_", "MoDiffConfig applied by torchao's quantize_", True, unmodulated, {}, rules, _ORIGIN.file)
+
+
+def _as_values(settings: LayerSettings) -> dict[str, Any]:
+    return {field.name: getattr(settings, field.name) for field in fields(settings)}
+
+
+def _bind_on_call(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """Global forward pre-hook: the first called module that holds marked layers is their model.
+    Its own hooks were collected before this one ran, so this call is announced to its tracker here."""
+    if not any(m in _marked for m in module.modules()):
+        return
+    from .api import bind_deferred, on_first_call
+
+    if bind_deferred(module):
+        on_first_call(module, args)
+
+
+def _release_hook() -> None:
+    global _hook
+    if _hook is not None and not _marked:
+        _hook.remove()
+        _hook = None
