@@ -42,7 +42,10 @@ def injector(reference: str | Injector) -> Injector:
     if not isinstance(reference, str):
         return reference
     module_name, _, name = reference.rpartition(":")
-    module = importlib.import_module(module_name) if module_name else brevitas().quant
+    try:
+        module = importlib.import_module(module_name) if module_name else brevitas().quant
+    except ImportError as exc:
+        raise ValueError(f"cannot import the module of Brevitas injector {reference!r}: {exc}") from None
     found = getattr(module, name, None)
     if found is None:
         raise ValueError(f"no Brevitas quantizer injector {reference!r} (a name in brevitas.quant or 'module:Class')")

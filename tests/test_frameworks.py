@@ -222,6 +222,9 @@ def test_brevitas_injector_names_are_checked_at_the_recipe_line(write_recipe):
     path = write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: brevitas, weight_quant: Int8WeightPerChanelFloat}\n")
     with pytest.raises(mq.RecipeError, match=r"recipe.yaml:3: base quantizer 'brevitas' rejects its options \(no Brevitas quantizer injector 'Int8WeightPerChanelFloat'"):
         mq.load_recipe(path)
+    path = write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: brevitas, act_quant: 'no_such_module:Act'}\n", name="module.yaml")
+    with pytest.raises(mq.RecipeError, match=r"module.yaml:3: .*cannot import the module of Brevitas injector 'no_such_module:Act'"):
+        mq.load_recipe(path)
 
 
 def test_brevitas_converted_model_is_adopted(digits, write_recipe):
