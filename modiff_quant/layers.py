@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .adoption import adopt
 from .base_quantizer import ActivationQuantizer, BaseQuantizer, SplitActivationQuantizer
 from .layer_parts import build_parts, needs_calibration, splits
+from .quant import is_packed
 from .recipe import LayerPlan
 from .schemes import Scheme
 from .trajectory import CachedOutput, Mode, Position, Tracker
@@ -164,15 +165,15 @@ class QuantizedLayer(nn.Module):
         staged, self.staged_weight = self.staged_weight, None
         if staged is None:
             return
-        if _is_plain(staged):
-            self.weight.copy_(staged)
-        else:
+        if is_packed(staged):
             self.weight = nn.Parameter(staged, requires_grad=False)
+        else:
+            self.weight.copy_(staged)
 
     @property
     def packed(self) -> bool:
         """True when the weight is a packed tensor subclass (e.g. torchao int4) rather than floats."""
-        return not _is_plain(self.weight.data)
+        return is_packed(self.weight.data)
 
     def calibration_state(self) -> dict[str, Tensor]:
         """What calibration decided for this layer: frozen quantizer parameters and the weight."""
@@ -208,10 +209,6 @@ class QuantizedLayer(nn.Module):
     def extra_repr(self) -> str:
         s = self.plan.settings
         return f"{super().extra_repr()}, scheme={s.scheme}, base={s.base_quantizer}, w_bits={s.w_bits}, a_bits={s.a_bits}"
-
-
-def _is_plain(tensor: Tensor) -> bool:
-    return type(tensor) in (Tensor, nn.Parameter)
 
 
 def join_weight_parts(parts: list[Tensor]) -> Tensor:

@@ -78,8 +78,7 @@ class LpSearchObserver(Observer):
 
     Keeps a uniform random sample (seeded reservoir) of at most `max_values` observed values per
     scale group (plus each group's exact min and max when the sample dropped values, weighted as
-    single values), then tries
-    `grid` shrink factors of the min-max range in [min_ratio, 1]
+    single values), then tries `grid` shrink factors of the min-max range in [min_ratio, 1]
     (p = 2 is MSE; PTQ4DM uses 2.4). Memory stays bounded however long calibration runs.
     """
 

@@ -86,6 +86,12 @@ class QuantSpec:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
 
+def is_packed(tensor: Tensor) -> bool:
+    """True for a tensor subclass that holds quantized integers (e.g. torchao's int4 tensors)
+    rather than float values; a Parameter's `.data` or a plain tensor is not packed."""
+    return type(tensor) not in (Tensor, torch.nn.Parameter)
+
+
 def round_ste(x: Tensor) -> Tensor:
     """Round to nearest with a straight-through gradient, so quantizers stay trainable."""
     return x + (torch.round(x) - x).detach()

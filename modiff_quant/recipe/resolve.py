@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..adoption import Adoption, adopt
 from ..base_quantizer import UnsupportedSetting
 from ..layer_parts import CHANNEL_DIMS, build_parts, needs_calibration, splits
-from ..quant import FLOAT_BITS, SKIP_BITS
+from ..quant import FLOAT_BITS, SKIP_BITS, is_packed
 from ..registry import nearest
 from .schema import Recipe, Rule
 from .settings import LayerSettings, StepSchedule
@@ -168,7 +168,7 @@ def _check_layer(name: str, module: nn.Module, layer_type: type[nn.Module], sett
 
     weight = module.weight.data
     packed_note = None
-    if type(weight) is not Tensor:  # e.g. a torchao tensor subclass from quantize_
+    if is_packed(weight):  # e.g. a torchao tensor subclass from quantize_
         if settings.w_bits != FLOAT_BITS:
             fail("w_bits", f"its weight is already quantized ({type(weight).__name__}); set w_bits: float for it")
         packed_note = f"{type(weight).__name__} (quantized before prepare)"
