@@ -4,7 +4,7 @@ Quantize the change of each layer's input between denoising steps instead of the
 with error compensation, on top of any base quantizer, driven by YAML recipes.
 """
 
-from .api import branch, calibrate, convert, plan_of, prepare, reset, sampling
+from .api import branch, calibrate, convert, plan_of, prepare, reset, sampling, set_execution
 from .base_quantizer import ActivationQuantizer, BaseQuantizer, UnsupportedSetting
 from .observers import Observer
 from .quant import Granularity, QuantSpec
@@ -35,5 +35,6 @@ __all__ = [
     "register_scheme",
     "reset",
     "sampling",
+    "set_execution",
     "shipped_recipes",
 ]

@@ -14,11 +14,11 @@ from typing import Any
 
 from torch import nn
 
-from .blocks import install_block_cache
+from .blocks import BlockCache, install_block_cache
 from .calibration.engine import convert_layers
 from .calibration.record import CalibrationRecord
 from .deferred import take_marks
-from .layers import QuantizedLayer, quantize_layer
+from .layers import Execution, QuantizedLayer, quantize_layer
 from .recipe import Plan, Recipe, load_recipe
 from .trajectory import Mode, Tracker
 
@@ -37,7 +37,7 @@ def prepare(model: nn.Module, recipe: Recipe | str | Path) -> nn.Module:
     plan = (recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).resolve(model)
     tracker = Tracker()
     modules = dict(model.named_modules())
-    tracker.members.extend(quantize_layer(modules[name], layer, tracker) for name, layer in plan.layers.items())
+    tracker.members.extend(quantize_layer(modules[name], layer, tracker) for name, layer in plan.layers.items() if not layer.leaves_float)
     tracker.members.extend(install_block_cache(modules[name], block, tracker) for name, block in plan.blocks.items())
     setattr(model, _TRACKER, tracker)
     setattr(model, _PLAN, plan)
@@ -100,9 +100,39 @@ def sampling(model: nn.Module) -> Iterator[nn.Module]:
         tracker.reset()
 
 
+def set_execution(model: nn.Module, mode: Execution) -> nn.Module:
+    """Run a converted model's quantized layers as fake quantization (`fake`, the default: float
+    products of dequantized values) or on int8 codes with int32 accumulation (`integer`: oneDNN
+    kernels on x86 CPUs, the same outputs to float rounding). Layers with float activations stay
+    float. Raises ValueError listing every layer that cannot run on integers, changing nothing."""
+    tracker = _tracker(model)
+    if tracker.mode is not Mode.CONVERTED:
+        raise RuntimeError(f"set_execution() needs a converted model (model is {tracker.mode.value})")
+    if mode not in ("fake", "integer"):
+        raise ValueError(f"execution must be 'fake' or 'integer', got {mode!r}")
+    layers = [layer for layer in model.modules() if isinstance(layer, QuantizedLayer)]
+    failures = []
+    for layer in layers:
+        try:
+            layer.set_execution(mode)
+        except ValueError as exc:
+            failures.append(str(exc))
+    if failures:
+        for layer in layers:
+            layer.set_execution("fake")
+        raise ValueError(f"{len(failures)} layers cannot run on integer kernels:\n  " + "\n  ".join(failures))
+    return model
+
+
 def state_bytes(model: nn.Module) -> int:
     """Memory held right now by the trajectory state (â, ô and cached block outputs)."""
     return _tracker(model).cache_bytes()
+
+
+def block_skips(model: nn.Module) -> tuple[int, int]:
+    """(skipped, total) calls of the cached blocks since `prepare`."""
+    caches = [member for member in _tracker(model).members if isinstance(member, BlockCache)]
+    return sum(c.skips for c in caches), sum(c.calls for c in caches)
 
 
 def reset(model: nn.Module) -> None:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .calibration.record import CalibrationRecord
 from .calibration.selection import Pick, all_steps
-from .quant import QuantSpec, fake_quantize_grouped, quantize_minmax
+from .quant import QuantSpec, centered_codes, fake_quantize_grouped, minmax_qparams, quantize_minmax
 from .registry import OBSERVERS
 
 if TYPE_CHECKING:
@@ -38,6 +38,12 @@ class ActivationQuantizer(nn.Module, ABC):
 
     @abstractmethod
     def _quantize(self, x: Tensor) -> Tensor: ...
+
+    def codes(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Integer execution: (centered codes, scale) with `forward(x) == codes * scale`, the scale
+        one per tensor or per sample (so it folds out of a GEMM), or None when this quantizer
+        cannot say (scales along the reduction axis, or another library's quantizer)."""
+        return None
 
     def observe(self, x: Tensor) -> None:
         """Calibration: record what this quantizer will see (no-op for runtime quantizers)."""
@@ -61,6 +67,12 @@ class DynamicActivationQuantizer(ActivationQuantizer):
 
     def _quantize(self, x: Tensor) -> Tensor:
         return quantize_minmax(x, self.spec, channel_dim=self.channel_dim)
+
+    def codes(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        if not _folds(self.spec):
+            return None
+        view, scale, zero_point = minmax_qparams(x, self.spec, channel_dim=self.channel_dim)
+        return centered_codes(view, scale, zero_point, self.spec), scale
 
 
 class ObservedActivationQuantizer(ActivationQuantizer):
@@ -96,6 +108,16 @@ class ObservedActivationQuantizer(ActivationQuantizer):
         if self.scale is None:
             raise RuntimeError("static activation quantizer used before convert() froze its scale")
         return fake_quantize_grouped(x, self.scale, self.zero_point, self.spec, channel_dim=self.channel_dim)
+
+    def codes(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        if not _folds(self.spec) or self.scale is None:
+            return None
+        return centered_codes(x, self.scale, self.zero_point, self.spec), self.scale
+
+
+def _folds(spec: QuantSpec) -> bool:
+    """Whether scales of this spec factor out of a layer's GEMM (not along its input channels)."""
+    return not spec.is_float and spec.granularity.kind in ("tensor", "sample")
 
 
 class SplitActivationQuantizer(ActivationQuantizer):

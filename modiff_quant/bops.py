@@ -1,76 +1,193 @@
-"""Bit-operation accounting as in the paper: per image and step, Σ MACs × w_bits × a_bits over the
-Linear/Conv layers (float counts as 32 bits).
+"""Bit-operation accounting as in the paper: per image and step, Σ MACs × w_bits × a_bits.
 
-`nominal` charges every layer at its recipe bits; `amortized` follows a whole trajectory: the
-first step at its real precision (a full-precision first step is A32), 0-bit steps and layers
-inside skipped blocks at 0.
+MACs come from one float call of the model: Linear/Conv layers through forward hooks, and the
+products of two activations (attention QKᵀ and AV, which have no layer to hook) through a torch
+function mode. How each is charged is a `BopsConventions` choice; the defaults reproduce the
+paper's Table 1 (every MAC at the network's W×A, float counted as 32-bit).
+
+`nominal` charges every entry at its recipe bits; `amortized` follows a whole trajectory: the
+first step at its real precision (a full-precision first step is A32), 0-bit steps and
+everything inside skipped blocks at 0.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .layer_parts import CHANNEL_DIMS
 from .quant import FLOAT_BITS
 from .recipe import LayerPlan, Plan
 
+AttentionCharge = Literal["layer", "float", "exclude"]
+
+
+@dataclass(frozen=True)
+class BopsConventions:
+    """How operations are charged.
+
+    `attention`: the attention matmuls (QKᵀ, AV) are charged `layer`: at the bits of the
+    attention's own first projection (e.g. `to_q`), as the paper charges every MAC at the
+    network's W×A; `float`: at float × float, which is what runs (they stay float unless a
+    recipe quantizes them); `exclude`: not counted (the 113-layer count of the CIFAR-10 UNet).
+    `float_bits`: the bit-width a float operand is charged at (the paper: 32).
+    """
+
+    attention: AttentionCharge = "layer"
+    float_bits: int = 32
+
+
+PAPER_CONVENTIONS = BopsConventions()
+
+
+@dataclass(frozen=True)
+class MacEntry:
+    """MACs of one operation per image and model call. `charged_as` is the layer whose bits
+    apply (the layer itself, an attention's first projection, or None: float)."""
+
+    name: str
+    kind: Literal["layer", "attention"]
+    macs: int
+    charged_as: str | None
+
 
 @torch.no_grad()
-def layer_macs(model: nn.Module, *inputs: Any) -> dict[str, int]:
-    """MACs of each Linear/Conv layer for one call of the float `model` on one image's `inputs`."""
-    macs: dict[str, int] = {}
+def count_macs(model: nn.Module, *inputs: Any) -> list[MacEntry]:
+    """MACs of each Linear/Conv layer and each attention module's activation products, for one
+    call of the float `model` on one image's `inputs`."""
+    layer_macs: dict[str, int] = {}
+    products: dict[str, int] = {}
+    stack: list[str] = []
+    layer_types = tuple(CHANNEL_DIMS)
 
-    def record(name: str, module: nn.Module, output: torch.Tensor) -> None:
-        per_output = module.in_features if isinstance(module, nn.Linear) else module.in_channels // module.groups * math.prod(module.kernel_size)
-        macs[name] = macs.get(name, 0) + output.numel() * per_output
+    def enter(name: str) -> Callable[..., None]:
+        return lambda *_: stack.append(name)
 
-    hooks = [m.register_forward_hook(lambda mod, _args, out, name=name: record(name, mod, out)) for name, m in model.named_modules() if isinstance(m, tuple(CHANNEL_DIMS))]
+    def leave(name: str, layer: bool) -> Callable[..., None]:
+        def hook(module: nn.Module, _args: Any, output: Any) -> None:
+            stack.pop()
+            if layer:
+                layer_macs[name] = layer_macs.get(name, 0) + output.numel() * _macs_per_output(module)
+
+        return hook
+
+    modules = dict(model.named_modules())
+    hooks = [h for name, m in modules.items() for h in (m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave(name, isinstance(m, layer_types))))]
     try:
-        model(*inputs)
+        with _ActivationProducts(lambda macs: _add(products, stack[-1], macs) if stack and not isinstance(modules[stack[-1]], layer_types) else None):
+            model(*inputs)
     finally:
         for hook in hooks:
             hook.remove()
-    return macs
+    entries = [MacEntry(name, "layer", macs, name) for name, macs in layer_macs.items()]
+    return entries + [MacEntry(name, "attention", macs, _first_layer(modules[name], name, layer_types)) for name, macs in products.items()]
+
+
+def _add(counts: dict[str, int], name: str, macs: int) -> None:
+    counts[name] = counts.get(name, 0) + macs
+
+
+def _macs_per_output(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels // module.groups * math.prod(module.kernel_size)
+
+
+def _first_layer(module: nn.Module, name: str, layer_types: tuple[type, ...]) -> str | None:
+    return next((f"{name}.{child}" if name else child for child, m in module.named_modules() if child and isinstance(m, layer_types)), None)
+
+
+class _ActivationProducts(TorchFunctionMode):
+    """Reports the MACs of every product of two activations: scaled-dot-product attention and
+    (b)mm/matmul outside Linear layers (older attention processors)."""
+
+    def __init__(self, report: Callable[[int], None]) -> None:
+        super().__init__()
+        self._report = report
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        macs = _product_macs(func, args, kwargs)
+        if macs:
+            self._report(macs)
+        return func(*args, **kwargs)
+
+
+def _product_macs(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    if func is F.scaled_dot_product_attention:
+        query, key, value = (args + tuple(kwargs[k] for k in ("query", "key", "value")[len(args) :]))[:3]
+        return math.prod(query.shape[:-1]) * key.shape[-2] * (query.shape[-1] + value.shape[-1])
+    if func is torch.baddbmm:
+        args = args[1:]
+    if func in (torch.bmm, torch.baddbmm, torch.matmul, Tensor.matmul, Tensor.__matmul__) and len(args) >= 2:
+        a, b = args[0], args[1]
+        if isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() >= 2 and b.dim() >= 2:
+            batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+            return math.prod(batch) * a.shape[-2] * a.shape[-1] * b.shape[-1]
+    return 0
 
 
 @dataclass(frozen=True)
 class Bops:
+    """GBops per image and step: totals, the amortized total at each step, and per entry."""
+
     gbops_per_step: float
     gbops_per_step_amortized: float
+    per_step: list[float]
+    per_entry: list[dict[str, Any]]
+
+    def summary(self) -> dict[str, Any]:
+        return {"gbops_per_step": self.gbops_per_step, "gbops_per_step_amortized": self.gbops_per_step_amortized}
 
 
-def count_bops(macs: dict[str, int], plan: Plan | None, steps: int) -> Bops:
-    """GBops per image and step of a trajectory of `steps` model calls (plan None: float model)."""
-    nominal = sum(m * _step_bits(plan, name, None) for name, m in macs.items())
-    amortized = sum(m * _step_bits(plan, name, step) for step in range(steps) for name, m in macs.items()) / steps
-    return Bops(nominal / 1e9, amortized / 1e9)
+def count_bops(entries: list[MacEntry], plan: Plan | None, steps: int, conventions: BopsConventions = PAPER_CONVENTIONS) -> Bops:
+    """GBops of a trajectory of `steps` model calls (plan None: the float model)."""
+    charged = [e for e in entries if e.kind == "layer" or conventions.attention != "exclude"]
+    rows = []
+    for entry in charged:
+        nominal = entry.macs * _bits(entry, plan, None, conventions)
+        per_step = [entry.macs * _bits(entry, plan, step, conventions) for step in range(steps)]
+        rows.append((entry, nominal, per_step))
+    per_entry = [
+        {"name": e.name, "kind": e.kind, "gmacs": e.macs / 1e9, "gbops": nominal / 1e9, "gbops_amortized": sum(per_step) / steps / 1e9, "zero_steps": per_step.count(0)}
+        for e, nominal, per_step in rows
+    ]
+    step_totals = [sum(per_step[step] for _, _, per_step in rows) / 1e9 for step in range(steps)]
+    return Bops(sum(nominal for _, nominal, _ in rows) / 1e9, sum(step_totals) / steps, step_totals, per_entry)
 
 
-def _step_bits(plan: Plan | None, name: str, step: int | None) -> int:
-    """w_bits × a_bits a layer is charged at `step` (None: nominal)."""
-    # a block always runs on the first call: there is no cached output to reuse yet
-    if plan and step and any(_inside(name, block) and plan.blocks[block].schedule.contains(step) for block in plan.blocks):
+def _bits(entry: MacEntry, plan: Plan | None, step: int | None, conventions: BopsConventions) -> int:
+    """w_bits × a_bits an entry is charged at `step` (None: nominal)."""
+    # a block always runs on the first call: there is no cached output to reuse yet; an adaptive
+    # block (skip_threshold) is charged as computed, since its skips depend on the inputs
+    if plan and step and any(_inside(entry.name, name) and block.always_skips(step) for name, block in plan.blocks.items()):
         return 0
-    layer = plan.layers.get(name) if plan else None
-    if layer is None:  # float model, or a layer the recipe leaves float
-        return FLOAT_BITS * FLOAT_BITS
-    return layer.settings.w_bits * _activation_bits(layer, step)
+    layer = plan.layers.get(entry.charged_as) if plan and entry.charged_as else None
+    if layer is None or (entry.kind == "attention" and conventions.attention == "float"):
+        return conventions.float_bits**2
+    if entry.kind == "attention" and layer.skips(step or 0) and step:
+        step = None  # the products still run on the projections' cached outputs: charge nominal bits
+    return _width(layer.settings.w_bits, conventions) * _activation_bits(layer, step, conventions)
 
 
-def _activation_bits(layer: LayerPlan, step: int | None) -> int:
+def _width(bits: int, conventions: BopsConventions) -> int:
+    return conventions.float_bits if bits == FLOAT_BITS else bits
+
+
+def _activation_bits(layer: LayerPlan, step: int | None, conventions: BopsConventions) -> int:
     s = layer.settings
     if step == 0:
         if (s.scheme == "modiff" and s.first_step.kind == "fp") or s.a_bits == 0:
-            return FLOAT_BITS  # the first call runs on the float input
+            return conventions.float_bits  # the first call runs on the float input
         refinements = s.first_step.rounds if s.scheme == "modiff" else 0
-        return s.a_bits * (1 + refinements)  # warm-up repeats the layer on the same input
+        return _width(s.a_bits, conventions) * (1 + refinements)  # warm-up repeats the layer on the same input
     skipped = layer.skips(step) if step is not None else s.a_bits == 0
-    return 0 if skipped else s.a_bits
+    return 0 if skipped else _width(s.a_bits, conventions)
 
 
 def _inside(name: str, block: str) -> bool:

@@ -1,4 +1,4 @@
-"""`modiff-quant` command line: explain, eval, demo, gate."""
+"""`modiff-quant` command line: explain, bops, eval, demo, gate."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .bops import BopsConventions, count_bops, count_macs
 from .evaluate import CALIBRATION_SAMPLES, Harness
 from .gate import format_checks, run_gate
 from .models import load_model
@@ -23,6 +24,35 @@ def _explain(args: argparse.Namespace) -> None:
     print(load_recipe(args.recipe).explain(load_model(args.model, weights=args.weights)))
 
 
+def _conventions(args: argparse.Namespace) -> BopsConventions:
+    return BopsConventions(attention=args.bops_attention, float_bits=args.bops_float_bits)
+
+
+def _bops(args: argparse.Namespace) -> None:
+    model = load_model(args.model, weights=args.weights)
+    plan = load_recipe(args.recipe).resolve(model) if args.recipe else None
+    size = model.config.sample_size if isinstance(model.config.sample_size, (tuple, list)) else (model.config.sample_size,) * 2
+    entries = count_macs(model, torch.zeros(1, model.config.in_channels, *size), torch.tensor(0))
+    bops = count_bops(entries, plan, args.steps, _conventions(args))
+    gmacs = {kind: sum(e.macs for e in entries if e.kind == kind) / 1e9 for kind in ("layer", "attention")}
+    result = {
+        "settings": {"model": args.model, "recipe": args.recipe, "steps": args.steps},
+        "conventions": {"attention": args.bops_attention, "float_bits": args.bops_float_bits},
+        "gmacs_per_step": {"layers": gmacs["layer"], "attention_matmuls": gmacs["attention"]},
+        **bops.summary(),
+        "per_step": bops.per_step,
+        "per_layer": bops.per_entry,
+    }
+    _write_json(args.json, result)
+    print(f"{args.model}, {args.recipe or 'full precision'}: {gmacs['layer']:.3f} GMACs in {sum(e.kind == 'layer' for e in entries)} layers + {gmacs['attention']:.3f} in attention matmuls per image-step")
+    print(f"GBops per image-step: {bops.gbops_per_step:.1f} nominal, {bops.gbops_per_step_amortized:.1f} amortized over {args.steps} steps (attention: {args.bops_attention}, float as {args.bops_float_bits}-bit)")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, allow_nan=False), encoding="utf-8")
+
+
 def _harness(args: argparse.Namespace) -> Harness:
     return Harness(
         args.model,
@@ -33,6 +63,7 @@ def _harness(args: argparse.Namespace) -> Harness:
         batch_size=args.batch_size,
         weights=args.weights,
         calibration_cache=args.calibration_cache,
+        bops_conventions=_conventions(args),
     )
 
 
@@ -40,9 +71,8 @@ def _eval(args: argparse.Namespace) -> None:
     harness = _harness(args)
     metrics, run = harness.evaluate(args.recipe, args.base_quantizer, args.calibration_samples)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("run", "json", "out", "command")}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
-    args.json.write_text(json.dumps({"settings": settings, **finite}, indent=1, allow_nan=False), encoding="utf-8")
+    _write_json(args.json, {"settings": settings, **finite})
     if args.out:
         save_grid(args.out / "grid.png", {"full precision": harness.reference.images, args.recipe: run.images})
         write_report(args.out / "report.md", f"modiff-quant eval: {args.recipe} on {args.model}", settings, [{"recipe": args.recipe, **metrics}], "grid.png")
@@ -92,6 +122,12 @@ def _sampling_options(parser: argparse.ArgumentParser, *, model: str | None, sam
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--calibration-cache", type=Path, help="folder where calibrations are saved and reused by later runs")
+    _bops_options(parser)
+
+
+def _bops_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bops-attention", default="layer", choices=("layer", "float", "exclude"), help="charge attention matmuls at their projection's W×A (the paper), float×float, or not at all")
+    parser.add_argument("--bops-float-bits", type=int, default=32, help="bit-width a float operand is charged at (the paper: 32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--weights")
     explain.add_argument("--recipe", required=True, help="shipped recipe name or YAML file")
     explain.set_defaults(run=_explain)
+
+    bops = commands.add_parser("bops", help="bit-operations per image-step of a recipe, per layer and step (no sampling)")
+    bops.add_argument("--model", required=True, help="digits16, cifar10-ddpm or a diffusers model folder")
+    bops.add_argument("--weights")
+    bops.add_argument("--recipe", help="shipped recipe name or YAML file (omit: the full-precision model)")
+    bops.add_argument("--steps", type=int, default=100, help="trajectory length for the amortized count")
+    bops.add_argument("--json", type=Path, required=True)
+    _bops_options(bops)
+    bops.set_defaults(run=_bops)
 
     evaluate = commands.add_parser("eval", help="sample full precision and quantized from the same noise; metrics as JSON")
     _sampling_options(evaluate, model=None, samples=256)

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .api import calibrate, convert, is_prepared, plan_of, prepare, reset, sampling, state_bytes
-from .bops import count_bops, layer_macs
+from .api import block_skips, calibrate, convert, is_prepared, plan_of, prepare, reset, sampling, state_bytes
+from .bops import PAPER_CONVENTIONS, BopsConventions, MacEntry, count_bops, count_macs
 from .data import load_digits16
 from .features import digit_features, frechet_distance, load_classifier
 from .layers import QuantizedLayer
 from .metrics import psnr_vs
 from .models import load_model, training_schedule
-from .recipe import load_recipe
+from .recipe import Recipe, load_recipe
 from .samplers import make_scheduler, sample
 
 FD_MODELS = ("digits16",)  # models whose samples the bundled feature extractor understands
@@ -42,6 +42,7 @@ class Run:
     seconds: float
     cache_bytes_per_image: int
     epsilons: list[Tensor]  # per step, all samples
+    block_skip_fraction: float | None  # of the cached blocks' calls (None: no cached block)
 
 
 class Harness:
@@ -58,7 +59,9 @@ class Harness:
         batch_size: int = 256,
         weights: str | None = None,
         calibration_cache: str | Path | None = None,
+        bops_conventions: BopsConventions = PAPER_CONVENTIONS,
     ) -> None:
+        self.bops_conventions = bops_conventions
         self.model_name, self.sampler, self.steps, self.samples, self.seed, self.batch_size = model, sampler, steps, samples, seed, batch_size
         self.calibration_cache = calibration_cache
         self.model = load_model(model, seed=seed, weights=weights)
@@ -75,8 +78,8 @@ class Harness:
         return self._generate(self.model, "full precision")
 
     @cached_property
-    def _macs(self) -> dict[str, int]:
-        return layer_macs(self.model, self.noise[:1], torch.tensor(0))  # MACs do not depend on t
+    def _macs(self) -> list[MacEntry]:
+        return count_macs(self.model, self.noise[:1], torch.tensor(0))  # MACs do not depend on t
 
     @cached_property
     def _classifier(self) -> nn.Module:
@@ -90,10 +93,10 @@ class Harness:
     def _reference_features(self) -> np.ndarray:
         return digit_features(self._classifier, self.reference.images)
 
-    def quantize(self, recipe: str, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> nn.Module:
+    def quantize(self, recipe: str | Recipe, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> nn.Module:
         """A quantized copy of the model, calibrated on other noise when its layers need it (with
         `calibration_cache`, a calibration done before is loaded instead)."""
-        loaded = load_recipe(recipe)
+        loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         quantized = prepare(copy.deepcopy(self.model), loaded.with_base_quantizer(base_quantizer) if base_quantizer else loaded)
         if any(m.needs_calibration for m in quantized.modules() if isinstance(m, QuantizedLayer)):
             seed = self.seed + CALIBRATION_SEED_OFFSET
@@ -103,12 +106,12 @@ class Harness:
                     sample(quantized, batch, make_scheduler(self.sampler, self.training), self.steps, seed=seed + index, desc="calibrating")
         return convert(quantized, cache_dir=self.calibration_cache)
 
-    def evaluate(self, recipe: str | None, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> tuple[dict[str, Any], Run]:
+    def evaluate(self, recipe: str | Recipe | None, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> tuple[dict[str, Any], Run]:
         """The metrics of DESIGN §6 for one recipe (None: the full-precision model itself)."""
         reference = self.reference  # first, so that neither run pays for the other's warm-up
         quantized = None if recipe is None else self.quantize(recipe, base_quantizer, calibration_samples)
-        run = reference if quantized is None else self._generate(quantized, recipe)
-        bops = count_bops(self._macs, None if quantized is None else plan_of(quantized), self.steps)
+        run = reference if quantized is None else self._generate(quantized, recipe if isinstance(recipe, str) else recipe.name)
+        bops = count_bops(self._macs, None if quantized is None else plan_of(quantized), self.steps, self.bops_conventions)
         metrics = {
             **self._fd_metrics(run.images),
             "psnr_vs_fp": psnr_vs(reference.images, run.images),
@@ -116,6 +119,7 @@ class Harness:
             "gbops_per_step": bops.gbops_per_step,
             "gbops_per_step_amortized": bops.gbops_per_step_amortized,
             "cache_bytes_per_image": run.cache_bytes_per_image,
+            "block_skip_fraction": run.block_skip_fraction,
             "wall_seconds": run.seconds,
             "wall_seconds_fp": reference.seconds,
         }
@@ -137,6 +141,7 @@ class Harness:
         prepared = is_prepared(model)
         with torch.no_grad():
             model(self.noise[:1], torch.tensor(0))  # untimed warm-up (first-call allocations); sampling() resets its state
+        skips_before = block_skips(model) if prepared else (0, 0)
         start, batches, cache = time.perf_counter(), [], 0
         epsilons: list[list[Tensor]] = [[] for _ in range(self.steps)]
         for index, batch in enumerate(self.noise.split(self.batch_size)):
@@ -144,7 +149,9 @@ class Harness:
                 scheduler = make_scheduler(self.sampler, self.training)
                 batches.append(sample(model, batch, scheduler, self.steps, seed=self.seed + index, desc=desc, on_step=lambda step, eps: epsilons[step].append(eps)))
                 cache = max(cache, state_bytes(model) // len(batch) if prepared else 0)
-        return Run(torch.cat(batches), time.perf_counter() - start, cache, [torch.cat(step) for step in epsilons])
+        seconds = time.perf_counter() - start
+        skipped, calls = (after - before for after, before in zip(block_skips(model) if prepared else (0, 0), skips_before))
+        return Run(torch.cat(batches), seconds, cache, [torch.cat(step) for step in epsilons], skipped / calls if calls else None)
 
 
 def _mean_relative_error(reference: list[Tensor], predictions: list[Tensor]) -> float:

@@ -7,7 +7,7 @@ the model and `isinstance(m, nn.Conv2d)`, so code around the model keeps working
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,31 +15,81 @@ from torch import Tensor, nn
 
 from .adoption import adopt
 from .base_quantizer import ActivationQuantizer, BaseQuantizer, SplitActivationQuantizer
+from .integer_kernels import IntegerWeights, UnsupportedWeights
 from .layer_parts import build_parts, needs_calibration, splits
-from .quant import is_packed
+from .quant import FLOAT_BITS, SKIP_BITS, QuantSpec, is_packed
 from .recipe import LayerPlan
-from .schemes import Scheme
+from .schemes import DELTA, RAW, Scheme
+from .state_storage import StateFormat, Stored, store
 from .trajectory import CachedOutput, Mode, Position, Tracker
 
 
-@dataclass
 class LayerState:
-    """One layer's memory of one trajectory branch and call site: â (or the raw previous input) and ô."""
+    """One layer's memory of one trajectory branch and call site: â (or the raw previous input)
+    and ô, each kept in the state format its recipe asks for (see `state_storage`)."""
 
-    a_hat: Tensor | None = None
-    output: CachedOutput | None = None
+    def __init__(self, input_format: StateFormat = "full", output_format: StateFormat = "full") -> None:
+        self.input_format, self.output_format = input_format, output_format
+        self._a_hat: Stored | None = None
+        self._output: CachedOutput | Stored | None = None  # a lossy copy needs no in-place guard
+
+    @property
+    def started(self) -> bool:
+        return self._a_hat is not None
+
+    @property
+    def input_shape(self) -> torch.Size | None:
+        return None if self._a_hat is None else self._a_hat.data.shape
+
+    @property
+    def a_hat(self) -> Tensor:
+        assert self._a_hat is not None, "the first call of a trajectory sets â"
+        return self._a_hat.unpack()
+
+    @a_hat.setter
+    def a_hat(self, value: Tensor) -> None:
+        self._a_hat = store(value, self.input_format)
+
+    def advance(self, q: Tensor) -> Tensor:
+        """â ← â + q; returns the increment â actually made, which differs from q when â is kept
+        in a lossy format: feeding that increment to the layer keeps ô = A(â) + b exact, so the
+        storage rounding is corrected by the next step's difference like any quantization error."""
+        a_hat = self.a_hat
+        self.a_hat = a_hat + q
+        return q if self._a_hat.lossless else self.a_hat - a_hat
+
+    @property
+    def has_output(self) -> bool:
+        return self._output is not None
 
     @property
     def nbytes(self) -> int:
-        return (0 if self.a_hat is None else self.a_hat.nbytes) + (0 if self.output is None else self.output.nbytes)
+        return sum(0 if part is None else part.nbytes for part in (self._a_hat, self._output))
 
     def remember(self, output: Tensor) -> Tensor:
         """Keep ô for the next step (detached: the cache must not chain autograd graphs over steps)."""
-        self.output = CachedOutput(output.detach())
+        stored = store(output, self.output_format)
+        self._output = CachedOutput(stored.data) if stored.lossless else stored
         return output
+
+    def cached_output(self, owner: str) -> Tensor:
+        assert self._output is not None, "a step before this one remembered ô"
+        return self._output.unpack() if isinstance(self._output, Stored) else self._output.get(owner)
 
 
 _FLOAT_WEIGHT_MODES = (Mode.CALIBRATING, Mode.OBSERVING, Mode.REFERENCE)
+
+Execution = Literal["fake", "integer"]
+Codes = tuple[Tensor, Tensor, tuple[int, int] | None]
+"""Centered integer codes of a quantized activation, their scale (per tensor or per sample) and
+bounds on the codes when the spec alone fits them in one 8-bit kernel input."""
+
+
+def _code_bounds(spec: QuantSpec) -> tuple[int, int] | None:
+    """Bounds of c − z known from the spec (saving the kernels a min/max pass), or None where the
+    zero point can shift the codes too far for one 8-bit input (8-bit asymmetric)."""
+    low, high = (spec.qmin, spec.qmax) if spec.symmetric else (spec.qmin - spec.qmax, spec.qmax - spec.qmin)
+    return (low, high) if high - low <= 255 else None
 
 
 class QuantizedLayer(nn.Module):
@@ -66,6 +116,7 @@ class QuantizedLayer(nn.Module):
         self._states = {}
         self._last_position: Position | None = None
         self._repeat = 0
+        self.integer: IntegerWeights | None = None  # set by `set_execution("integer")`
 
     @property
     def calibrates(self) -> bool:
@@ -90,9 +141,9 @@ class QuantizedLayer(nn.Module):
             )
         step = tracker.position[1]
         state = self._state_for(tracker.position)
-        if state.a_hat is not None and state.a_hat.shape != x.shape:
+        if state.started and state.input_shape != x.shape:
             raise RuntimeError(
-                f"{self.plan.name}: input shape changed from {list(state.a_hat.shape)} to {list(x.shape)} within a trajectory "
+                f"{self.plan.name}: input shape changed from {list(state.input_shape)} to {list(x.shape)} within a trajectory "
                 "(e.g. another prompt length); call modiff_quant.reset(model) between runs or wrap each in modiff_quant.sampling(model)"
             )
         if mode is Mode.OBSERVING:
@@ -106,7 +157,10 @@ class QuantizedLayer(nn.Module):
         runs more than once per model call, so that differences are always taken between steps."""
         self._repeat = self._repeat + 1 if position == self._last_position else 0
         self._last_position = position
-        return self._states.setdefault((position[0], self._repeat), LayerState())
+        key = (position[0], self._repeat)
+        if key not in self._states:
+            self._states[key] = LayerState(self.plan.settings.input_cache, self.plan.settings.output_cache)
+        return self._states[key]
 
     def quantizer(self, role: str) -> ActivationQuantizer:
         """The activation quantizer of `role` for the timestep group of the current model call."""
@@ -118,6 +172,46 @@ class QuantizedLayer(nn.Module):
         b = self.bias if bias else None
         weight = self.weight if self.staged_weight is None or self._tracker.mode in _FLOAT_WEIGHT_MODES else self.staged_weight
         return F.linear(x, weight, b) if isinstance(self, nn.Linear) else self._conv_forward(x, weight, b)
+
+    def quantize_input(self, role: str, x: Tensor) -> tuple[Tensor, Codes | None]:
+        """Q(x) by the quantizer of `role`, and under integer execution its codes and scale."""
+        quantizer = self.quantizer(role)
+        if self.integer is None:
+            return quantizer(x), None
+        centered, scale = quantizer.codes(x)
+        return (centered * scale).to(x.dtype), (centered, scale, _code_bounds(quantizer.spec))
+
+    def apply_quantized(self, q: Tensor, codes: Codes | None, *, bias: bool, accumulate: Tensor | None = None) -> Tensor:
+        """A(q) (+ bias) (+ accumulate): on the int8 kernels when `codes` of q are given."""
+        if codes is None:
+            out = self.apply_op(q, bias=bias)
+            return out if accumulate is None else accumulate + out
+        assert self.integer is not None
+        centered, scale, bounds = codes
+        out = self.integer.run(centered, scale, accumulate=accumulate, bounds=bounds)
+        if bias and self.bias is not None:
+            out = out + (self.bias if isinstance(self, nn.Linear) else self.bias.view(-1, *[1] * (out.dim() - 2)))
+        return out
+
+    def set_execution(self, mode: Execution) -> None:
+        """Run quantized products in float on dequantized values (`fake`) or on int8 codes
+        (`integer`); raises ValueError naming this layer when it cannot run on integers."""
+        self.integer = None
+        s = self.plan.settings
+        if mode == "fake" or s.a_bits in (FLOAT_BITS, SKIP_BITS):
+            return  # float or always-skipped activations: nothing to run on integers
+        fail = f"{self.plan.name}: integer execution needs"
+        if s.input_cache != "full" and s.scheme == "modiff" and s.error_compensation:
+            raise ValueError(f"{fail} input_cache: full (a lossy â turns the increments into non-codes), got {s.input_cache}")
+        role = DELTA if s.scheme == "modiff" else RAW
+        if any(q.codes(torch.zeros(1, 1, 1, 1)) is None for q in self.act_quantizers[role]):
+            raise ValueError(f"{fail} activation scales per tensor or per sample from a min-max or static quantizer, got a_granularity {s.a_granularity} ({s.base_quantizer})")
+        if self.packed:
+            raise ValueError(f"{fail} float-stored quantized weights, but {s.base_quantizer} packed this one")
+        try:
+            self.integer = IntegerWeights.from_layer(self, self.weight.detach(), s.w_bits)
+        except UnsupportedWeights as exc:
+            raise ValueError(f"{fail} symmetric per-channel weights of 2-8 bits: {exc}") from None
 
     def set_split(self, split_at: int | None) -> None:
         """Record where a concatenated input divides (None: the input is no concatenation)."""

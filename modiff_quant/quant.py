@@ -144,18 +144,29 @@ def qparams(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     return scale, (spec.qmin - torch.round(lo / scale)).clamp(spec.qmin, spec.qmax)
 
 
+def centered_codes(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """clamp(round(x/s) + z, qmin, qmax) - z: integer values (as floats) that times s give the
+    quantized x; what integer execution feeds its int8 kernels."""
+    return torch.clamp(round_ste(x / scale) + zero_point, spec.qmin, spec.qmax) - zero_point
+
+
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
     """Quantize-dequantize: clamp(round(x/s) + z, qmin, qmax), mapped back as (q - z) * s."""
-    codes = torch.clamp(round_ste(x / scale) + zero_point, spec.qmin, spec.qmax)
-    return ((codes - zero_point) * scale).to(x.dtype)
+    return (centered_codes(x, scale, zero_point, spec) * scale).to(x.dtype)
+
+
+def minmax_qparams(x: Tensor, spec: QuantSpec, *, channel_dim: int = 1, weight: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """The grouped view of `x`, and the scale and zero point of its own min/max per group."""
+    view, dims = stats_view(x, spec.granularity, channel_dim=channel_dim, weight=weight)
+    scale, zero_point = qparams(view.amin(dims, keepdim=True), view.amax(dims, keepdim=True), spec)
+    return view, scale, zero_point
 
 
 def quantize_minmax(x: Tensor, spec: QuantSpec, *, channel_dim: int = 1, weight: bool = False) -> Tensor:
     """Fake-quantize `x` with scales from its own min/max at the spec's granularity."""
     if spec.is_float or x.numel() == 0:
         return x
-    view, dims = stats_view(x, spec.granularity, channel_dim=channel_dim, weight=weight)
-    scale, zero_point = qparams(view.amin(dims, keepdim=True), view.amax(dims, keepdim=True), spec)
+    view, scale, zero_point = minmax_qparams(x, spec, channel_dim=channel_dim, weight=weight)
     return fake_quantize(view, scale, zero_point, spec).reshape(x.shape)
 
 

@@ -59,40 +59,50 @@ class ModiffScheme(Scheme):
         return (DELTA,) if settings.first_step.kind == "fp" else (RAW, DELTA)
 
     def forward(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
-        if state.output is None:
+        if not state.has_output:
             return self._first_call(layer, x, state)
-        o_hat = state.output.get(layer.plan.name)
+        o_hat = state.cached_output(layer.plan.name)
         if skip:
             return o_hat
-        q = layer.quantizer(DELTA)(x - state.a_hat)
-        state.a_hat = (state.a_hat + q if layer.plan.settings.error_compensation else x).detach()
-        return state.remember(o_hat + layer.apply_op(q, bias=False))
+        q, codes = layer.quantize_input(DELTA, x - state.a_hat)
+        if layer.plan.settings.error_compensation:
+            q = state.advance(q)  # the same q (and codes) unless â is kept lossy, which integer execution refuses
+        else:
+            state.a_hat = x
+        return state.remember(layer.apply_quantized(q, codes, bias=False, accumulate=o_hat))
 
     def _first_call(self, layer: QuantizedLayer, x: Tensor, state: LayerState) -> Tensor:
         settings = layer.plan.settings
+        compensate = settings.error_compensation
         a_hat = x if settings.first_step.kind == "fp" else layer.quantizer(RAW)(x)
+        if compensate:
+            state.a_hat = a_hat
+            a_hat = state.a_hat  # as stored: the output must be A of exactly what later steps subtract from
         output = layer.apply_op(a_hat, bias=True)
         for _ in range(settings.first_step.rounds):
             q = layer.quantizer(DELTA)(x - a_hat)
+            if compensate:
+                q = state.advance(q)
             a_hat = a_hat + q
             output = output + layer.apply_op(q, bias=False)
-        state.a_hat = (a_hat if settings.error_compensation else x).detach()
+        if not compensate:
+            state.a_hat = x
         return state.remember(output)
 
     def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool, observe: bool) -> Tensor:
         """The delta observer sees Δ_t = a_t − a_{t+1} (float); the raw one sees first inputs."""
-        if state.a_hat is None:
+        if not state.started:
             if observe and RAW in layer.act_quantizers:
                 layer.quantizer(RAW).observe(x)
-            state.a_hat = x.detach()
+            state.a_hat = x
         elif not skip:
             if observe:
                 layer.quantizer(DELTA).observe(x - state.a_hat)
-            state.a_hat = x.detach()
+            state.a_hat = x
         return layer.apply_op(x, bias=True)
 
     def prime(self, layer: QuantizedLayer, x: Tensor, state: LayerState) -> Tensor:
-        state.a_hat = x.detach()
+        state.a_hat = x
         return state.remember(layer.apply_op(x, bias=True))
 
 
@@ -104,9 +114,9 @@ class PlainScheme(Scheme):
         return (RAW,)
 
     def forward(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
-        if skip and state.output is not None:
-            return state.output.get(layer.plan.name)
-        output = layer.apply_op(layer.quantizer(RAW)(x), bias=True)
+        if skip and state.has_output:
+            return state.cached_output(layer.plan.name)
+        output = layer.apply_quantized(*layer.quantize_input(RAW, x), bias=True)
         return state.remember(output) if layer.plan.has_skips else output
 
     def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool, observe: bool) -> Tensor:

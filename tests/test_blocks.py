@@ -70,3 +70,65 @@ def test_first_step_always_runs_the_block(write_recipe, steps, runs):
         for x, t in ddim_inputs(tiny_unet(), steps=3):
             model(x, t)
     assert len(calls) == runs
+
+
+def test_refresh_every_runs_the_block_on_every_nth_step_only(write_recipe):
+    """DeepCache's cache interval: `refresh_every: 3` computes steps 0, 3, 6 and skips the rest."""
+    model = tiny_unet()
+    mq.convert(mq.prepare(model, write_recipe("version: 1\nrules:\n  - match: mid_block\n    a_bits: 0\n    steps: {refresh_every: 3}\n")))
+    calls = count_calls(model.mid_block)
+    ran = []
+    with mq.sampling(model):
+        for x, t in ddim_inputs(tiny_unet(), steps=7):
+            before = len(calls)
+            model(x, t)
+            ran.append(len(calls) > before)
+    assert ran == [True, False, False, True, False, False, True]
+
+
+def test_adaptive_skip_follows_the_relative_input_change(write_recipe):
+    """`skip_threshold`: the block is skipped while its input moved less than the threshold since
+    the call that computed its cache, and runs as soon as it moved more."""
+    model = tiny_unet()
+    mq.convert(mq.prepare(model, write_recipe("version: 1\nrules:\n  - match: mid_block\n    a_bits: 0\n    skip_threshold: 0.1\n")))
+    calls = count_calls(model.mid_block)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ran = []
+    with mq.sampling(model):
+        for k, scale in enumerate((1.0, 1.001, 1.002, 1.5, 1.501)):
+            before = len(calls)
+            model(x * scale, 900 - 10 * k)
+            ran.append(len(calls) > before)
+    assert ran == [True, False, False, True, False]
+    assert mq.api.block_skips(model) == (3, 5)
+
+
+def test_shipped_caching_recipes_leave_layers_untouched_and_skip_deep_blocks():
+    """`deepcache` and `adaptive-cache` are caching alone: float layers stay plain nn modules."""
+    model = load_model("digits16")
+    mq.convert(mq.prepare(model, "deepcache"))
+    assert type(model.conv_in) is torch.nn.Conv2d and type(model.up_blocks[1].resnets[0].conv1) is torch.nn.Conv2d
+    deep, shallow = count_calls(model.up_blocks[1]), count_calls(model.up_blocks[2])
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with mq.sampling(model):
+        for k in range(6):
+            model(x, 900 - 10 * k)
+    assert (len(deep), len(shallow)) == (2, 6)
+    assert "change < 0.1" in mq.load_recipe("adaptive-cache").explain(load_model("digits16"))
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ("  - match: mid_block\n    a_bits: 0\n    skip_threshold: -1\n", "skip_threshold: expected a positive number"),
+        ("  - match: mid_block\n    a_bits: 4\n    skip_threshold: 0.1\n", "may only set a_bits: 0"),
+        ("  - match: conv_in\n    a_bits: 0\n    skip_threshold: 0.1\n", "applies to blocks"),
+        ("  - match: mid_block\n    a_bits: 0\n    steps: {refresh_every: 1}\n", r"refresh_every \(N >= 2\), got {.refresh_every.: 1}"),
+        ("  - match: mid_block\n    a_bits: 0\n    steps: {every: 2, refresh_every: 3}\n", "every or refresh_every"),
+    ],
+)
+def test_caching_rule_errors_name_the_line(write_recipe, rule, message):
+    path = write_recipe("version: 1\nrules:\n" + rule)
+    with pytest.raises(mq.RecipeError, match=message) as error:
+        mq.load_recipe(path).resolve(tiny_unet())
+    assert "recipe.yaml:" in str(error.value)

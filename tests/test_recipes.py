@@ -66,7 +66,11 @@ SHIPPED = {  # name: w_bits, a_bits, scheme, base quantizer, activation granular
     "w8a8-modiff": (8, 8, "modiff", "dynamic", "sample"),
     "w8a8-modiff-deepcache": (8, 8, "modiff", "dynamic", "sample"),
     "w8a8-plain": (8, 8, "plain", "dynamic", "sample"),
+    "w8a4-modiff-lean": (8, 4, "modiff", "dynamic", "sample"),
+    "deepcache": (32, 32, "plain", "dynamic", "tensor"),
+    "adaptive-cache": (32, 32, "plain", "dynamic", "tensor"),
 }
+CACHING = {"w8a8-modiff-deepcache", "deepcache", "adaptive-cache"}
 DEEPCACHE_BLOCKS = {"down_blocks.2", "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.1"}
 
 
@@ -159,8 +163,7 @@ def test_shipped_recipe_resolves_on_cifar10_unet(name, unet):
         assert layer.settings.base_quantizer == base
         assert layer.settings.a_granularity == Granularity(a_granularity)
         assert not layer.has_skips, layer.name
-    if name != "w8a8-modiff-deepcache":
-        assert dict(plan.blocks) == {}
+    assert set(plan.blocks) == (DEEPCACHE_BLOCKS if name in CACHING else set())
 
 
 def test_deepcache_caches_deep_blocks_on_odd_steps(unet):

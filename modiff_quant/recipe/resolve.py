@@ -46,15 +46,28 @@ class LayerPlan:
     def has_skips(self) -> bool:
         return self.settings.a_bits == SKIP_BITS or bool(self.zero_bit_steps)
 
+    @property
+    def leaves_float(self) -> bool:
+        """True when the layer computes exactly as before (plain, float weights and activations,
+        never skipped, not adopted): `prepare` then leaves the module untouched."""
+        s = self.settings
+        return s.scheme == "plain" and s.w_bits == s.a_bits == FLOAT_BITS and not self.zero_bit_steps and self.adopted_from is None
+
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """A module whose whole output is reused on the steps of `schedule`."""
+    """A module whose whole output is reused on the steps of `schedule` (with `skip_threshold`:
+    only while its input changed by less than that, relative to its last computed call)."""
 
     name: str
     module_type: str
     schedule: StepSchedule
     rule: Location
+    skip_threshold: float | None = None
+
+    def always_skips(self, step: int) -> bool:
+        """True when the block is skipped at `step` whatever its input (no threshold)."""
+        return self.skip_threshold is None and self.schedule.contains(step)
 
 
 @dataclass(frozen=True)
@@ -110,7 +123,9 @@ def resolve(recipe: Recipe, model: nn.Module) -> Plan:
                     "a_bits: 0 with steps; match their Linear/Conv layers by name to quantize them",
                 )
             for name, module in matched_blocks:
-                blocks[name] = BlockPlan(name, type(module).__name__, rule.steps or StepSchedule(), rule.location)
+                blocks[name] = BlockPlan(name, type(module).__name__, rule.steps or StepSchedule(), rule.location, rule.skip_threshold)
+        elif rule.skip_threshold is not None:
+            raise RecipeError(rule.location, f"rule '{rule.describe()}' sets skip_threshold, which applies to blocks, but matches layers ({_some(matched_layers)})")
         else:
             for name in matched_layers:
                 hits[name].append(rule.location)
@@ -248,7 +263,8 @@ def _explain(plan: Plan) -> str:
         lines += _table(("layer", "weight"), notes)
     if plan.blocks:
         lines += ["", "cached blocks (0-bit: output reused without calling the block)"]
-        lines += _table(("block", "type", "0-bit steps", "rule"), [(b.name, b.module_type, str(b.schedule), str(b.rule)) for b in plan.blocks.values()])
+        rows = [(b.name, b.module_type, str(b.schedule), "-" if b.skip_threshold is None else f"change < {b.skip_threshold:g}", str(b.rule)) for b in plan.blocks.values()]
+        lines += _table(("block", "type", "0-bit steps", "skip when", "rule"), rows)
     if plan.unwrapped:
         lines.append(f"left float (subclasses of Linear/Conv, not wrappable): {', '.join(plan.unwrapped)}")
     for rule in plan.unmatched:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 TOP_KEYS = ("version", "name", "description", "extends", "strict", "defaults", "rules")
-RULE_KEYS = ("match", "steps", *SETTING_PARSERS)
+RULE_KEYS = ("match", "steps", "skip_threshold", *SETTING_PARSERS)
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Rule:
     setting_locations: Mapping[str, Location]  # LayerSettings field -> line of its key
     steps: StepSchedule | None
     location: Location
+    skip_threshold: float | None = None  # blocks: skip only while the input changed less than this (relative)
 
     def matches(self, name: str, module: nn.Module) -> bool:
         """Exact module name, class name, or `re:` + a regex that must match the whole name."""
@@ -233,6 +234,12 @@ def _parse_rule(item: Any, location: Location) -> Rule:
             raise RecipeError(item.where("steps"), f"steps: {exc}") from None
         if settings != {"a_bits": 0}:
             raise RecipeError(item.where("steps"), "a rule with steps may only set a_bits: 0 (0-bit skipping on a step schedule)")
+    threshold = item.get("skip_threshold")
+    if "skip_threshold" in item:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+            raise RecipeError(item.where("skip_threshold"), f"skip_threshold: expected a positive number (relative input change), got {threshold!r}")
+        if settings != {"a_bits": 0}:
+            raise RecipeError(item.where("skip_threshold"), "a rule with skip_threshold may only set a_bits: 0 (adaptive 0-bit skipping of a block)")
     if not settings:
         raise RecipeError(location, "rule sets nothing: add a setting such as a_bits or w_bits")
-    return Rule(patterns=tuple(patterns), settings=settings, setting_locations=setting_locations, steps=steps, location=item.location)
+    return Rule(patterns=tuple(patterns), settings=settings, setting_locations=setting_locations, steps=steps, location=item.location, skip_threshold=threshold)

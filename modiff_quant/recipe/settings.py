@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ..quant import FLOAT_BITS, MAX_BITS, MIN_BITS, SKIP_BITS, Granularity, QuantSpec, count_suffix
+from ..state_storage import STATE_FORMATS, StateFormat
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,16 @@ class FirstStep:
 class StepSchedule:
     """Steps a rule applies to: 0-based model calls of a trajectory (per CFG branch).
 
-    Either an explicit set of steps, or the range [start, stop) taking every `every`-th step.
+    Either an explicit set of steps, or the range [start, stop) taking every `every`-th step, or
+    with `refresh_every: N` every step of the range except each N-th (DeepCache's cache interval:
+    a skipped block is refreshed on step start, start + N, ...).
     """
 
     explicit: frozenset[int] | None = None
     start: int = 0
     stop: int | None = None
     every: int = 1
+    refresh_every: int = 0
 
     @classmethod
     def parse(cls, value: Any) -> StepSchedule:
@@ -56,24 +60,27 @@ class StepSchedule:
             return cls()
         if isinstance(value, list) and value and all(_is_int(v) and v >= 0 for v in value):
             return cls(explicit=frozenset(value))
-        if isinstance(value, Mapping) and value and set(value) <= {"start", "stop", "every"}:
-            start, stop, every = value.get("start", 0), value.get("stop"), value.get("every", 1)
-            if _is_int(start) and start >= 0 and _is_int(every) and every >= 1 and (stop is None or _is_int(stop) and stop > start):
-                return cls(start=start, stop=stop, every=every)
-        raise ValueError(f"expected all, a list of step indices, or a mapping with start/stop/every, got {value!r}")
+        if isinstance(value, Mapping) and value and set(value) <= {"start", "stop", "every", "refresh_every"} and not {"every", "refresh_every"} <= set(value):
+            start, stop, every, refresh = value.get("start", 0), value.get("stop"), value.get("every", 1), value.get("refresh_every", 0)
+            valid_step = _is_int(every) and every >= 1 and _is_int(refresh) and (refresh == 0 and "refresh_every" not in value or refresh >= 2)
+            if _is_int(start) and start >= 0 and valid_step and (stop is None or _is_int(stop) and stop > start):
+                return cls(start=start, stop=stop, every=every, refresh_every=refresh)
+        raise ValueError(f"expected all, a list of step indices, or a mapping with start/stop and every or refresh_every (N >= 2), got {value!r}")
 
     def contains(self, step: int) -> bool:
         if self.explicit is not None:
             return step in self.explicit
         in_range = step >= self.start and (self.stop is None or step < self.stop)
+        if self.refresh_every:
+            return in_range and (step - self.start) % self.refresh_every != 0
         return in_range and (step - self.start) % self.every == 0
 
     def __str__(self) -> str:
         if self.explicit is not None:
             return str(sorted(self.explicit))
-        if (self.start, self.stop, self.every) == (0, None, 1):
+        if (self.start, self.stop, self.every, self.refresh_every) == (0, None, 1, 0):
             return "all"
-        every = f" every {self.every}" if self.every > 1 else ""
+        every = f" refreshed every {self.refresh_every}" if self.refresh_every else f" every {self.every}" if self.every > 1 else ""
         return f"{self.start}..{'' if self.stop is None else self.stop - 1}{every}"
 
 
@@ -128,6 +135,8 @@ class LayerSettings:
     error_compensation: bool = True
     timestep_groups: TimestepGroups = TimestepGroups()
     split: bool | None = None  # None: as the base quantizer prefers (`split_shortcuts`)
+    input_cache: StateFormat = "full"  # how â (or the previous input) is kept between steps
+    output_cache: StateFormat = "full"  # how ô is kept between steps
 
     def weight_spec(self) -> QuantSpec:
         return QuantSpec(self.w_bits, self.w_symmetric, self.w_granularity)
@@ -181,6 +190,12 @@ def _granularity(allowed: tuple[str, ...]) -> Callable[[Any], Granularity]:
     return parse
 
 
+def _state_format(value: Any) -> StateFormat:
+    if value in STATE_FORMATS:
+        return value
+    raise ValueError(f"expected one of {', '.join(STATE_FORMATS)}, got {value!r}")
+
+
 def _base_quantizer(value: Any) -> dict[str, Any]:
     """`name` or `{name: ..., <option>: ...}` -> the two settings it stands for."""
     if isinstance(value, str) and value:
@@ -204,5 +219,7 @@ SETTING_PARSERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "error_compensation": lambda v: {"error_compensation": _bool(v)},
     "timestep_groups": lambda v: {"timestep_groups": TimestepGroups.parse(v)},
     "split": lambda v: {"split": _bool(v)},
+    "input_cache": lambda v: {"input_cache": _state_format(v)},
+    "output_cache": lambda v: {"output_cache": _state_format(v)},
 }
 

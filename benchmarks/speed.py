@@ -1,0 +1,153 @@
+"""Sampling speed and memory of every execution mode, side by side, as ratios to float32.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py --out out/speed [--repeats 3]
+
+Each (model, batch, mode) runs in a fresh process (so peak memory is its own): one untimed
+warm-up trajectory, then `--repeats` timed trajectories of `--steps` DDIM steps whose median is
+reported, with the PSNR of its samples against float32's from the same noise. Modes are timed
+in the same run, one after the other; ratios are time / float32 time (lower is faster). Also
+times one calibration (PTQ4DM W8A4 MoDiff on digits16). Writes results.json and table.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODES: dict[str, tuple[str | None, str]] = {
+    # mode: (recipe, execution); None: the float model itself
+    "fp32": (None, "float32"),
+    "bf16-autocast": (None, "bfloat16"),
+    "plain-fake": ("w8a4-plain", "fake"),
+    "modiff-fake": ("w8a4-modiff", "fake"),
+    "modiff-integer": ("w8a4-modiff", "integer"),
+    "modiff-lean-state": ("w8a4-modiff-lean", "fake"),
+    "deepcache": ("deepcache", "float32"),
+    "adaptive-cache": ("adaptive-cache", "float32"),
+    "modiff-deepcache": ("w8a8-modiff-deepcache", "fake"),
+}
+SETTINGS = (("digits16", 1, 100), ("digits16", 16, 100), ("cifar10-ddpm", 1, 10), ("cifar10-ddpm", 16, 10))
+"""(model, batch, steps): digits16 samples whole 100-step trajectories; the CIFAR-10 UNet is
+timed on 10 steps (its cost per step does not depend on the step count)."""
+
+
+def run_mode(model_name: str, batch: int, steps: int, mode: str, repeats: int) -> dict[str, Any]:
+    """Time one mode in this process; returns seconds per trajectory, PSNR vs float32, memory."""
+    import modiff_quant as mq
+    from modiff_quant.api import state_bytes
+    from modiff_quant.metrics import psnr_vs
+    from modiff_quant.models import load_model, training_schedule
+    from modiff_quant.samplers import make_scheduler, sample
+
+    torch.manual_seed(0)
+    model = load_model(model_name)
+    config = model.config
+    noise = torch.randn(batch, config.in_channels, config.sample_size, config.sample_size, generator=torch.Generator().manual_seed(0))
+    recipe, execution = MODES[mode]
+    quantized = None if recipe is None else mq.convert(mq.prepare(copy.deepcopy(model), recipe))
+    if quantized is not None and execution == "integer":
+        mq.set_execution(quantized, "integer")
+
+    def trajectory(net: torch.nn.Module, autocast: bool = False) -> torch.Tensor:
+        scheduler = make_scheduler("ddim", training_schedule(model_name))
+        with mq.sampling(net) if net is quantized else nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
+            return sample(net, noise, scheduler, steps, progress=False).float()
+
+    reference = trajectory(model)
+    net, autocast = (quantized, False) if quantized is not None else (model, execution == "bfloat16")
+    trajectory(net, autocast)  # warm-up: allocations, kernel selection, integer weight packing caches
+    seconds, images = [], reference
+    for _ in range(repeats):
+        start = time.perf_counter()
+        images = trajectory(net, autocast)
+        seconds.append(time.perf_counter() - start)
+    cache = 0
+    if quantized is not None:
+        with mq.sampling(quantized):
+            sample(quantized, noise, make_scheduler("ddim", training_schedule(model_name)), 2, progress=False)
+            cache = state_bytes(quantized) // batch
+    return {
+        "seconds": statistics.median(seconds),
+        "seconds_all": seconds,
+        "psnr_vs_fp32": None if mode == "fp32" else psnr_vs(reference, images),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "state_bytes_per_image": cache,
+    }
+
+
+def time_calibration() -> dict[str, Any]:
+    from modiff_quant.evaluate import Harness
+
+    harness = Harness("digits16", steps=100, samples=16)
+    start = time.perf_counter()
+    harness.quantize("w8a4-modiff-ptq4dm")
+    return {"recipe": "w8a4-modiff-ptq4dm", "model": "digits16", "calibration_samples": 32, "steps": 100, "seconds": time.perf_counter() - start}
+
+
+def _child(job: tuple[str, int, int, str], repeats: int) -> dict[str, Any]:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, __file__, "--child", *map(str, job), "--repeats", str(repeats)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode:
+        raise RuntimeError(f"benchmark {job} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict[str, Any]], calibration: dict[str, Any]) -> str:
+    lines = [
+        "| model | batch | steps | mode | s / trajectory | × fp32 | PSNR vs fp32 (dB) | peak RSS (MB) | state (MB / image) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        psnr = "-" if r["psnr_vs_fp32"] is None else f"{r['psnr_vs_fp32']:.1f}"
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['steps']} | {r['mode']} | {r['seconds']:.2f} | {r['ratio_to_fp32']:.2f} | {psnr} | {r['peak_rss_mb']:.0f} | {r['state_bytes_per_image'] / 1e6:.2f} |"
+        )
+    lines.append("")
+    lines.append(f"Calibration: {calibration['recipe']} on {calibration['model']} ({calibration['calibration_samples']} samples × {calibration['steps']} steps): {calibration['seconds']:.1f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("out/speed"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--models", nargs="+", default=["digits16", "cifar10-ddpm"])
+    parser.add_argument("--child", nargs=4, metavar=("MODEL", "BATCH", "STEPS", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        model, batch, steps, mode = args.child
+        print(json.dumps(run_mode(model, int(batch), int(steps), mode, args.repeats)))
+        return
+    from tqdm.auto import tqdm
+
+    modes = ["fp32", *(mode for mode in args.modes if mode != "fp32")]  # every ratio is to fp32
+    jobs = [(m, b, s, mode) for m, b, s in SETTINGS if m in args.models for mode in modes]
+    rows = []
+    for job in tqdm(jobs, desc="benchmarks"):
+        rows.append({**dict(zip(("model", "batch", "steps", "mode"), job)), **_child(job, args.repeats)})
+    for row in rows:
+        fp32 = next(r for r in rows if (r["model"], r["batch"], r["mode"]) == (row["model"], row["batch"], "fp32"))
+        row["ratio_to_fp32"] = row["seconds"] / fp32["seconds"]
+    calibration = time_calibration()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows, "calibration": calibration}, indent=1), encoding="utf-8")
+    (args.out / "table.md").write_text(table(rows, calibration), encoding="utf-8")
+    print(table(rows, calibration))
+
+
+if __name__ == "__main__":
+    main()
