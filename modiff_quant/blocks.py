@@ -31,7 +31,7 @@ class BlockCache:
         self._module = module  # the class forward is called on it: a bound method would pickle as this cache
         self._outputs: dict[Hashable, CachedOutput] = {}
         self._inputs: dict[Hashable, Tensor] = {}  # adaptive: the input of the computing call
-        self.calls = self.skips = 0  # since prepare(): how often adaptive caching skipped
+        self.calls = self.skips = 0  # since prepare(), for the skip fraction eval reports
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._tracker.mode.stateless:  # recording and reconstruction passes compute every block
