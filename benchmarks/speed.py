@@ -48,13 +48,12 @@ def run_mode(model_name: str, batch: int, steps: int, mode: str, repeats: int) -
     import modiff_quant as mq
     from modiff_quant.api import state_bytes
     from modiff_quant.metrics import psnr_vs
-    from modiff_quant.models import load_model, training_schedule
+    from modiff_quant.models import load_model, sample_shape, training_schedule
     from modiff_quant.samplers import make_scheduler, sample
 
     torch.manual_seed(0)
     model = load_model(model_name)
-    config = model.config
-    noise = torch.randn(batch, config.in_channels, config.sample_size, config.sample_size, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(batch, *sample_shape(model), generator=torch.Generator().manual_seed(0))
     recipe, execution = MODES[mode]
     quantized = None if recipe is None else mq.convert(mq.prepare(copy.deepcopy(model), recipe))
     if quantized is not None and execution == "integer":

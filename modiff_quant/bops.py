@@ -78,20 +78,21 @@ def count_macs(model: nn.Module, *inputs: Any) -> list[MacEntry]:
 
         return hook
 
+    def product(macs: int) -> None:
+        """Charge an activation product to the innermost module running (never inside a layer)."""
+        if stack and not isinstance(modules[stack[-1]], layer_types):
+            products[stack[-1]] = products.get(stack[-1], 0) + macs
+
     modules = dict(model.named_modules())
     hooks = [h for name, m in modules.items() for h in (m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave(name, isinstance(m, layer_types))))]
     try:
-        with _ActivationProducts(lambda macs: _add(products, stack[-1], macs) if stack and not isinstance(modules[stack[-1]], layer_types) else None):
+        with _ActivationProducts(product):
             model(*inputs)
     finally:
         for hook in hooks:
             hook.remove()
     entries = [MacEntry(name, "layer", macs, name) for name, macs in layer_macs.items()]
     return entries + [MacEntry(name, "attention", macs, _first_layer(modules[name], name, layer_types)) for name, macs in products.items()]
-
-
-def _add(counts: dict[str, int], name: str, macs: int) -> None:
-    counts[name] = counts.get(name, 0) + macs
 
 
 def _macs_per_output(module: nn.Module) -> int:

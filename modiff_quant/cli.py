@@ -13,7 +13,7 @@ import torch
 from .bops import BopsConventions, count_bops, count_macs
 from .evaluate import CALIBRATION_SAMPLES, Harness
 from .gate import format_checks, run_gate
-from .models import load_model
+from .models import load_model, sample_shape
 from .recipe import RecipeError, load_recipe
 from .registry import UnknownNameError
 from .report import save_grid, write_report
@@ -31,8 +31,7 @@ def _conventions(args: argparse.Namespace) -> BopsConventions:
 def _bops(args: argparse.Namespace) -> None:
     model = load_model(args.model, weights=args.weights)
     plan = load_recipe(args.recipe).resolve(model) if args.recipe else None
-    size = model.config.sample_size if isinstance(model.config.sample_size, (tuple, list)) else (model.config.sample_size,) * 2
-    entries = count_macs(model, torch.zeros(1, model.config.in_channels, *size), torch.tensor(0))
+    entries = count_macs(model, torch.zeros(1, *sample_shape(model)), torch.tensor(0))
     bops = count_bops(entries, plan, args.steps, _conventions(args))
     gmacs = {kind: sum(e.macs for e in entries if e.kind == kind) / 1e9 for kind in ("layer", "attention")}
     result = {

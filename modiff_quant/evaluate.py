@@ -25,7 +25,7 @@ from .data import load_digits16
 from .features import digit_features, frechet_distance, load_classifier
 from .layers import QuantizedLayer
 from .metrics import psnr_vs
-from .models import load_model, training_schedule
+from .models import load_model, sample_shape, training_schedule
 from .recipe import Recipe, load_recipe
 from .samplers import make_scheduler, sample
 
@@ -69,9 +69,7 @@ class Harness:
         self.noise = self._noise(samples, seed)
 
     def _noise(self, count: int, seed: int) -> Tensor:
-        config = self.model.config
-        size = config.sample_size if isinstance(config.sample_size, (tuple, list)) else (config.sample_size, config.sample_size)
-        return torch.randn(count, config.in_channels, *size, generator=torch.Generator().manual_seed(seed))
+        return torch.randn(count, *sample_shape(self.model), generator=torch.Generator().manual_seed(seed))
 
     @cached_property
     def reference(self) -> Run:
@@ -141,7 +139,7 @@ class Harness:
         prepared = is_prepared(model)
         with torch.no_grad():
             model(self.noise[:1], torch.tensor(0))  # untimed warm-up (first-call allocations); sampling() resets its state
-        skips_before = block_skips(model) if prepared else (0, 0)
+        skips_before, calls_before = block_skips(model) if prepared else (0, 0)  # the warm-up's count
         start, batches, cache = time.perf_counter(), [], 0
         epsilons: list[list[Tensor]] = [[] for _ in range(self.steps)]
         for index, batch in enumerate(self.noise.split(self.batch_size)):
@@ -150,8 +148,9 @@ class Harness:
                 batches.append(sample(model, batch, scheduler, self.steps, seed=self.seed + index, desc=desc, on_step=lambda step, eps: epsilons[step].append(eps)))
                 cache = max(cache, state_bytes(model) // len(batch) if prepared else 0)
         seconds = time.perf_counter() - start
-        skipped, calls = (after - before for after, before in zip(block_skips(model) if prepared else (0, 0), skips_before))
-        return Run(torch.cat(batches), seconds, cache, [torch.cat(step) for step in epsilons], skipped / calls if calls else None)
+        skips, calls = block_skips(model) if prepared else (0, 0)
+        skip_fraction = (skips - skips_before) / (calls - calls_before) if calls > calls_before else None
+        return Run(torch.cat(batches), seconds, cache, [torch.cat(step) for step in epsilons], skip_fraction)
 
 
 def _mean_relative_error(reference: list[Tensor], predictions: list[Tensor]) -> float:

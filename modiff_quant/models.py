@@ -64,6 +64,14 @@ def load_model(name_or_path: str, *, seed: int = 0, weights: str | Path | None =
     raise FileNotFoundError(f"model {name_or_path!r} is neither a built-in model{did_you_mean(name_or_path, names)} ({', '.join(names)}) nor a diffusers model folder")
 
 
+def sample_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of one sample of a diffusers image model (sample_size may be an
+    int or a pair)."""
+    config = model.config
+    size = config.sample_size if isinstance(config.sample_size, (tuple, list)) else (config.sample_size, config.sample_size)
+    return (config.in_channels, *size)
+
+
 def training_schedule(name_or_path: str) -> dict[str, Any] | None:
     """The noise schedule a model folder was trained with (its scheduler_config.json), if any."""
     folder = files("modiff_quant") / "assets" / name_or_path if name_or_path in BUNDLED_MODELS else Path(name_or_path)
