@@ -7,10 +7,12 @@ with error compensation, on top of any base quantizer, driven by YAML recipes.
 from .api import branch, calibrate, convert, plan_of, prepare, reset, sampling, set_execution
 from .base_quantizer import ActivationQuantizer, BaseQuantizer, UnsupportedSetting
 from .observers import Observer
+from .pipelines import attach
 from .quant import Granularity, QuantSpec
 from .recipe import Recipe, RecipeError, load_recipe, shipped_recipes
 from .registry import register_base_quantizer, register_observer, register_scheme
 from .schemes import Scheme
+from .serialization import LoadError, load_quantized, save_quantized
 
 __version__ = "0.1.0"
 
@@ -18,15 +20,18 @@ __all__ = [
     "ActivationQuantizer",
     "BaseQuantizer",
     "Granularity",
+    "LoadError",
     "Observer",
     "QuantSpec",
     "Recipe",
     "RecipeError",
     "Scheme",
     "UnsupportedSetting",
+    "attach",
     "branch",
     "calibrate",
     "convert",
+    "load_quantized",
     "load_recipe",
     "plan_of",
     "prepare",
@@ -34,6 +39,7 @@ __all__ = [
     "register_observer",
     "register_scheme",
     "reset",
+    "save_quantized",
     "sampling",
     "set_execution",
     "shipped_recipes",

@@ -31,10 +31,19 @@ def prepare(model: nn.Module, recipe: Recipe | str | Path) -> nn.Module:
 
     The recipe is resolved and validated against the model before anything changes.
     """
+    ensure_float(model)
+    return install(model, (recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).resolve(model))
+
+
+def ensure_float(model: nn.Module) -> None:
+    """Raise unless `model` is untouched by modiff_quant (a recipe applies to float models only)."""
     prepared = [name or "the model" for name, module in model.named_modules() if is_prepared(module) or isinstance(module, QuantizedLayer)]
     if prepared:
         raise RuntimeError(f"already prepared by modiff_quant: {', '.join(prepared[:3])}; prepare a fresh copy of the float model")
-    plan = (recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).resolve(model)
+
+
+def install(model: nn.Module, plan: Plan) -> nn.Module:
+    """The in-place part of `prepare`, for a plan already resolved against `model`."""
     tracker = Tracker()
     modules = dict(model.named_modules())
     tracker.members.extend(quantize_layer(modules[name], layer, tracker) for name, layer in plan.layers.items() if not layer.leaves_float)
@@ -45,9 +54,22 @@ def prepare(model: nn.Module, recipe: Recipe | str | Path) -> nn.Module:
     return model
 
 
+def mark_converted(model: nn.Module) -> None:
+    """A prepared model whose layers were restored from a saved conversion (`load_quantized`)
+    is converted as if `convert()` had run."""
+    tracker = _tracker(model)
+    tracker.mode = Mode.CONVERTED
+    tracker.reset()
+
+
 def is_prepared(model: nn.Module) -> bool:
     """True for a model that `prepare` has been applied to."""
     return hasattr(model, _TRACKER)
+
+
+def is_converted(model: nn.Module) -> bool:
+    """True for a prepared model that `convert` (or `load_quantized`) has quantized."""
+    return is_prepared(model) and _tracker(model).mode is Mode.CONVERTED
 
 
 def plan_of(model: nn.Module) -> Plan:
@@ -152,6 +174,17 @@ def branch(model: nn.Module, key: Hashable) -> Iterator[nn.Module]:
         tracker.branch = previous
 
 
+def set_branch(model: nn.Module, key: Hashable | None) -> None:
+    """Calls from now on belong to CFG branch `key` (None: detect branches automatically); for
+    integrations that are told the branch, such as diffusers' `cache_context`."""
+    _tracker(model).branch = key
+
+
+def needs_calibration(model: nn.Module) -> bool:
+    """True when `convert` needs the sampling loop run inside `calibrate` first."""
+    return any(layer.needs_calibration for layer in model.modules() if isinstance(layer, QuantizedLayer))
+
+
 def bind_deferred(model: nn.Module) -> bool:
     """Prepare `model` from layers marked by torchao's `quantize_(..., MoDiffConfig(...))`, and
     convert it at once when none of them needs calibration data."""
@@ -159,7 +192,7 @@ def bind_deferred(model: nn.Module) -> bool:
     if recipe is None:
         return False
     prepare(model, recipe)
-    if not any(layer.needs_calibration for layer in model.modules() if isinstance(layer, QuantizedLayer)):
+    if not needs_calibration(model):
         convert(model)
     return True
 

@@ -225,4 +225,4 @@ class BaseQuantizer(ABC):
 
     @abstractmethod
     def activation_quantizer(self, spec: QuantSpec, channel_dim: int) -> ActivationQuantizer:
-        """A fresh quantizer for one activation stream; `channel_dim` is 1 for convs, -1 for linears."""
+        """A fresh quantizer for one activation stream; `channel_dim` counts from the end: -3 for Conv2d, -2 for Conv1d, -1 for Linear."""

@@ -1,4 +1,4 @@
-"""`modiff-quant` command line: explain, bops, eval, demo, gate."""
+"""`modiff-quant` command line: explain, bops, eval, demo, gate, plot."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from .bops import BopsConventions, count_bops, count_macs
 from .evaluate import CALIBRATION_SAMPLES, Harness
 from .gate import format_checks, run_gate
 from .models import load_model, sample_shape
+from .plots import write_distributions, write_eval_figures, write_fd_vs_bits, write_step_error
 from .recipe import RecipeError, load_recipe
 from .registry import UnknownNameError
 from .report import save_grid, write_report
@@ -74,7 +75,8 @@ def _eval(args: argparse.Namespace) -> None:
     _write_json(args.json, {"settings": settings, **finite})
     if args.out:
         save_grid(args.out / "grid.png", {"full precision": harness.reference.images, args.recipe: run.images})
-        write_report(args.out / "report.md", f"modiff-quant eval: {args.recipe} on {args.model}", settings, [{"recipe": args.recipe, **metrics}], "grid.png")
+        figures = write_eval_figures(harness, args.recipe, run, args.out)
+        write_report(args.out / "report.md", f"modiff-quant eval: {args.recipe} on {args.model}", settings, [{"recipe": args.recipe, **metrics}], "grid.png", figures)
     print(json.dumps(finite, indent=1))
 
 
@@ -95,6 +97,18 @@ def _demo(args: argparse.Namespace) -> None:
     settings = {k: getattr(args, k) for k in ("model", "sampler", "steps", "samples", "seed")}
     write_report(args.out / "report.md", "modiff-quant demo: full precision vs plain vs MoDiff", settings, rows, "grid.png")
     print(f"wrote {args.out / 'grid.png'} and {args.out / 'report.md'}")
+
+
+def _plot_distributions(args: argparse.Namespace) -> None:
+    print(f"wrote {write_distributions(_harness(args), args.out, args.layers)}")
+
+
+def _plot_step_error(args: argparse.Namespace) -> None:
+    print(f"wrote {write_step_error(_harness(args), args.recipe, args.out)}")
+
+
+def _plot_fd_vs_bits(args: argparse.Namespace) -> None:
+    print(f"wrote {write_fd_vs_bits(args.results, args.out, args.w_bits)}")
 
 
 def _gate(args: argparse.Namespace) -> int:
@@ -154,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--base-quantizer", help="swap the base quantizer of every layer")
     evaluate.add_argument("--calibration-samples", type=int, default=CALIBRATION_SAMPLES)
     evaluate.add_argument("--json", type=Path, required=True)
-    evaluate.add_argument("--out", type=Path, help="folder for grid.png and report.md")
+    evaluate.add_argument("--out", type=Path, help="folder for grid.png, report.md and the step-error and distribution plots")
     evaluate.set_defaults(run=_eval)
 
     demo = commands.add_parser("demo", help="full precision vs plain vs MoDiff on the bundled digits16 model")
@@ -162,6 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--recipes", nargs="+", default=["w8a4-plain", "w8a4-modiff"])
     demo.add_argument("--out", type=Path, default=Path("out/demo"))
     demo.set_defaults(run=_demo)
+
+    plot = commands.add_parser("plot", help="figures as PNG plus the JSON of their data: distributions, step-error, fd-vs-bits")
+    kinds = plot.add_subparsers(dest="kind", required=True)
+    distributions = kinds.add_parser("distributions", help="layer inputs a_t vs temporal differences a_t - a_{t+1} in full precision (paper Fig. 1b)")
+    _sampling_options(distributions, model="digits16", samples=64)
+    distributions.add_argument("--layers", nargs="+", help="Linear/Conv layer names (default: an early conv, an attention projection, a late up-block conv)")
+    distributions.add_argument("--out", type=Path, required=True, help="folder for fig1b-distributions.png and .json")
+    distributions.set_defaults(run=_plot_distributions)
+    step_error = kinds.add_parser("step-error", help="per-step relative ε error vs FP of plain, MoDiff w/o error compensation and MoDiff (paper Fig. 3)")
+    _sampling_options(step_error, model="digits16", samples=64)
+    step_error.add_argument("--recipe", default="w8a4-modiff", help="the recipe the three variants are derived from")
+    step_error.add_argument("--out", type=Path, required=True, help="folder for fig3-step-error.png and .json")
+    step_error.set_defaults(run=_plot_step_error)
+    fd_vs_bits = kinds.add_parser("fd-vs-bits", help="FD vs activation bits per base quantizer, from benchmarks/base_quantizer_table.py")
+    fd_vs_bits.add_argument("--results", type=Path, default=Path("out/base-quantizers/results.json"))
+    fd_vs_bits.add_argument("--w-bits", type=int, default=8, help="weight bit-width of the rows drawn")
+    fd_vs_bits.add_argument("--out", type=Path, required=True, help="folder for fd-vs-bits.png and .json")
+    fd_vs_bits.set_defaults(run=_plot_fd_vs_bits)
 
     gate = commands.add_parser("gate", help="run the settings of a baselines YAML; exit 1 when a metric leaves its tolerance")
     gate.add_argument("--baseline", type=Path, required=True)

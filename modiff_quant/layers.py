@@ -6,6 +6,7 @@ the model and `isinstance(m, nn.Conv2d)`, so code around the model keeps working
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Hashable
 from typing import Literal
 
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from .adoption import adopt
 from .base_quantizer import ActivationQuantizer, BaseQuantizer, SplitActivationQuantizer
+from .calibration.record import tensor_bytes
 from .integer_kernels import IntegerWeights, UnsupportedWeights
 from .layer_parts import build_parts, needs_calibration, splits
 from .quant import FLOAT_BITS, SKIP_BITS, QuantSpec, is_packed
@@ -117,6 +119,7 @@ class QuantizedLayer(nn.Module):
         self._last_position: Position | None = None
         self._repeat = 0
         self.integer: IntegerWeights | None = None  # set by `set_execution("integer")`
+        self.source_weight_digest: str | None = None  # of the float weight a packed weight was made from
 
     @property
     def calibrates(self) -> bool:
@@ -260,6 +263,7 @@ class QuantizedLayer(nn.Module):
         if staged is None:
             return
         if is_packed(staged):
+            self.source_weight_digest = None if self.packed else weight_digest(self.weight)  # packed before prepare: no float weight
             self.weight = nn.Parameter(staged, requires_grad=False)
         else:
             self.weight.copy_(staged)
@@ -303,6 +307,11 @@ class QuantizedLayer(nn.Module):
     def extra_repr(self) -> str:
         s = self.plan.settings
         return f"{super().extra_repr()}, scheme={s.scheme}, base={s.base_quantizer}, w_bits={s.w_bits}, a_bits={s.a_bits}"
+
+
+def weight_digest(weight: Tensor) -> str:
+    """SHA-256 of a float weight: what a packed weight is re-made from must be this weight."""
+    return hashlib.sha256(tensor_bytes(weight)).hexdigest()
 
 
 def join_weight_parts(parts: list[Tensor]) -> Tensor:

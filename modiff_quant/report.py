@@ -36,13 +36,18 @@ def _tile(images: Tensor) -> np.ndarray:
     return strip.repeat(SCALE, axis=0).repeat(SCALE, axis=1)
 
 
-def write_report(path: Path, title: str, settings: dict[str, Any], rows: list[dict[str, Any]], grid: str) -> None:
-    """A Markdown page: the settings, one metrics row per setting, and the grid."""
+def write_report(path: Path, title: str, settings: dict[str, Any], rows: list[dict[str, Any]], grid: str, figures: dict[str, str] | None = None) -> None:
+    """A Markdown page: the settings, one metrics row per setting, the grid, and `figures`
+    (caption -> image file next to the report)."""
     columns = [key for key in rows[0] if key != "recipe"]
     lines = [f"# {title}", "", ", ".join(f"{k}: {v}" for k, v in settings.items()), ""]
     lines += ["| recipe | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += ["| " + " | ".join([row["recipe"], *(_cell(row[c]) for c in columns)]) + " |" for row in rows]
     lines += ["", f"![samples: one row per setting, same noise per column]({grid})", ""]
+    if figures:
+        lines += ["## Plots", ""]
+        for caption, image in figures.items():
+            lines += [f"**{caption}** (`{image}`; data: `{Path(image).with_suffix('.json')}`)", "", f"![{caption}]({image})", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import copy
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import ddim_inputs, tiny_unet
+from helpers import README, ddim_inputs, readme_example, tiny_unet
 
 import modiff_quant as mq
 from modiff_quant.base_quantizer import DynamicActivationQuantizer
@@ -26,7 +25,6 @@ quantize_ = ao.quantization.quantize_
 Int4OpaqueTensor = ao.prototype.quantization.int4.Int4OpaqueTensor
 PrototypeInt4WeightOnlyConfig = ao.prototype.quantization.int4.PrototypeInt4WeightOnlyConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 EQUIVALENCE = 1e-5
 
 
@@ -139,7 +137,7 @@ rules:
 """
 
 
-def test_modiff_config_in_quantize_computes_as_the_equivalent_recipe(digits, write_recipe):
+def test_modiff_config_in_quantize_computes_as_the_equivalent_recipe(digits, write_recipe, tmp_path):
     """quantize_(unet, MoDiffConfig(torchao int4 config, a_bits=8)): Linear weights are torchao's
     own int4 tensors, MoDiff binds on the first call, and sampling matches prepare() with the
     equivalent recipe within 1e-5 (bit-identical here)."""
@@ -153,6 +151,8 @@ def test_modiff_config_in_quantize_computes_as_the_equivalent_recipe(digits, wri
     by_recipe = mq.convert(mq.prepare(copy.deepcopy(digits), write_recipe(ONE_LINE_EQUIVALENT)))
     assert relative(outputs, trajectory(by_recipe)) <= EQUIVALENCE
     assert relative(outputs, trajectory(digits)) > 1e-3  # it did quantize
+    with pytest.raises(RuntimeError, match=r"save_quantized\(\) cannot store time_embedding\.linear_1, .*packed before modiff_quant prepared the model"):
+        mq.save_quantized(by_torchao, tmp_path)
 
 
 def test_recipe_as_fqn_to_config_computes_as_prepare(digits):
@@ -271,12 +271,6 @@ def test_brevitas_output_quantization_is_refused(write_recipe):
 
 
 # README worked examples
-
-
-def readme_example(marker: str) -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
-    (block,) = [b for b in blocks if b.startswith(f"# {marker}\n")]
-    return block
 
 
 def sample(unet: torch.nn.Module) -> torch.Tensor:

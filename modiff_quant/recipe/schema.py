@@ -75,14 +75,17 @@ class Recipe:
         """The same recipe with every layer on base quantizer `name` (its default options): the
         one-line swap of `--base-quantizer`."""
         _check_base_quantizer_options(name, {}, None)
-        swapped = ("base_quantizer", "base_quantizer_options")
+        return self.overriding({"base_quantizer": name, "base_quantizer_options": {}}, f"{self.name}+{name}")
+
+    def overriding(self, settings: Mapping[str, Any], name: str) -> Recipe:
+        """The same recipe, named `name`, with `settings` (LayerSettings fields) on every layer:
+        set in the defaults and removed from every rule, so that no rule overrides them."""
         rules = tuple(
-            replace(rule, settings={k: v for k, v in rule.settings.items() if k not in swapped}, setting_locations={k: v for k, v in rule.setting_locations.items() if k not in swapped})
+            replace(rule, settings={k: v for k, v in rule.settings.items() if k not in settings}, setting_locations={k: v for k, v in rule.setting_locations.items() if k not in settings})
             for rule in self.rules
         )
-        defaults = self.defaults.updated({"base_quantizer": name, "base_quantizer_options": {}})
-        locations = {k: v for k, v in self.default_locations.items() if k not in swapped}
-        return replace(self, name=f"{self.name}+{name}", defaults=defaults, default_locations=locations, rules=rules)
+        locations = {k: v for k, v in self.default_locations.items() if k not in settings}
+        return replace(self, name=name, defaults=self.defaults.updated(settings), default_locations=locations, rules=rules)
 
     def explain(self, model: nn.Module) -> str:
         """Per layer: the settings that apply and the recipe lines they came from."""

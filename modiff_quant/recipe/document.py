@@ -1,0 +1,98 @@
+"""Recipes and plans written back as plain data: the inverse of the parsers.
+
+`save_quantized` keeps the recipe a model was built from as one flat YAML file (the `extends`
+chain merged), so the saved model loads without the files the recipe came from, and the
+resolved plan as JSON, so a load can say exactly which layer of the model differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+from .resolve import Plan
+from .schema import SCHEMA_VERSION, Recipe, Rule
+from .settings import LayerSettings, StepSchedule, TimestepGroups
+
+_STRINGIFIED = ("w_granularity", "a_granularity", "first_step")
+"""Settings whose recipe value is the string form of their parsed value."""
+
+
+def recipe_document(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as a YAML-ready mapping that `load_recipe` parses back to the same recipe."""
+    return {
+        "version": SCHEMA_VERSION,
+        "name": recipe.name,
+        "description": recipe.description,
+        "strict": recipe.strict,
+        "defaults": settings_document(_all_settings(recipe.defaults)),
+        "rules": [_rule_document(rule) for rule in recipe.rules],
+    }
+
+
+def plan_document(plan: Plan) -> dict[str, Any]:
+    """Per layer and block, everything the recipe decided: two plans of the same recipe on two
+    models are equal exactly when the models are quantized alike."""
+    return {
+        "layers": {
+            name: {
+                "type": layer.module_type,
+                "settings": settings_document(_all_settings(layer.settings)),
+                "zero_bit_steps": [schedule_document(steps) for steps in layer.zero_bit_steps],
+                "adopted_from": layer.adopted_from,
+            }
+            for name, layer in plan.layers.items()
+        },
+        "blocks": {
+            name: {"type": block.module_type, "steps": schedule_document(block.schedule), "skip_threshold": block.skip_threshold}
+            for name, block in plan.blocks.items()
+        },
+    }
+
+
+def settings_document(values: Mapping[str, Any]) -> dict[str, Any]:
+    """LayerSettings fields -> recipe keys and YAML values (`split: None` means "not set")."""
+    document: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "base_quantizer_options":
+            continue
+        if key == "base_quantizer":
+            options = dict(values.get("base_quantizer_options", {}))
+            document[key] = {"name": value, **options} if options else value
+        elif key in _STRINGIFIED:
+            document[key] = str(value)
+        elif isinstance(value, TimestepGroups):
+            document[key] = {"count": value.count, "range": [value.low, value.high]}
+        elif value is not None:
+            document[key] = value
+    return document
+
+
+def schedule_document(schedule: StepSchedule) -> Any:
+    """A step schedule as the `steps` value that parses back to it."""
+    if schedule.explicit is not None:
+        return sorted(schedule.explicit)
+    if schedule == StepSchedule():
+        return "all"
+    document: dict[str, int] = {"start": schedule.start}
+    if schedule.stop is not None:
+        document["stop"] = schedule.stop
+    if schedule.refresh_every:
+        document["refresh_every"] = schedule.refresh_every
+    else:
+        document["every"] = schedule.every
+    return document
+
+
+def _all_settings(settings: LayerSettings) -> dict[str, Any]:
+    return {f.name: getattr(settings, f.name) for f in fields(LayerSettings)}
+
+
+def _rule_document(rule: Rule) -> dict[str, Any]:
+    document: dict[str, Any] = {"match": list(rule.patterns), **settings_document(rule.settings)}
+    if rule.steps is not None:
+        document["steps"] = schedule_document(rule.steps)
+    if rule.skip_threshold is not None:
+        document["skip_threshold"] = rule.skip_threshold
+    return document

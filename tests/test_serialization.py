@@ -1,0 +1,163 @@
+"""save_quantized / load_quantized: bit-exact round trips, and clear errors that leave the model
+untouched when the model or the files do not match."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import ddim_inputs, tiny_unet
+
+import modiff_quant as mq
+from modiff_quant.api import is_prepared
+from modiff_quant.layers import QuantizedLayer
+from modiff_quant.recipe.document import plan_document, recipe_document
+from modiff_quant.serialization import PLAN, RECIPE, TENSORS
+
+STEPS = 8
+INT4_ATTENTION = """version: 1
+extends: w8a4-modiff-torchao
+rules:
+  - match: re:.*attentions\\.0\\.to_[qkv]
+    w_bits: 4   # torchao packs 4-bit Linear weights into its int4 CPU layout
+"""
+
+
+def recipe_path(name: str, folder: Path) -> str | Path:
+    """A shipped recipe, or (`int4`) one whose attention projections torchao packs to int4."""
+    if name != "int4":
+        return name
+    path = folder / "int4-attention.yaml"
+    path.write_text(INT4_ATTENTION, encoding="utf-8")
+    return path
+
+
+def converted(recipe: str | Path, seed: int = 0) -> tuple[torch.nn.Module, list]:
+    model = tiny_unet(seed)
+    inputs = ddim_inputs(model, STEPS)
+    mq.prepare(model, recipe)
+    with torch.no_grad(), mq.calibrate(model):
+        for x, t in inputs:
+            model(x, t)
+    mq.convert(model)
+    return model, inputs
+
+
+def trajectory(model: torch.nn.Module, inputs: list) -> list[torch.Tensor]:
+    with torch.no_grad(), mq.sampling(model):
+        return [model(x, t).sample for x, t in inputs]
+
+
+def untouched(model: torch.nn.Module) -> bool:
+    return not is_prepared(model) and not any(isinstance(m, QuantizedLayer) for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    model, _ = converted("w8a4-modiff-ptq4dm")
+    return mq.save_quantized(model, tmp_path_factory.mktemp("saved"))
+
+
+@pytest.mark.parametrize("recipe", ["w8a4-modiff", "w8a4-modiff-ptq4dm", "adaptive-cache", "int4"])
+def test_save_load_sample_is_bit_identical(tmp_path, recipe):
+    model, inputs = converted(recipe_path(recipe, tmp_path))
+    assert any(layer.packed for layer in model.modules() if isinstance(layer, QuantizedLayer)) == (recipe == "int4")
+    saved = mq.save_quantized(model, tmp_path / "saved")
+    assert sorted(p.name for p in saved.iterdir()) == sorted([TENSORS, RECIPE, PLAN])
+    # every tensor comes from the files: a float model with other weights loads the same model,
+    # except torchao's packed int4 weights, which are re-made from the float weights they came from
+    fresh = tiny_unet(seed=0 if recipe == "int4" else 1)
+    loaded = mq.load_quantized(fresh, saved)
+    assert all(torch.equal(a, b) for a, b in zip(trajectory(model, inputs), trajectory(loaded, inputs)))
+    assert plan_document(mq.plan_of(loaded)) == plan_document(mq.plan_of(model))
+
+
+def test_packed_weights_need_the_float_weights_they_were_made_from(tmp_path):
+    model, _ = converted(recipe_path("int4", tmp_path))
+    saved = mq.save_quantized(model, tmp_path / "saved")
+    other = tiny_unet(seed=1)
+    with pytest.raises(mq.LoadError, match=r"layer '[\w.]+to_q': its weight was packed by torchao_int4 .* not the one it was made from"):
+        mq.load_quantized(other, saved)
+    assert untouched(other)
+
+
+def test_a_renamed_layer_is_named(saved):
+    model = tiny_unet()
+    model.conv_last = model.conv_out
+    del model.conv_out
+    with pytest.raises(mq.LoadError, match=r"layer 'conv_out' of the saved model is not in this model; this model has 'conv_last' \(renamed\?\)"):
+        mq.load_quantized(model, saved)
+    assert untouched(model)
+
+
+def test_another_architecture_is_named(saved):
+    from diffusers import UNet2DModel
+
+    config = {k: v for k, v in tiny_unet().config.items() if not k.startswith("_")}
+    model = UNet2DModel(**config | {"block_out_channels": (16, 24)})
+    with pytest.raises(mq.LoadError, match=r"tensor '[\w.]+': saved as \[\d+(, \d+)*\] torch.float32, this model has \[\d+(, \d+)*\]"):
+        mq.load_quantized(model, saved)
+    assert untouched(model)
+
+
+def damage(folder: Path, tmp_path: Path, name: str, edit) -> Path:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in folder.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    target = copy / name
+    target.write_bytes(edit(target.read_bytes()))
+    return copy
+
+
+def flip_byte(content: bytes) -> bytes:
+    middle = len(content) // 2
+    return content[:middle] + bytes([content[middle] ^ 1]) + content[middle + 1 :]
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "message"),
+    [
+        (TENSORS, lambda b: b[: len(b) // 2], r"model.safetensors is truncated or was replaced: \d+ bytes, \d+ were saved"),
+        (TENSORS, flip_byte, r"model.safetensors is corrupt: its SHA-256 differs from the one saved in plan.json"),
+        (RECIPE, lambda b: b.replace(b"a_bits: 4", b"a_bits: 3"), r"recipe.yaml is corrupt: its SHA-256 differs"),
+        (PLAN, lambda b: b[: len(b) // 2], r"plan.json is damaged or truncated \(.*\); save the model again"),
+        (PLAN, lambda b: json.dumps(json.loads(b) | {"format": 99}).encode(), r"plan.json: format 99 \(written by modiff-quant [\d.]+\); modiff-quant [\d.]+ reads format 1"),
+        (PLAN, lambda b: json.dumps({k: v for k, v in json.loads(b).items() if k != "packed_weights"}).encode(), r"plan.json is damaged: it lacks packed_weights"),
+    ],
+    ids=["truncated-tensors", "flipped-byte", "edited-recipe", "truncated-plan", "newer-format", "missing-key"],
+)
+def test_damaged_files_fail_clearly_and_change_nothing(saved, tmp_path, name, edit, message):
+    folder = damage(saved, tmp_path, name, edit)
+    model = tiny_unet()
+    with pytest.raises(mq.LoadError, match=message):
+        mq.load_quantized(model, folder)
+    assert untouched(model)
+
+
+def test_missing_files_and_wrong_use(saved, tmp_path):
+    with pytest.raises(mq.LoadError, match=r"plan.json not found: .* is not a model written by save_quantized\(\)"):
+        mq.load_quantized(tiny_unet(), tmp_path)
+    folder = damage(saved, tmp_path, TENSORS, lambda b: b)
+    (folder / TENSORS).unlink()
+    with pytest.raises(mq.LoadError, match=r"model.safetensors not found \(part of the saved model\)"):
+        mq.load_quantized(tiny_unet(), folder)
+    prepared = mq.prepare(tiny_unet(), "w8a4-modiff")
+    with pytest.raises(RuntimeError, match=r"save_quantized\(\) needs a converted model"):
+        mq.save_quantized(prepared, tmp_path / "out")
+    with pytest.raises(RuntimeError, match="already prepared by modiff_quant"):
+        mq.load_quantized(prepared, saved)
+
+
+@pytest.mark.parametrize("name", mq.shipped_recipes())
+def test_flat_recipe_document_parses_back_to_the_same_plan(tmp_path, name):
+    recipe = mq.load_recipe(name)
+    path = tmp_path / "flat.yaml"
+    path.write_text(yaml.safe_dump(recipe_document(recipe), sort_keys=False), encoding="utf-8")
+    assert "extends" not in path.read_text(encoding="utf-8")
+    reloaded = mq.load_recipe(path)
+    assert (reloaded.defaults, reloaded.strict, reloaded.name) == (recipe.defaults, recipe.strict, recipe.name)
+    assert [(r.patterns, dict(r.settings), r.steps, r.skip_threshold) for r in reloaded.rules] == [(r.patterns, dict(r.settings), r.steps, r.skip_threshold) for r in recipe.rules]
