@@ -39,8 +39,8 @@ __all__ = [
     "register_observer",
     "register_scheme",
     "reset",
-    "save_quantized",
     "sampling",
+    "save_quantized",
     "set_execution",
     "shipped_recipes",
 ]

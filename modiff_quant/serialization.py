@@ -1,8 +1,10 @@
 """Shipping a quantized model: `save_quantized` / `load_quantized`.
 
 A saved model is a folder of three files:
-- `model.safetensors`: every tensor of the converted model (quantized weights in place) plus
-  each quantized layer's frozen quantizer parameters, under `modiff/<layer>/`;
+- `model.safetensors`: every tensor of the converted model, quantized weights of up to 8 bits as
+  codes into per-channel tables of their exact values (`codes/<layer>/`, see `weight_codes`:
+  a W8 model is about a quarter of its float32 size), plus each quantized layer's frozen
+  quantizer parameters (`modiff/<layer>/`);
 - `recipe.yaml`: the recipe, flat (its `extends` chain merged), which `prepare` re-applies;
 - `plan.json`: the resolved per-layer plan, shapes, versions and a checksum of the other two.
 
@@ -21,6 +23,7 @@ import json
 import os
 import platform
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +39,12 @@ from .layers import QuantizedLayer, weight_digest
 from .recipe import Plan, Recipe, RecipeError, load_recipe
 from .recipe.document import plan_document, recipe_document
 from .registry import nearest
+from .weight_codes import decode, encode
 
 FORMAT = 1
 TENSORS, RECIPE, PLAN = "model.safetensors", "recipe.yaml", "plan.json"
-_LAYER_PREFIX = "modiff/"
-_MANIFEST_KEYS = ("format", "versions", "model_class", "files", "packed_weights", "plan")
+_LAYER_PREFIX, _CODES_PREFIX = "modiff/", "codes/"
+_MANIFEST_KEYS = ("format", "versions", "model_class", "files", "packed_weights", "coded_weights", "plan")
 
 
 class LoadError(RuntimeError):
@@ -64,7 +68,12 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"{_LAYER_PREFIX}{name}/{key}": value for name, layer in layers.items() for key, value in layer.calibration_state().items() if key != "weight"}
-    tensors.update(_own_state(model, layers))
+    own = _own_state(model, layers)
+    coded = {name: found for name, layer in layers.items() if not layer.packed and (found := encode(layer.weight, layer.plan.settings.w_bits)) is not None}
+    for name, (codes, table) in coded.items():
+        del own[f"{name}.weight"]
+        tensors.update({f"{_CODES_PREFIX}{name}/codes": codes, f"{_CODES_PREFIX}{name}/table": table})
+    tensors.update(own)
     payload = save_safetensors({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, metadata={"format": f"modiff-quant/{FORMAT}"})
     recipe_text = yaml.safe_dump(recipe_document(plan_of(model).recipe), sort_keys=False, allow_unicode=True).encode()
     manifest = {
@@ -73,6 +82,7 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
         "model_class": type(model).__name__,
         "files": {TENSORS: _file_facts(payload), RECIPE: _file_facts(recipe_text)},
         "packed_weights": {name: layer.source_weight_digest for name, layer in layers.items() if layer.packed},
+        "coded_weights": sorted(coded),
         "plan": plan_document(plan_of(model)),
     }
     for name, content in ((TENSORS, payload), (RECIPE, recipe_text), (PLAN, json.dumps(manifest, indent=1).encode())):
@@ -89,14 +99,12 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
     _check_plan(saved, plan_document(plan))
     _check_tensors(saved, model, plan)
     install(model, plan)
-    layers = _quantized_layers(model)
-    own = {key: value for key, value in saved.tensors.items() if not key.startswith(_LAYER_PREFIX)}
-    model.load_state_dict(own, strict=False)
-    for name, layer in layers.items():
+    model.load_state_dict(saved.own, strict=False)
+    for name, layer in _quantized_layers(model).items():
         prefix = f"{_LAYER_PREFIX}{name}/"
         state = {key.removeprefix(prefix): value for key, value in saved.tensors.items() if key.startswith(prefix)}
         if name not in saved.packed:
-            state["weight"] = own[f"{name}.weight"]  # as quantized: load_calibration_state would re-quantize without it
+            state["weight"] = saved.own[f"{name}.weight"]  # as quantized: load_calibration_state would re-quantize without it
         layer.load_calibration_state({key: value.to(layer.weight.device) for key, value in state.items()})
     mark_converted(model)
     return model
@@ -111,6 +119,14 @@ class _Saved:
     @property
     def packed(self) -> dict[str, str]:
         return self.manifest["packed_weights"]
+
+    @cached_property
+    def own(self) -> dict[str, Tensor]:
+        """The model's tensors (state_dict keys), coded weights decoded."""
+        own = {key: value for key, value in self.tensors.items() if not key.startswith((_LAYER_PREFIX, _CODES_PREFIX))}
+        for name in self.manifest["coded_weights"]:
+            own[f"{name}.weight"] = decode(self.tensors[f"{_CODES_PREFIX}{name}/codes"], self.tensors[f"{_CODES_PREFIX}{name}/table"])
+        return own
 
 
 def _read(folder: Path) -> _Saved:
@@ -189,7 +205,7 @@ def _differences(saved: dict[str, Any], found: dict[str, Any]) -> str:
 def _check_tensors(saved: _Saved, model: nn.Module, plan: Plan) -> None:
     """Every saved tensor has a twin of the same shape and dtype in the float model, and every
     packed weight will be re-made from the float weight it was made from."""
-    own = {key: value for key, value in saved.tensors.items() if not key.startswith(_LAYER_PREFIX)}
+    own = saved.own
     state = model.state_dict()
     packed = {f"{name}.weight" for name in saved.packed}
     extra = sorted(set(state) - set(own) - packed)

@@ -105,7 +105,7 @@ def tiny_sd_pipeline(folder: Path, seed: int = 0) -> Any:
         text_encoder=CLIPTextModel(text_config).eval(),
         tokenizer=tiny_clip_tokenizer(folder),
         unet=unet,
-        scheduler=DDIMScheduler(clip_sample=False),
+        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
