@@ -32,7 +32,7 @@ def encode(weight: Tensor, bits: int) -> tuple[Tensor, Tensor] | None:
     if width > 1 << bits:
         return None
     codes = torch.empty_like(ranks).scatter_(1, order, ranks)
-    table = torch.zeros(weight.shape[0], width, dtype=patterns.dtype).scatter_(1, ranks, ordered)
+    table = torch.zeros(weight.shape[0], width, dtype=patterns.dtype, device=patterns.device).scatter_(1, ranks, ordered)
     return codes.to(torch.uint8).reshape(weight.shape), table.view(weight.dtype)
 
 
