@@ -55,10 +55,11 @@ def install(model: nn.Module, plan: Plan) -> nn.Module:
 
 
 def mark_converted(model: nn.Module) -> None:
-    """A prepared model whose layers were restored from a saved conversion (`load_quantized`)
-    is converted as if `convert()` had run."""
+    """The end of `convert()`, also for a prepared model whose layers were restored from a saved
+    conversion (`load_quantized`): quantized from now on, calibration record dropped."""
     tracker = _tracker(model)
     tracker.mode = Mode.CONVERTED
+    tracker.record = None
     tracker.reset()
 
 
@@ -105,9 +106,7 @@ def convert(model: nn.Module, cache_dir: str | Path | None = None) -> nn.Module:
     if tracker.mode is not Mode.PREPARED:
         raise RuntimeError(f"convert() needs a prepared model (model is {tracker.mode.value})")
     convert_layers(model, tracker, [layer for layer in model.modules() if isinstance(layer, QuantizedLayer)], cache_dir)
-    tracker.mode = Mode.CONVERTED
-    tracker.record = None
-    tracker.reset()
+    mark_converted(model)
     return model
 
 

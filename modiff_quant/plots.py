@@ -82,8 +82,9 @@ def write_fd_vs_bits(results: Path, out: Path, w_bits: int = 8, name: str = FD_V
 def write_eval_figures(harness: Harness, label: str, run: Run, out: Path) -> dict[str, str]:
     """What `eval --out` adds to its report: the evaluated model's per-step ε error (from the
     evaluation's own runs) and the default layers' distributions. Returns caption -> file name."""
-    curves = {Path(label).stem: step_relative_errors(harness.reference.epsilons, run.epsilons)}
-    step_error = _save_step_error(harness, f"{_setting(harness)}\n{Path(label).stem} vs full precision", curves, {}, out / "step-error.png")
+    name = Path(label).stem
+    curves = {name: step_relative_errors(harness.reference.epsilons, run.epsilons)}
+    step_error = _save_step_error(harness, f"{_setting(harness)}\n{name} vs full precision", curves, {}, out / "step-error.png")
     distributions = write_distributions(harness, out, samples=EVAL_DISTRIBUTION_SAMPLES, name="distributions.png")
     return {"per-step relative error of ε vs full precision": step_error.name, "layer inputs vs temporal differences (full precision)": distributions.name}
 

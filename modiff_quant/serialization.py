@@ -75,7 +75,8 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
         tensors.update({f"{_CODES_PREFIX}{name}/codes": codes, f"{_CODES_PREFIX}{name}/table": table})
     tensors.update(own)
     payload = save_safetensors({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, metadata={"format": f"modiff-quant/{FORMAT}"})
-    recipe_text = yaml.safe_dump(recipe_document(plan_of(model).recipe), sort_keys=False, allow_unicode=True).encode()
+    plan = plan_of(model)
+    recipe_text = yaml.safe_dump(recipe_document(plan.recipe), sort_keys=False, allow_unicode=True).encode()
     manifest = {
         "format": FORMAT,
         "versions": {"modiff_quant": __version__, "torch": torch.__version__, "python": platform.python_version()},
@@ -83,7 +84,7 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
         "files": {TENSORS: _file_facts(payload), RECIPE: _file_facts(recipe_text)},
         "packed_weights": {name: layer.source_weight_digest for name, layer in layers.items() if layer.packed},
         "coded_weights": sorted(coded),
-        "plan": plan_document(plan_of(model)),
+        "plan": plan_document(plan),
     }
     for name, content in ((TENSORS, payload), (RECIPE, recipe_text), (PLAN, json.dumps(manifest, indent=1).encode())):
         _write_atomically(folder / name, content)

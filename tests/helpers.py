@@ -14,10 +14,14 @@ from torch import nn
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def code_blocks(language: str) -> list[str]:
+    """The README's fenced code blocks in `language`."""
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+
+
 def readme_example(marker: str) -> str:
     """The README's Python block whose first line is the comment `# <marker>`."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
-    (block,) = [b for b in blocks if b.startswith(f"# {marker}\n")]
+    (block,) = [b for b in code_blocks("python") if b.startswith(f"# {marker}\n")]
     return block
 
 

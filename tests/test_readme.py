@@ -4,17 +4,11 @@ quickstart runs on a tiny StableDiffusionPipeline in place of the local model.""
 
 from __future__ import annotations
 
-import re
-
 import torch
-from helpers import README, readme_example, tiny_sd_pipeline
+from helpers import README, code_blocks, readme_example, tiny_sd_pipeline
 
 import modiff_quant as mq
 from modiff_quant.models import load_model
-
-
-def code_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
 
 
 def test_readme_recipe_resolves_on_the_cifar_unet(tmp_path):
