@@ -11,6 +11,7 @@ shifted). Models already converted with Brevitas layers are adopted by `adopt_la
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from functools import cache
 from types import ModuleType
@@ -20,10 +21,15 @@ import torch
 from torch import Tensor, nn
 
 from modiff_quant.adoption import Adoption
-from modiff_quant.base_quantizer import ActivationQuantizer, BaseQuantizer, DynamicActivationQuantizer, UnsupportedSetting
+from modiff_quant.base_quantizer import (
+    ActivationQuantizer,
+    BaseQuantizer,
+    DynamicActivationQuantizer,
+    UnsupportedSetting,
+)
 from modiff_quant.imports import optional_import
 from modiff_quant.quant import FLOAT_BITS, QuantSpec
-from modiff_quant.registry import register_base_quantizer
+from modiff_quant.registry import Registry, did_you_mean, register_base_quantizer
 
 Injector = Any  # a brevitas.inject.ExtendedInjector subclass
 
@@ -34,21 +40,52 @@ ACTIVATION_INJECTORS = {True: "Int8ActPerTensorFloat", False: "ShiftedUint8ActPe
 @cache
 def brevitas() -> ModuleType:
     """brevitas, imported on first use: `import modiff_quant` must not need it."""
-    return optional_import("brevitas", "graph.calibrate", "nn", "quant", extra="brevitas")
+    return optional_import("brevitas", "graph.calibrate", "inject", "nn", "quant", extra="brevitas")
+
+
+INJECTORS: Registry[Injector] = Registry("Brevitas injector", "modiff_quant.brevitas_injectors")
+"""Injectors of your own, by name: recipes are data and never import a module to find one."""
+
+
+def register_injector(name: str) -> Callable[[Injector], Injector]:
+    """Class decorator: make a Brevitas injector of your own available to recipes as `weight_quant:
+    <name>` / `act_quant: <name>` (installed packages: the `modiff_quant.brevitas_injectors` entry points)."""
+    return INJECTORS.register(name)
 
 
 def injector(reference: str | Injector) -> Injector:
-    """An injector class from its name in `brevitas.quant`, a `module:Class` path, or itself."""
+    """An injector class from a registered name, a name in `brevitas.quant`, a `brevitas.<module>:Class`
+    path, or (from Python) the class itself.
+
+    A recipe or checkpoint may come from a stranger, so a reference never imports a module outside
+    Brevitas: `module:Class` of another module resolves only to an injector registered with
+    `register_injector` (how `save_quantized` writes adopted layers' injectors back)."""
     if not isinstance(reference, str):
-        return reference
+        return _checked(reference, repr(reference))
     module_name, _, name = reference.rpartition(":")
+    if not module_name:
+        found = INJECTORS.get(name) if name in INJECTORS else getattr(brevitas().quant, name, None)
+        if found is None:
+            raise ValueError(f"no Brevitas quantizer injector {reference!r} (a name in brevitas.quant or one registered with register_injector){did_you_mean(name, [*INJECTORS.names(), *dir(brevitas().quant)])}")
+        return _checked(found, reference)
+    registered = [cls for cls in map(INJECTORS.get, INJECTORS.names()) if (cls.__module__, cls.__qualname__) == (module_name, name)]
+    if registered:
+        return registered[0]
+    if module_name != "brevitas" and not module_name.startswith("brevitas."):
+        raise ValueError(
+            f"Brevitas injector {reference!r}: a recipe may not import module {module_name!r} (recipes are data; only Brevitas' own "
+            "modules are imported); register the injector in your code with modiff_quant.backends.brevitas.register_injector and name it"
+        )
     try:
-        module = importlib.import_module(module_name) if module_name else brevitas().quant
+        module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"cannot import the module of Brevitas injector {reference!r}: {exc}") from None
-    found = getattr(module, name, None)
-    if found is None:
-        raise ValueError(f"no Brevitas quantizer injector {reference!r} (a name in brevitas.quant or 'module:Class')")
+    return _checked(getattr(module, name, None), reference)
+
+
+def _checked(found: Any, reference: str) -> Injector:
+    if not (isinstance(found, type) and issubclass(found, brevitas().inject.ExtendedInjector)):
+        raise ValueError(f"{reference!r} is not a Brevitas quantizer injector (an ExtendedInjector subclass)")
     return found
 
 
@@ -96,7 +133,10 @@ class BrevitasActivationQuantizer(ActivationQuantizer):
         return dict(self.identity.state_dict())
 
     def load_frozen_state(self, state: dict[str, Tensor]) -> None:
-        self.identity.load_state_dict(state)
+        broken = [key for key, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+        if broken:
+            raise ValueError(f"non-finite values in {', '.join(broken)}")
+        self.identity.load_state_dict(state)  # strict: names and shapes must be Brevitas' own
         self._frozen = True
         self.identity.eval()
 
@@ -116,7 +156,8 @@ class BrevitasActivationQuantizer(ActivationQuantizer):
 @register_base_quantizer("brevitas")
 class BrevitasQuantizer(BaseQuantizer):
     """Brevitas injectors as a base quantizer. `weight_quant` / `act_quant`: an injector name in
-    `brevitas.quant` (e.g. `Int8WeightPerChannelFloatMSE`), a `module:Class` path or the class;
+    `brevitas.quant` (e.g. `Int8WeightPerChannelFloatMSE`) or registered with `register_injector`, a
+    `brevitas.<module>:Class` path, or the class;
     the bit-widths always come from the recipe. `calibration`: what Brevitas' calibration mode
     sees, `range` or `per_call` (see `BrevitasActivationQuantizer`)."""
 

@@ -21,7 +21,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from modiff_quant.base_quantizer import ActivationQuantizer, BaseQuantizer, UnsupportedSetting
+from modiff_quant.base_quantizer import (
+    ActivationQuantizer,
+    BaseQuantizer,
+    UnsupportedSetting,
+)
 from modiff_quant.imports import optional_import
 from modiff_quant.quant import QuantSpec
 from modiff_quant.registry import register_base_quantizer
@@ -91,10 +95,19 @@ class TorchaoInt4Quantizer(BaseQuantizer):
         self.fallback = fallback
 
     def check_layer(self, layer: nn.Module, weight: QuantSpec, activation: QuantSpec) -> None:
-        if not weight.is_float and not MIN_WEIGHT_BITS <= weight.bits <= MAX_WEIGHT_BITS:
+        if weight.is_float:
+            return
+        if not MIN_WEIGHT_BITS <= weight.bits <= MAX_WEIGHT_BITS:
             raise UnsupportedSetting("w_bits", f"quantizes weights to {MIN_WEIGHT_BITS}-{MAX_WEIGHT_BITS} bits (torchao's intN dtypes) or float, got w_bits {weight.bits}")
-        if not weight.is_float and weight.granularity.kind not in ("group", "channel"):
+        if weight.granularity.kind not in ("group", "channel"):
             raise UnsupportedSetting("w_granularity", f"takes w_granularity group:N or channel, got {weight.granularity}")
+        storage, _, group = self._storage(layer.weight, weight)
+        if storage != "float" and group == 1:
+            # torchao 0.18's choose_qparams_affine has no dimension to reduce when a block is a single
+            # element; it then reduces over the whole weight and fails reshaping the one scale it got
+            width = math.prod(layer.weight.shape[1:])
+            remedy = "use group:N with N >= 2" if width > 1 else "keep its weight float (w_bits: float, or fallback: float with group:N, N >= 2)"
+            raise UnsupportedSetting("w_granularity", f"torchao cannot quantize groups of one weight element, which {weight.granularity} gives this layer (flattened input {width}); {remedy}")
 
     def weight_note(self, layer: nn.Module, weight: QuantSpec) -> str | None:
         if weight.is_float:

@@ -46,11 +46,15 @@ def install(model: nn.Module, plan: Plan) -> nn.Module:
     """The in-place part of `prepare`, for a plan already resolved against `model`."""
     tracker = Tracker()
     modules = dict(model.named_modules())
-    tracker.members.extend(quantize_layer(modules[name], layer, tracker) for name, layer in plan.layers.items() if not layer.leaves_float)
-    tracker.members.extend(install_block_cache(modules[name], block, tracker) for name, block in plan.blocks.items())
+    for name, layer in plan.layers.items():
+        if not layer.leaves_float:
+            quantize_layer(modules[name], layer, tracker)
+    for name, block in plan.blocks.items():
+        install_block_cache(modules[name], block, tracker)
     setattr(model, _TRACKER, tracker)
     setattr(model, _PLAN, plan)
     model.register_forward_pre_hook(tracker.on_model_call, with_kwargs=True)
+    model.register_forward_hook(tracker.on_model_return, with_kwargs=True)
     return model
 
 
@@ -112,13 +116,14 @@ def convert(model: nn.Module, cache_dir: str | Path | None = None) -> nn.Module:
 
 @contextmanager
 def sampling(model: nn.Module) -> Iterator[nn.Module]:
-    """Scope of sampling runs: every layer's and block's state is reset on entry and on exit."""
+    """Scope of sampling runs in this thread: its state of every layer and block is reset on
+    entry and on exit, also when the block raises (other threads keep theirs)."""
     tracker = _tracker(model)
-    tracker.reset()
+    tracker.restart()
     try:
         yield model
     finally:
-        tracker.reset()
+        tracker.restart()
 
 
 def set_execution(model: nn.Module, mode: Execution) -> nn.Module:
@@ -157,8 +162,13 @@ def block_skips(model: nn.Module) -> tuple[int, int]:
 
 
 def reset(model: nn.Module) -> None:
-    """Forget all trajectory state; the next call starts a new trajectory."""
+    """Forget all trajectory state, of every thread; the next call starts a new trajectory."""
     _tracker(model).reset()
+
+
+def restart(model: nn.Module) -> None:
+    """Forget the calling thread's trajectory state: a sampling run of this thread begins or ends."""
+    _tracker(model).restart()
 
 
 @contextmanager

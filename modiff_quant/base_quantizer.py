@@ -16,7 +16,13 @@ from torch import Tensor, nn
 
 from .calibration.record import CalibrationRecord
 from .calibration.selection import Pick, all_steps
-from .quant import QuantSpec, centered_codes, fake_quantize_grouped, minmax_qparams, quantize_minmax
+from .quant import (
+    QuantSpec,
+    centered_codes,
+    fake_quantize_grouped,
+    minmax_qparams,
+    quantize_minmax,
+)
 from .registry import OBSERVERS
 
 if TYPE_CHECKING:
@@ -56,7 +62,10 @@ class ActivationQuantizer(nn.Module, ABC):
         return {}
 
     def load_frozen_state(self, state: dict[str, Tensor]) -> None:
-        """Restore `frozen_state()` in place of observing and freezing."""
+        """Restore `frozen_state()` in place of observing and freezing; raise ValueError for a state
+        this quantizer cannot have saved (a saved model or cache file may be damaged or crafted)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no parameters, got {', '.join(state)}")
 
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, symmetric={self.spec.symmetric}, granularity={self.spec.granularity}"
@@ -100,9 +109,11 @@ class ObservedActivationQuantizer(ActivationQuantizer):
         return {} if self.scale is None else {"scale": self.scale, "zero_point": self.zero_point}
 
     def load_frozen_state(self, state: dict[str, Tensor]) -> None:
-        if self.observer is not None:
-            self.scale, self.zero_point = state["scale"], state["zero_point"]
-            self.observer = None
+        if self.spec.is_float:
+            super().load_frozen_state(state)
+            return
+        self.scale, self.zero_point = _checked_qparams(state, self.spec)
+        self.observer = None
 
     def _quantize(self, x: Tensor) -> Tensor:
         if self.scale is None:
@@ -113,6 +124,22 @@ class ObservedActivationQuantizer(ActivationQuantizer):
         if not _folds(self.spec) or self.scale is None:
             return None
         return centered_codes(x, self.scale, self.zero_point, self.spec), self.scale
+
+
+def _checked_qparams(state: dict[str, Tensor], spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """A saved scale and zero point, refused unless `freeze()` could have made them: anything else
+    would compute NaN or silently wrong values (integer execution assumes a symmetric zero point of 0)."""
+    if state.keys() != {"scale", "zero_point"}:
+        raise ValueError(f"expected scale and zero_point, got {', '.join(state) or 'nothing'}")
+    scale, zero_point = state["scale"], state["zero_point"]
+    if not (scale.is_floating_point() and zero_point.is_floating_point()) or scale.shape != zero_point.shape:
+        raise ValueError(f"scale and zero_point must be float tensors of one shape, got {scale.dtype} {list(scale.shape)} and {zero_point.dtype} {list(zero_point.shape)}")
+    if not bool((scale > 0).all() and scale.isfinite().all()):
+        raise ValueError("scale must be finite and > 0")
+    low, high = (0, 0) if spec.symmetric else (spec.qmin, spec.qmax)
+    if not bool((zero_point == zero_point.round()).all() and (zero_point >= low).all() and (zero_point <= high).all()):
+        raise ValueError(f"zero_point must hold integers in [{low}, {high}]")
+    return scale, zero_point
 
 
 def _folds(spec: QuantSpec) -> bool:
@@ -163,7 +190,11 @@ class SplitActivationQuantizer(ActivationQuantizer):
         return {f"{part}.{key}": value for part, state in parts.items() for key, value in state.items()}
 
     def load_frozen_state(self, state: dict[str, Tensor]) -> None:
-        for name, part in (("first", self.first), ("second", self.second))[: 1 if self.split_at is None else 2]:
+        parts = {"first": self.first} if self.split_at is None else {"first": self.first, "second": self.second}
+        unknown = [key for key in state if key.partition(".")[0] not in parts]
+        if unknown:
+            raise ValueError(f"unexpected {', '.join(unknown)}{' (the input is not split)' if self.split_at is None else ''}")
+        for name, part in parts.items():
             part.load_frozen_state({key.removeprefix(f"{name}."): value for key, value in state.items() if key.startswith(f"{name}.")})
 
     def extra_repr(self) -> str:

@@ -15,6 +15,19 @@ from .recipe import BlockPlan
 from .trajectory import CachedOutput, Tracker
 
 
+class BlockState:
+    """A cached block's memory of the trajectory in one thread: its last output per branch and,
+    for adaptive skipping, the input of the call that computed it."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[Hashable, CachedOutput] = {}
+        self.inputs: dict[Hashable, Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(cached.nbytes for cached in self.outputs.values()) + sum(x.nbytes for x in self.inputs.values())
+
+
 class BlockCache:
     """On the block's 0-bit steps, return its last output for this branch without calling it.
 
@@ -29,36 +42,31 @@ class BlockCache:
         self.plan = plan
         self._tracker = tracker
         self._module = module  # the class forward is called on it: a bound method would pickle as this cache
-        self._outputs: dict[Hashable, CachedOutput] = {}
-        self._inputs: dict[Hashable, Tensor] = {}  # adaptive: the input of the computing call
+        self._slot = tracker.add(self)
         self.calls = self.skips = 0  # since prepare(), for the skip fraction eval reports
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._tracker.mode.stateless:  # recording and reconstruction passes compute every block
             return type(self._module).forward(self._module, *args, **kwargs)
         branch, step = self._tracker.position
-        cached = self._outputs.get(branch)
+        state = self._tracker.state(self._slot)
+        cached = state.outputs.get(branch)
         self.calls += 1
         probe = _first_tensor(args, kwargs) if self.plan.skip_threshold is not None else None
-        if cached is not None and self.plan.schedule.contains(step) and (probe is None or self._changed_little(branch, probe)):
+        if cached is not None and self.plan.schedule.contains(step) and (probe is None or self._changed_little(state.inputs[branch], probe)):
             self.skips += 1
             return cached.get(self.plan.name)
         output = type(self._module).forward(self._module, *args, **kwargs)
-        self._outputs[branch] = CachedOutput(output)
+        state.outputs[branch] = CachedOutput(output)
         if probe is not None:
-            self._inputs[branch] = probe.detach()
+            state.inputs[branch] = probe.detach()
         return output
 
-    def _changed_little(self, branch: Hashable, x: Tensor) -> bool:
-        reference = self._inputs[branch]
+    def _changed_little(self, reference: Tensor, x: Tensor) -> bool:
         return bool((x - reference).norm() <= self.plan.skip_threshold * reference.norm())
 
-    def reset_state(self) -> None:
-        self._outputs.clear()
-        self._inputs.clear()
-
-    def cache_bytes(self) -> int:
-        return sum(cached.nbytes for cached in self._outputs.values()) + sum(x.nbytes for x in self._inputs.values())
+    def new_state(self) -> BlockState:
+        return BlockState()
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:

@@ -1,24 +1,105 @@
-"""`modiff-quant` command line: explain, bops, eval, demo, gate, plot."""
+"""`modiff-quant` command line: explain, bops, eval, demo, gate, plot.
+
+A user's mistake (an option value, a path, a recipe, a checkpoint or model file) is one line
+`modiff-quant: error: ...` naming it, exit code 2, before any sampling or calibration starts;
+any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
 from .bops import BopsConventions, count_bops, count_macs
-from .evaluate import CALIBRATION_SAMPLES, Harness
+from .evaluate import CALIBRATION_SAMPLES, POSITIVE, SEEDS, Harness, integer_error
 from .gate import format_checks, run_gate
 from .models import load_model, sample_shape
-from .plots import write_distributions, write_eval_figures, write_fd_vs_bits, write_step_error
+from .plots import (
+    write_distributions,
+    write_eval_figures,
+    write_fd_vs_bits,
+    write_step_error,
+)
 from .recipe import RecipeError, load_recipe
 from .registry import UnknownNameError
 from .report import save_grid, write_report
 from .samplers import SAMPLERS
+from .serialization import LoadError
+
+FLOAT_BITS = range(1, 65)
+BOPS_STEPS = range(1, 10_001)  # longer than any training schedule; the count's work grows with it
+USER_ERRORS = (RecipeError, LoadError, FileNotFoundError, UnknownNameError, ValueError)
+"""What a user's input may raise (besides an OSError naming a file); see `main`."""
+
+
+class UsageError(Exception):
+    """A command line refused before any work: a bad option value or an unwritable output path."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own error is a usage block and `modiff-quant eval: error: ...`; ours is the one
+    line every other user error gets (sub-command parsers inherit this class)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+@dataclass(frozen=True)
+class Integer:
+    """An argparse type: an integer in `allowed` (a dataclass, so that tests can read the range)."""
+
+    allowed: range
+
+    def __call__(self, text: str) -> int:
+        try:
+            value: Any = int(text)
+        except ValueError:
+            value = text
+        if error := integer_error(value, self.allowed):
+            raise argparse.ArgumentTypeError(error)
+        return value
+
+
+@dataclass(frozen=True)
+class OutputPath:
+    """An argparse type: a path the command will write, as a folder or a file, checked when the
+    command line is read rather than after the run that produces its contents."""
+
+    folder: bool
+
+    def __call__(self, text: str) -> Path:
+        path = Path(text)
+        try:
+            problem = _unwritable(path, folder=self.folder)
+        except OSError as exc:  # a name too long, a loop of links, ...
+            problem = exc.strerror or str(exc)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text!r} {problem}")
+        return path
+
+
+def _unwritable(path: Path, *, folder: bool) -> str | None:
+    """Why `path` cannot be written as a folder (or a file): None when it can, as far as can be
+    told without writing."""
+    if path.exists() and path.is_dir() != folder:
+        return "is a file, not a folder" if folder else "is a folder, not a file"
+    if path.is_file() and not os.access(path, os.W_OK):
+        return "is not writable"
+    parent = path if folder else path.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return f"cannot be created: {existing or parent} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written: no write permission in {existing}"
+    return None
 
 
 def _explain(args: argparse.Namespace) -> None:
@@ -48,7 +129,7 @@ def _bops(args: argparse.Namespace) -> None:
     print(f"GBops per image-step: {bops.gbops_per_step:.1f} nominal, {bops.gbops_per_step_amortized:.1f} amortized over {args.steps} steps (attention: {args.bops_attention}, float as {args.bops_float_bits}-bit)")
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, allow_nan=False), encoding="utf-8")
 
@@ -70,7 +151,7 @@ def _harness(args: argparse.Namespace) -> Harness:
 def _eval(args: argparse.Namespace) -> None:
     harness = _harness(args)
     metrics, run = harness.evaluate(args.recipe, args.base_quantizer, args.calibration_samples)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("run", "json", "out", "command")}
+    settings = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("run", "json", "out", "command")}, "kernels": _kernels()}
     finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
     _write_json(args.json, {"settings": settings, **finite})
     if args.out:
@@ -82,21 +163,30 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     harness = _harness(args)
+    recipes = {recipe: harness.check(recipe) for recipe in args.recipes}  # every recipe before the first sampling
     rows = [{"recipe": "full precision", **harness.evaluate(None)[0]}]
     images = {"full precision": harness.reference.images}
-    for recipe in args.recipes:
-        metrics, run = harness.evaluate(recipe)
+    for recipe, checked in recipes.items():
+        metrics, run = harness.evaluate(checked)
         rows.append({"recipe": recipe, **metrics})
         images[recipe] = run.images
     columns = ("fd", "fd_to_fp", "psnr_vs_fp", "gbops_per_step", "wall_seconds")
     print(f"{args.model}, {args.sampler} {args.steps} steps, {args.samples} samples, seed {args.seed} (FD: lower is better, to held-out real digits)")
+    print(f"computed with {_kernels()}")
     print(f"{'recipe':<16}" + "".join(f"{c:>16}" for c in columns))
     for row in rows:
         print(f"{row['recipe']:<16}" + "".join(f"{row[c]:>16.2f}" if row[c] is not None else f"{'-':>16}" for c in columns))
     save_grid(args.out / "grid.png", images)
-    settings = {k: getattr(args, k) for k in ("model", "sampler", "steps", "samples", "seed")}
+    settings = {**{k: getattr(args, k) for k in ("model", "sampler", "steps", "samples", "seed")}, "kernels": _kernels()}
     write_report(args.out / "report.md", "modiff-quant demo: full precision vs plain vs MoDiff", settings, rows, "grid.png")
     print(f"wrote {args.out / 'grid.png'} and {args.out / 'report.md'}")
+
+
+def _kernels() -> str:
+    """What the numbers depend on besides the settings: on one machine a run repeats bit for bit,
+    but another CPU's kernels (AVX2 vs AVX-512, torch version) round differently, and 4-bit
+    rounding turns that into visibly different quantized metrics."""
+    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()} CPU kernels, {torch.get_num_threads()} threads"
 
 
 def _plot_distributions(args: argparse.Namespace) -> None:
@@ -112,6 +202,8 @@ def _plot_fd_vs_bits(args: argparse.Namespace) -> None:
 
 
 def _gate(args: argparse.Namespace) -> int:
+    if args.update and (problem := _unwritable(args.baseline, folder=False)):
+        raise UsageError(f"argument --baseline: {str(args.baseline)!r} {problem} (--update rewrites it)")
     checks, recorded = run_gate(args.baseline, update=args.update)
     print(format_checks(checks))
     failed = [check for check in checks if not check.passed]
@@ -130,21 +222,21 @@ def _sampling_options(parser: argparse.ArgumentParser, *, model: str | None, sam
     parser.add_argument("--model", default=model, required=model is None, help="digits16, cifar10-ddpm or a diffusers model folder")
     parser.add_argument("--weights", help="checkpoint for cifar10-ddpm (safetensors, torch state dict or diffusers folder)")
     parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--samples", type=int, default=samples)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--calibration-cache", type=Path, help="folder where calibrations are saved and reused by later runs")
+    parser.add_argument("--steps", type=Integer(POSITIVE), default=100, help="sampling steps (at most the model's training timesteps)")
+    parser.add_argument("--samples", type=Integer(POSITIVE), default=samples)
+    parser.add_argument("--seed", type=Integer(SEEDS), default=0, help=f"0 to {SEEDS.stop - 1}")
+    parser.add_argument("--batch-size", type=Integer(POSITIVE), default=256)
+    parser.add_argument("--calibration-cache", type=OutputPath(folder=True), help="folder where calibrations are saved and reused by later runs")
     _bops_options(parser)
 
 
 def _bops_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bops-attention", default="layer", choices=("layer", "float", "exclude"), help="charge attention matmuls at their projection's W×A (the paper), float×float, or not at all")
-    parser.add_argument("--bops-float-bits", type=int, default=32, help="bit-width a float operand is charged at (the paper: 32)")
+    parser.add_argument("--bops-float-bits", type=Integer(FLOAT_BITS), default=32, help="bit-width a float operand is charged at, 1 to 64 (the paper: 32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modiff-quant", description="MoDiff quantization for diffusion models")
+    parser = _Parser(prog="modiff-quant", description="MoDiff quantization for diffusion models")
     commands = parser.add_subparsers(dest="command", required=True)
 
     explain = commands.add_parser("explain", help="per-layer table of what a recipe does to a model")
@@ -157,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     bops.add_argument("--model", required=True, help="digits16, cifar10-ddpm or a diffusers model folder")
     bops.add_argument("--weights")
     bops.add_argument("--recipe", help="shipped recipe name or YAML file (omit: the full-precision model)")
-    bops.add_argument("--steps", type=int, default=100, help="trajectory length for the amortized count")
-    bops.add_argument("--json", type=Path, required=True)
+    bops.add_argument("--steps", type=Integer(BOPS_STEPS), default=100, help=f"trajectory length for the amortized count, 1 to {BOPS_STEPS.stop - 1}")
+    bops.add_argument("--json", type=OutputPath(folder=False), required=True)
     _bops_options(bops)
     bops.set_defaults(run=_bops)
 
@@ -166,15 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(evaluate, model=None, samples=256)
     evaluate.add_argument("--recipe", required=True)
     evaluate.add_argument("--base-quantizer", help="swap the base quantizer of every layer")
-    evaluate.add_argument("--calibration-samples", type=int, default=CALIBRATION_SAMPLES)
-    evaluate.add_argument("--json", type=Path, required=True)
-    evaluate.add_argument("--out", type=Path, help="folder for grid.png, report.md and the step-error and distribution plots")
+    evaluate.add_argument("--calibration-samples", type=Integer(POSITIVE), default=CALIBRATION_SAMPLES)
+    evaluate.add_argument("--json", type=OutputPath(folder=False), required=True)
+    evaluate.add_argument("--out", type=OutputPath(folder=True), help="folder for grid.png, report.md and the step-error and distribution plots")
     evaluate.set_defaults(run=_eval)
 
     demo = commands.add_parser("demo", help="full precision vs plain vs MoDiff on the bundled digits16 model")
     _sampling_options(demo, model="digits16", samples=256)
     demo.add_argument("--recipes", nargs="+", default=["w8a4-plain", "w8a4-modiff"])
-    demo.add_argument("--out", type=Path, default=Path("out/demo"))
+    demo.add_argument("--out", type=OutputPath(folder=True), default="out/demo")
     demo.set_defaults(run=_demo)
 
     plot = commands.add_parser("plot", help="figures as PNG plus the JSON of their data: distributions, step-error, fd-vs-bits")
@@ -182,17 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     distributions = kinds.add_parser("distributions", help="layer inputs a_t vs temporal differences a_t - a_{t+1} in full precision (paper Fig. 1b)")
     _sampling_options(distributions, model="digits16", samples=64)
     distributions.add_argument("--layers", nargs="+", help="Linear/Conv layer names (default: an early conv, an attention projection, a late up-block conv)")
-    distributions.add_argument("--out", type=Path, required=True, help="folder for fig1b-distributions.png and .json")
+    distributions.add_argument("--out", type=OutputPath(folder=True), required=True, help="folder for fig1b-distributions.png and .json")
     distributions.set_defaults(run=_plot_distributions)
     step_error = kinds.add_parser("step-error", help="per-step relative ε error vs FP of plain, MoDiff w/o error compensation and MoDiff (paper Fig. 3)")
     _sampling_options(step_error, model="digits16", samples=64)
     step_error.add_argument("--recipe", default="w8a4-modiff", help="the recipe the three variants are derived from")
-    step_error.add_argument("--out", type=Path, required=True, help="folder for fig3-step-error.png and .json")
+    step_error.add_argument("--out", type=OutputPath(folder=True), required=True, help="folder for fig3-step-error.png and .json")
     step_error.set_defaults(run=_plot_step_error)
     fd_vs_bits = kinds.add_parser("fd-vs-bits", help="FD vs activation bits per base quantizer, from benchmarks/base_quantizer_table.py")
     fd_vs_bits.add_argument("--results", type=Path, default=Path("out/base-quantizers/results.json"))
-    fd_vs_bits.add_argument("--w-bits", type=int, default=8, help="weight bit-width of the rows drawn")
-    fd_vs_bits.add_argument("--out", type=Path, required=True, help="folder for fd-vs-bits.png and .json")
+    fd_vs_bits.add_argument("--w-bits", type=Integer(POSITIVE), default=8, help="weight bit-width of the rows drawn")
+    fd_vs_bits.add_argument("--out", type=OutputPath(folder=True), required=True, help="folder for fd-vs-bits.png and .json")
     fd_vs_bits.set_defaults(run=_plot_fd_vs_bits)
 
     gate = commands.add_parser("gate", help="run the settings of a baselines YAML; exit 1 when a metric leaves its tolerance")
@@ -203,13 +295,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a command: 0 done, 1 a failed quality gate, 2 a user error (one line on stderr)."""
     try:
+        args = build_parser().parse_args(argv)
         with torch.no_grad():
             return args.run(args) or 0
-    except (RecipeError, FileNotFoundError, UnknownNameError, ValueError) as exc:
-        print(f"modiff-quant: error: {exc}", file=sys.stderr)
-        return 2
+    except (UsageError, *USER_ERRORS) as exc:
+        return _report(exc)
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: a bug or the system's problem
+            raise
+        return _report(exc)
+
+
+def _report(exc: BaseException) -> int:
+    message = " ".join(line.strip() for line in str(exc).splitlines())
+    print(f"modiff-quant: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import CacheContext, StateManager
 from torch import nn
 
-from .api import reset, set_branch
+from .api import restart, set_branch
 
 HOOK_NAME = "modiff_quant"
 
@@ -50,7 +50,7 @@ class _MoDiffHook(ModelHook):
         self.contexts = _BranchContexts(model)
 
     def reset_state(self, module: nn.Module) -> nn.Module:
-        reset(module)
+        restart(module)  # this thread's pipeline call ended; another thread's may be running
         return module
 
 

@@ -19,19 +19,41 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .api import block_skips, calibrate, convert, is_prepared, plan_of, prepare, reset, sampling, state_bytes
+from .api import (
+    block_skips,
+    calibrate,
+    convert,
+    is_prepared,
+    plan_of,
+    prepare,
+    reset,
+    sampling,
+    state_bytes,
+)
 from .bops import PAPER_CONVENTIONS, BopsConventions, MacEntry, count_bops, count_macs
 from .data import load_digits16
 from .features import digit_features, frechet_distance, load_classifier
 from .layers import QuantizedLayer
 from .metrics import psnr_vs
 from .models import load_model, sample_shape, training_schedule
+from .quoting import shown
 from .recipe import Recipe, load_recipe
-from .samplers import make_scheduler, sample
+from .samplers import check_steps, make_scheduler, sample
 
 FD_MODELS = ("digits16",)  # models whose samples the bundled feature extractor understands
 CALIBRATION_SAMPLES = 32
 CALIBRATION_SEED_OFFSET = 1_000_003  # calibration noise never coincides with any evaluation seed
+POSITIVE = range(1, 2**63)
+SEEDS = range(2**32)  # torch takes 64-bit seeds; the harness adds offsets and batch indices to this one
+
+
+def integer_error(value: Any, allowed: range) -> str | None:
+    """Why `value` is not an integer in `allowed` (None: it is): the harness, the command line
+    and the gate refuse the same values in the same words."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        bounds = f">= {allowed.start}" if allowed.stop >= 2**63 else f"from {allowed.start} to {allowed.stop - 1}"
+        return f"expected an integer {bounds}, got {shown(value)}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -61,11 +83,15 @@ class Harness:
         calibration_cache: str | Path | None = None,
         bops_conventions: BopsConventions = PAPER_CONVENTIONS,
     ) -> None:
+        for name, value, allowed in (("samples", samples, POSITIVE), ("batch_size", batch_size, POSITIVE), ("seed", seed, SEEDS)):
+            if error := integer_error(value, allowed):
+                raise ValueError(f"{name}: {error}")
+        self.training = training_schedule(model)
+        check_steps(sampler, self.training, steps)
         self.bops_conventions = bops_conventions
         self.model_name, self.sampler, self.steps, self.samples, self.seed, self.batch_size = model, sampler, steps, samples, seed, batch_size
         self.calibration_cache = calibration_cache
         self.model = load_model(model, seed=seed, weights=weights)
-        self.training = training_schedule(model)
         self.noise = self._noise(samples, seed)
 
     def _noise(self, count: int, seed: int) -> Tensor:
@@ -91,11 +117,20 @@ class Harness:
     def _reference_features(self) -> np.ndarray:
         return digit_features(self._classifier, self.reference.images)
 
-    def quantize(self, recipe: str | Recipe, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> nn.Module:
+    def check(self, recipe: str | Path | Recipe, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> Recipe:
+        """The recipe to quantize with (`base_quantizer` swapped in), resolved against the model:
+        every error in the recipe or the settings surfaces here, before any sampling."""
+        if error := integer_error(calibration_samples, POSITIVE):
+            raise ValueError(f"calibration_samples: {error}")
+        loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        loaded = loaded.with_base_quantizer(base_quantizer) if base_quantizer else loaded
+        loaded.resolve(self.model)
+        return loaded
+
+    def quantize(self, recipe: str | Path | Recipe, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> nn.Module:
         """A quantized copy of the model, calibrated on other noise when its layers need it (with
         `calibration_cache`, a calibration done before is loaded instead)."""
-        loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-        quantized = prepare(copy.deepcopy(self.model), loaded.with_base_quantizer(base_quantizer) if base_quantizer else loaded)
+        quantized = prepare(copy.deepcopy(self.model), self.check(recipe, base_quantizer, calibration_samples))
         if any(m.needs_calibration for m in quantized.modules() if isinstance(m, QuantizedLayer)):
             seed = self.seed + CALIBRATION_SEED_OFFSET
             with calibrate(quantized):
@@ -104,11 +139,12 @@ class Harness:
                     sample(quantized, batch, make_scheduler(self.sampler, self.training), self.steps, seed=seed + index, desc="calibrating")
         return convert(quantized, cache_dir=self.calibration_cache)
 
-    def evaluate(self, recipe: str | Recipe | None, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> tuple[dict[str, Any], Run]:
+    def evaluate(self, recipe: str | Path | Recipe | None, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> tuple[dict[str, Any], Run]:
         """The metrics of DESIGN §6 for one recipe (None: the full-precision model itself)."""
-        reference = self.reference  # first, so that neither run pays for the other's warm-up
-        quantized = None if recipe is None else self.quantize(recipe, base_quantizer, calibration_samples)
-        run = reference if quantized is None else self._generate(quantized, recipe if isinstance(recipe, str) else recipe.name)
+        checked = None if recipe is None else self.check(recipe, base_quantizer, calibration_samples)  # before the reference is sampled
+        reference = self.reference  # before the quantized run, so that neither run pays for the other's warm-up
+        quantized = None if checked is None else self.quantize(checked, calibration_samples=calibration_samples)
+        run = reference if quantized is None else self._generate(quantized, getattr(recipe, "name", str(recipe)))
         bops = count_bops(self._macs, None if quantized is None else plan_of(quantized), self.steps, self.bops_conventions)
         errors = step_relative_errors(reference.epsilons, run.epsilons)
         metrics = {

@@ -182,8 +182,11 @@ def ablation_recipes(recipe: str | Path | Recipe) -> dict[str, Recipe]:
 def step_errors(harness: Harness, recipe: str | Path | Recipe) -> StepErrors:
     """Quantize, sample and compare each variant of `recipe` with the harness's FP reference."""
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    variants = ablation_recipes(loaded)
+    for variant in variants.values():  # every variant's error before the first one samples
+        harness.check(variant)
     curves, metrics = {}, {}
-    for label, variant in ablation_recipes(loaded).items():
+    for label, variant in variants.items():
         metrics[label], run = harness.evaluate(variant)
         curves[label] = step_relative_errors(harness.reference.epsilons, run.epsilons)
     return StepErrors(loaded, curves, metrics)
@@ -207,9 +210,16 @@ def load_fd_table(path: Path, w_bits: int = 8) -> FdTable:
     file, a row key, the rows at `w_bits` or the full-precision FD are missing."""
     if not path.is_file():
         raise FileNotFoundError(f"results file {str(path)!r} not found (write it with `python benchmarks/base_quantizer_table.py --out {path.parent}`)")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path}: not a results JSON file ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows", []), list) or not isinstance(data.get("fp", {}), dict):
+        raise ValueError(f"{path}: not a results file of base_quantizer_table.py (expected an object with 'rows' and 'fp')")
     fd: dict[str, dict[str, dict[int, float]]] = {}
     for index, row in enumerate(data.get("rows", [])):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {index} is not an object (rows need {', '.join(FD_ROW_KEYS)})")
         missing = [key for key in FD_ROW_KEYS if key not in row]
         if missing:
             raise ValueError(f"{path}: row {index} lacks {', '.join(missing)} (rows need {', '.join(FD_ROW_KEYS)})")

@@ -10,20 +10,30 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .evaluate import CALIBRATION_SAMPLES, Harness
+from .evaluate import CALIBRATION_SAMPLES, POSITIVE, SEEDS, Harness, integer_error
+from .quoting import shown
 from .recipe.source import LocatedDict, LocatedList, Location, RecipeError, read_located
+from .registry import UnknownNameError
+from .samplers import SAMPLERS
+from .serialization import LoadError
 
 LOWER_IS_BETTER = ("fd", "fd_fp", "fd_to_fp", "eps_rel_error")
 HIGHER_IS_BETTER = ("psnr_vs_fp",)
 DEFAULT_TOLERANCES: dict[str, float | str] = {"psnr_vs_fp": 1.0, "fd": "15%", "fd_fp": "15%", "fd_to_fp": "15%", "eps_rel_error": "15%"}
 HARNESS_KEYS = ("model", "sampler", "steps", "samples", "seed", "batch_size")
 RUN_KEYS = (*HARNESS_KEYS, "recipe", "base_quantizer", "calibration_samples")
+INTEGER_KEYS = {"steps": POSITIVE, "samples": POSITIVE, "batch_size": POSITIVE, "calibration_samples": POSITIVE, "seed": SEEDS}
 
 
 @dataclass(frozen=True)
@@ -48,8 +58,8 @@ class _Comparison:
 
 def run_gate(path: Path, *, update: bool = False) -> tuple[list[Check], bool]:
     """Evaluate a baselines file; returns the checks and whether new values were recorded."""
-    settings, comparisons = _parse(path)
-    results = _evaluate(settings)
+    settings, lines, comparisons = _parse(path)
+    results = _evaluate(settings, lines)
     checks = [check for name, setting in settings.items() for check in _metric_checks(name, setting["metrics"], results[name], update)]
     compared = [_compare(c, results) for c in comparisons]
     recorded = update and all(check.passed for check in compared)
@@ -58,30 +68,31 @@ def run_gate(path: Path, *, update: bool = False) -> tuple[list[Check], bool]:
     return checks + compared, recorded
 
 
-def _parse(path: Path) -> tuple[dict[str, dict[str, Any]], list[_Comparison]]:
+def _parse(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Location], list[_Comparison]]:
+    """The settings (defaults applied), the line of each, and the comparisons; every value checked."""
     data = read_located(path)
     where = Location(str(path), 1)
     if not isinstance(data, LocatedDict) or data.get("version") != 1 or not isinstance(data.get("settings"), LocatedDict):
         raise RecipeError(where, "a baselines file needs 'version: 1' and a 'settings' mapping")
     _check_keys(data, ("version", "defaults", "settings", "comparisons"), "key")
     defaults = data.get("defaults") or LocatedDict()
-    _check_keys(defaults, RUN_KEYS, "default")
-    settings = {}
+    if not isinstance(defaults, LocatedDict):
+        raise RecipeError(data.where("defaults"), f"defaults must be a mapping of {', '.join(RUN_KEYS)}")
+    _check_run_keys(defaults, "default")
+    settings, lines = {}, {}
     for name, setting in data["settings"].items():
         if not isinstance(setting, LocatedDict) or not isinstance(setting.get("metrics"), LocatedDict):
             raise RecipeError(data["settings"].where(name), f"setting '{name}' needs a mapping with 'metrics'")
-        _check_keys(setting, (*RUN_KEYS, "metrics"), f"key of setting '{name}'")
+        _check_run_keys(setting, f"key of setting '{name}'", "metrics")
         for metric, recorded in setting["metrics"].items():
-            if metric not in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER) or not isinstance(recorded, dict) or "value" not in recorded:
-                raise RecipeError(setting["metrics"].where(metric), f"metric '{metric}' needs {{value: ..., tolerance: ...}}; metrics: {', '.join((*LOWER_IS_BETTER, *HIGHER_IS_BETTER))}")
-            _slack(recorded.get("tolerance", DEFAULT_TOLERANCES[metric]), 1.0, setting["metrics"].where(metric))
-        settings[name] = {**defaults, **setting}
+            _check_metric(metric, recorded, setting["metrics"].where(metric))
+        settings[name], lines[name] = {**defaults, **setting}, data["settings"].where(name)
         if "model" not in settings[name]:
             raise RecipeError(data["settings"].where(name), f"setting '{name}' names no model (set 'model' in it or in defaults)")
     comparisons = data.get("comparisons") or LocatedList()
     if not isinstance(comparisons, LocatedList):
         raise RecipeError(data.where("comparisons"), "comparisons must be a list")
-    return settings, [_parse_comparison(c, where, settings) for c, where in zip(comparisons, comparisons.item_locations)]
+    return settings, lines, [_parse_comparison(c, where, settings) for c, where in zip(comparisons, comparisons.item_locations)]
 
 
 def _check_keys(mapping: LocatedDict, allowed: tuple[str, ...], what: str) -> None:
@@ -90,36 +101,101 @@ def _check_keys(mapping: LocatedDict, allowed: tuple[str, ...], what: str) -> No
             raise RecipeError(mapping.where(key), f"unknown {what} '{key}' (allowed: {', '.join(allowed)})")
 
 
+def _check_run_keys(mapping: LocatedDict, what: str, *extra: str) -> None:
+    """Known keys only, each with a value the harness takes: the whole file is checked before
+    the first setting is sampled."""
+    _check_keys(mapping, (*RUN_KEYS, *extra), what)
+    for key, value in mapping.items():
+        if key in INTEGER_KEYS:
+            error = integer_error(value, INTEGER_KEYS[key])
+        elif key == "sampler":
+            error = None if value in SAMPLERS else f"expected one of {', '.join(SAMPLERS)}, got {shown(value)}"
+        elif key in ("model", "recipe", "base_quantizer"):
+            error = None if isinstance(value, str) or (value is None and key != "model") else f"expected a name or a path, got {shown(value)}"
+        else:
+            continue
+        if error:
+            raise RecipeError(mapping.where(key), f"{key}: {error}")
+
+
+def _check_metric(metric: Any, recorded: Any, where: Location) -> None:
+    """`{value: number or null, tolerance: number or 'N%'}` for a known metric."""
+    if metric not in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER) or not isinstance(recorded, dict) or "value" not in recorded:
+        raise RecipeError(where, f"metric {shown(metric)} needs {{value: ..., tolerance: ...}}; metrics: {', '.join((*LOWER_IS_BETTER, *HIGHER_IS_BETTER))}")
+    for key in recorded:
+        if key not in ("value", "tolerance"):
+            raise RecipeError(where, f"metric '{metric}': unknown key {shown(key)} (allowed: value, tolerance)")
+    value = recorded["value"]
+    if value is not None and _number(value) is None:
+        raise RecipeError(where, f"metric '{metric}': value must be a finite number, or null until --update records one; got {shown(value)}")
+    _slack(recorded.get("tolerance", DEFAULT_TOLERANCES[metric]), 1.0, where)
+
+
 def _parse_comparison(spec: Any, where: Location, settings: dict[str, Any]) -> _Comparison:
     """`{metric, worse, better, ratio}` for lower-is-better metrics (worse >= ratio x better), or
     `{metric, worse, better, margin}` for PSNR (better leads by >= margin dB)."""
     kind = "ratio" if isinstance(spec, dict) and spec.get("metric") in LOWER_IS_BETTER else "margin"
     if not isinstance(spec, dict) or set(spec) != {"metric", "worse", "better", kind} or spec["metric"] not in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER):
-        raise RecipeError(where, f"a comparison is {{metric, worse, better, ratio}} for {', '.join(LOWER_IS_BETTER)} or {{metric, worse, better, margin}} for psnr_vs_fp; got {spec!r}")
+        raise RecipeError(where, f"a comparison is {{metric, worse, better, ratio}} for {', '.join(LOWER_IS_BETTER)} or {{metric, worse, better, margin}} for psnr_vs_fp; got {shown(spec)}")
     for name in (spec["worse"], spec["better"]):
-        if name not in settings:
-            raise RecipeError(where, f"comparison names unknown setting '{name}' (settings: {', '.join(settings)})")
-    return _Comparison(spec["metric"], spec["worse"], spec["better"], float(spec[kind]))
+        if not isinstance(name, str) or name not in settings:
+            raise RecipeError(where, f"comparison names unknown setting {shown(name)} (settings: {', '.join(settings)})")
+    amount = _number(spec[kind])
+    if amount is None or (kind == "ratio" and amount <= 0):
+        raise RecipeError(where, f"{kind} must be a {'positive ' if kind == 'ratio' else ''}finite number, got {shown(spec[kind])}")
+    return _Comparison(spec["metric"], spec["worse"], spec["better"], amount)
 
 
-def _evaluate(settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Metrics per setting; settings sharing model, noise and sampler share one FP reference."""
+def _number(value: Any) -> float | None:
+    """`value` as a float when it is a finite YAML number (not a bool, a string or .nan)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _evaluate(settings: dict[str, dict[str, Any]], lines: dict[str, Location]) -> dict[str, dict[str, Any]]:
+    """Metrics per setting; settings sharing model, noise and sampler share one FP reference.
+    Every model is loaded and every recipe checked before the first one is sampled."""
     harnesses: dict[tuple[Any, ...], Harness] = {}
-    results = {}
+    recipes = {}
     for name, setting in settings.items():
         key = tuple(setting.get(k) for k in HARNESS_KEYS)
-        if key not in harnesses:
-            harnesses[key] = Harness(**{k: v for k, v in zip(HARNESS_KEYS, key) if v is not None})
-        results[name], _ = harnesses[key].evaluate(setting.get("recipe"), setting.get("base_quantizer"), setting.get("calibration_samples", CALIBRATION_SAMPLES))
+        with _in_setting(name, lines[name]):
+            if key not in harnesses:
+                harnesses[key] = Harness(**{k: v for k, v in zip(HARNESS_KEYS, key) if v is not None})
+            recipe = setting.get("recipe")
+            recipes[name] = None if recipe is None else harnesses[key].check(recipe, setting.get("base_quantizer"), setting.get("calibration_samples", CALIBRATION_SAMPLES))
+    results = {}
+    for name, setting in settings.items():
+        harness = harnesses[tuple(setting.get(k) for k in HARNESS_KEYS)]
+        results[name], _ = harness.evaluate(recipes[name], calibration_samples=setting.get("calibration_samples", CALIBRATION_SAMPLES))
     return results
 
 
-def _slack(spec: Any, baseline: float, where: Location | None = None) -> float:
-    """Absolute slack of a tolerance: a number (metric units) or 'N%' of the baseline."""
+@contextmanager
+def _in_setting(name: str, where: Location) -> Iterator[None]:
+    """Errors of a setting's model or values with the baselines file's line (a recipe's own errors
+    already name the recipe file and line)."""
     try:
-        return abs(baseline) * float(spec[:-1]) / 100 if isinstance(spec, str) and spec.endswith("%") else float(spec)
+        yield
+    except RecipeError:
+        raise
+    except (ValueError, FileNotFoundError, LoadError, UnknownNameError) as exc:
+        raise RecipeError(where, f"setting '{name}': {exc}") from exc
+
+
+def _slack(spec: Any, baseline: float, where: Location | None = None) -> float:
+    """Absolute slack of a tolerance: a number >= 0 (metric units) or 'N%' of the baseline."""
+    percent = isinstance(spec, str) and spec.endswith("%")
+    number = _number(_float(spec[:-1]) if percent else spec)
+    if number is None or number < 0:
+        raise RecipeError(where, f"tolerance must be a number >= 0 or 'N%', got {shown(spec)}")
+    return abs(baseline) * number / 100 if percent else number
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
     except ValueError:
-        raise RecipeError(where, f"tolerance must be a number or 'N%', got {spec!r}") from None
+        return None
 
 
 def _metric_checks(name: str, metrics: dict[str, Any], result: dict[str, Any], update: bool) -> list[Check]:
@@ -152,7 +228,7 @@ def _compare(c: _Comparison, results: dict[str, dict[str, Any]]) -> Check:
 
 def _record(path: Path, results: dict[str, dict[str, Any]]) -> None:
     """Rewrite the file with the current values (6 significant digits; tolerances kept; comments
-    are not preserved)."""
+    are not preserved), atomically."""
     plain = yaml.safe_load(path.read_text(encoding="utf-8"))
     for name, setting in plain["settings"].items():
         setting["metrics"] = copy.deepcopy(setting["metrics"])  # YAML aliases would share one dict
@@ -160,7 +236,15 @@ def _record(path: Path, results: dict[str, dict[str, Any]]) -> None:
             value = results[name][metric]
             recorded["value"] = None if value is None else float(f"{value:.6g}")
             recorded.setdefault("tolerance", DEFAULT_TOLERANCES[metric])
-    path.write_text(yaml.safe_dump(plain, sort_keys=False), encoding="utf-8")
+    handle, staged_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    staged = Path(staged_name)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(yaml.safe_dump(plain, sort_keys=False))
+        shutil.copymode(path, staged)
+        os.replace(staged, path)  # all or nothing: an interrupted update leaves the old baselines
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def format_checks(checks: list[Check]) -> str:

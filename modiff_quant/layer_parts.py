@@ -1,7 +1,9 @@
 """Building the quantization parts of one layer from its recipe settings.
 
 Shared by recipe resolution (which builds them once to validate, so that `prepare` never fails
-half-way) and by `prepare` (which keeps them).
+half-way), by `prepare` (which keeps them), and by the loads of saved calibration states (a
+checkpoint, the calibration cache), which try a state on standalone parts before any layer
+takes it.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .base_quantizer import ActivationQuantizer, BaseQuantizer, SplitActivationQuantizer
+from .quoting import excerpt
 from .registry import BASE_QUANTIZERS, SCHEMES
 
 if TYPE_CHECKING:
@@ -51,3 +55,46 @@ def splits(settings: LayerSettings, layer_type: type[nn.Module]) -> bool:
 def needs_calibration(quantizers: Mapping[str, Iterable[ActivationQuantizer]]) -> bool:
     """True when some activation quantizer (any role, any timestep group) has static scales."""
     return any(q.needs_calibration for group in quantizers.values() for q in group)
+
+
+@torch.no_grad()
+def check_calibration_state(settings: LayerSettings, module_type: str, module: nn.Module, state: Mapping[str, Tensor], prefix: str = "") -> None:
+    """Raise ValueError unless `state` (a layer's `calibration_state()` without its weight, as saved
+    under `prefix`) fits a layer of these settings: load it into standalone quantizers built from
+    them, as `QuantizedLayer.load_calibration_state` will, and require each to restore it exactly
+    (no tensor ignored or converted) and to quantize a probe input of the layer's width to finite values."""
+    layer_type = next(kind for kind in CHANNEL_DIMS if kind.__name__ == module_type)
+    width = module.in_features if issubclass(layer_type, nn.Linear) else module.in_channels
+    split_at = state.get("split_at")
+    if split_at is not None and not (splits(settings, layer_type) and split_at.dtype == torch.int64 and split_at.dim() == 0 and 0 < int(split_at) < width):
+        value = f" {excerpt(split_at.item())}" if split_at.dim() == 0 else ""
+        raise ValueError(f"tensor '{prefix}split_at' must be one int64 in 1..{width - 1} of a layer that splits its input, got {split_at.dtype} {list(split_at.shape)}{value}")
+    dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float32
+    probe = torch.linspace(-1.0, 1.0, width, dtype=dtype).reshape(1, width, *[1] * (-CHANNEL_DIMS[layer_type] - 1))
+    taken = {"split_at", "weight"}
+    for role, group in build_parts(settings, layer_type)[2].items():
+        for index, quantizer in enumerate(group):
+            start = f"{role}.{index}."
+            part = {key.removeprefix(start): value for key, value in state.items() if key.startswith(start)}
+            taken.update(start + key for key in part)
+            try:
+                if isinstance(quantizer, SplitActivationQuantizer):
+                    quantizer.split_at = None if split_at is None else int(split_at)
+                quantizer.load_frozen_state(part)
+                _same_state(quantizer.frozen_state(), part)
+                output = quantizer.eval()(probe)
+                if output.shape != probe.shape or not bool(output.isfinite().all()):
+                    raise ValueError("it quantizes a probe input to non-finite values")
+            except Exception as exc:  # noqa: BLE001 - whatever a quantizer (a plugin's too) raises, the state does not fit
+                raise ValueError(f"tensors '{prefix}{start}*' (its {role} quantizer {index}) cannot be used: {excerpt(str(exc))}") from None
+    unexpected = sorted(state.keys() - taken)
+    if unexpected:
+        raise ValueError(f"tensor '{prefix}{excerpt(unexpected[0])}' belongs to no quantizer of this layer")
+
+
+def _same_state(restored: Mapping[str, Tensor], saved: Mapping[str, Tensor]) -> None:
+    if restored.keys() != saved.keys():
+        raise ValueError(f"it keeps {', '.join(sorted(restored)) or 'nothing'}, but {', '.join(sorted(saved)) or 'nothing'} were saved")
+    for key, value in saved.items():
+        if restored[key].dtype != value.dtype or restored[key].shape != value.shape or not torch.equal(restored[key], value):
+            raise ValueError(f"{key} is not restored as saved ({value.dtype} {list(value.shape)})")

@@ -79,6 +79,33 @@ class LayerState:
         return self._output.unpack() if isinstance(self._output, Stored) else self._output.get(owner)
 
 
+class LayerStates:
+    """A layer's trajectory state in one thread: one `LayerState` per CFG branch and per call site
+    (a shared layer running more than once per model call), so that differences are always taken
+    between steps, never between branches or call sites."""
+
+    def __init__(self, input_format: StateFormat, output_format: StateFormat) -> None:
+        self.formats = input_format, output_format
+        self.sites: dict[tuple[Hashable, int], LayerState] = {}
+        self._last_position: Position | None = None
+        self._repeat = 0
+
+    def at(self, position: Position) -> LayerState:
+        """The state of this call: the same position again means the next call site."""
+        self._repeat = self._repeat + 1 if position == self._last_position else 0
+        self._last_position = position
+        key = (position[0], self._repeat)
+        if key not in self.sites:
+            self.sites[key] = LayerState(*self.formats)
+        return self.sites[key]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(state.nbytes for state in self.sites.values())
+
+
+
+
 _FLOAT_WEIGHT_MODES = (Mode.CALIBRATING, Mode.OBSERVING, Mode.REFERENCE)
 
 Execution = Literal["fake", "integer"]
@@ -105,7 +132,7 @@ class QuantizedLayer(nn.Module):
     split_at: int | None
     staged_weight: Tensor | None
     _tracker: Tracker
-    _states: dict[tuple[Hashable, int], LayerState]
+    _slot: int
 
     def _setup(self, plan: LayerPlan, tracker: Tracker, layer_type: type[nn.Module]) -> None:
         self.plan = plan
@@ -115,9 +142,7 @@ class QuantizedLayer(nn.Module):
         self.split_at = None  # input channels of the first part of a concatenated input, once detected
         self.staged_weight = None  # inside convert(): the quantized weight, before it replaces the float one
         self._tracker = tracker
-        self._states = {}
-        self._last_position: Position | None = None
-        self._repeat = 0
+        self._slot = tracker.add(self)
         self.integer: IntegerWeights | None = None  # set by `set_execution("integer")`
         self.source_weight_digest: str | None = None  # of the float weight a packed weight was made from
 
@@ -142,8 +167,9 @@ class QuantizedLayer(nn.Module):
                 f"{self.plan.name}: the model is prepared but not converted; call modiff_quant.convert(model) "
                 "(after running the sampling loop inside modiff_quant.calibrate(model) for calibrated base quantizers)"
             )
-        step = tracker.position[1]
-        state = self._state_for(tracker.position)
+        position = tracker.position
+        step = position[1]
+        state = tracker.state(self._slot).at(position)
         if state.started and state.input_shape != x.shape:
             raise RuntimeError(
                 f"{self.plan.name}: input shape changed from {list(state.input_shape)} to {list(x.shape)} within a trajectory "
@@ -155,15 +181,13 @@ class QuantizedLayer(nn.Module):
             return self.scheme.prime(self, x, state)
         return self.scheme.forward(self, x, state, self.plan.skips(step))
 
-    def _state_for(self, position: Position) -> LayerState:
-        """The state of this call: one per CFG branch, and one per call site when a shared layer
-        runs more than once per model call, so that differences are always taken between steps."""
-        self._repeat = self._repeat + 1 if position == self._last_position else 0
-        self._last_position = position
-        key = (position[0], self._repeat)
-        if key not in self._states:
-            self._states[key] = LayerState(self.plan.settings.input_cache, self.plan.settings.output_cache)
-        return self._states[key]
+    def new_state(self) -> LayerStates:
+        return LayerStates(self.plan.settings.input_cache, self.plan.settings.output_cache)
+
+    def states(self) -> dict[tuple[Hashable, int], LayerState]:
+        """The calling thread's current state, per (branch, call site); for inspection."""
+        found = self._tracker.lane().states.get(self._slot)
+        return {} if found is None else dict(found.sites)
 
     def quantizer(self, role: str) -> ActivationQuantizer:
         """The activation quantizer of `role` for the timestep group of the current model call."""
@@ -296,13 +320,6 @@ class QuantizedLayer(nn.Module):
         else:
             self.stage_weight()
             self.commit_weight()
-
-    def reset_state(self) -> None:
-        self._states.clear()
-        self._last_position = None
-
-    def cache_bytes(self) -> int:
-        return sum(state.nbytes for state in self._states.values())
 
     def extra_repr(self) -> str:
         s = self.plan.settings

@@ -1,5 +1,7 @@
 """diffusers pipelines: `attach` puts MoDiff on a pipeline's denoiser and ties its state to the
-pipeline's own lifecycle (see `diffusers_state`), so `pipe(...)` needs no other change.
+pipeline's own lifecycle, so `pipe(...)` needs no other change: every call of the pipeline is one
+sampling scope (state reset when it starts and when it ends, also when it raises, e.g. in a step
+callback), and diffusers' own cache reset and `cache_context` reach the state (see `diffusers_state`).
 
 A pipeline that batches cond and uncond needs nothing more: the batch is one state. A pipeline
 that calls the branches separately names them with `cache_context`, or else the tracker detects
@@ -9,37 +11,70 @@ which the tracker reads from each call.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .api import convert, is_converted, needs_calibration, prepare
+from .api import (
+    convert,
+    is_converted,
+    is_prepared,
+    needs_calibration,
+    prepare,
+    sampling,
+)
 from .recipe import Recipe
 from .serialization import load_quantized
 
 DENOISERS = ("unet", "transformer")
 
 
-def attach(pipe_or_model: Any, recipe: Recipe | str | Path, *, component: str | None = None) -> nn.Module:
+def attach(pipe_or_model: Any, recipe: Recipe | str | Path | None = None, *, component: str | None = None) -> nn.Module:
     """Apply `recipe` to the denoiser of a diffusers pipeline (its `unet` or `transformer`, or
     `component`), or to a model, and return the prepared denoiser.
 
     The denoiser is converted at once when no layer needs calibration data (e.g. `dynamic`
     recipes); otherwise run the pipeline inside `modiff_quant.calibrate(denoiser)`, then call
     `modiff_quant.convert(denoiser)`. `recipe` may also be a folder written by `save_quantized`,
-    which is loaded instead. Its MoDiff state is reset after every pipeline call."""
-    from .diffusers_state import register_state_hook  # imports diffusers, which `import modiff_quant` does not need
+    which is loaded instead. Its MoDiff state is reset when each pipeline call starts and ends.
+    Without `recipe`, the denoiser is one already attached to another pipeline (e.g. an img2img
+    pipeline made from the same components), whose calls this pipeline's calls now scope too."""
+    from .diffusers_state import (
+        register_state_hook,  # imports diffusers, which `import modiff_quant` does not need
+    )
 
     denoiser = _denoiser(pipe_or_model, component)
-    if not isinstance(recipe, Recipe) and Path(recipe).is_dir():
-        load_quantized(denoiser, recipe)
-    else:
-        prepare(denoiser, recipe)
-    register_state_hook(denoiser)
+    if recipe is not None:
+        saved = not isinstance(recipe, Recipe) and Path(recipe).is_dir()
+        (load_quantized if saved else prepare)(denoiser, recipe)
+        register_state_hook(denoiser)
+    elif not is_prepared(denoiser):
+        raise ValueError(f"attach() without a recipe ties an already quantized denoiser to another pipeline, but this {type(denoiser).__name__} is not prepared: pass a recipe")
+    if not isinstance(pipe_or_model, nn.Module):
+        pipe_or_model.__class__ = _scoped(type(pipe_or_model))
     if not is_converted(denoiser) and not needs_calibration(denoiser):
         convert(denoiser)
     return denoiser
+
+
+@cache
+def _scoped(pipeline: type) -> type:
+    """`pipeline` whose calls are sampling scopes of its prepared models; same name and module, so
+    diffusers' `save_pretrained` and `isinstance` checks see the original class."""
+    if getattr(pipeline, "_modiff_scoped", False):
+        return pipeline
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with ExitStack() as scopes:
+            for model in [value for value in vars(self).values() if isinstance(value, nn.Module) and is_prepared(value)]:
+                scopes.enter_context(sampling(model))
+            return pipeline.__call__(self, *args, **kwargs)
+
+    namespace = {"__call__": __call__, "__module__": pipeline.__module__, "__qualname__": pipeline.__qualname__, "__doc__": pipeline.__doc__, "_modiff_scoped": True}
+    return type(pipeline.__name__, (pipeline,), namespace)
 
 
 def _denoiser(pipe_or_model: Any, component: str | None) -> nn.Module:

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .quoting import shown
+
 FLOAT_BITS = 32
 """Bit-width meaning "leave this tensor unquantized" (written `float` or `32` in recipes)."""
 
@@ -28,11 +30,12 @@ GranularityKind = Literal["tensor", "sample", "channel", "group"]
 
 
 def count_suffix(value: object, prefix: str) -> int | None:
-    """N from `<prefix>N` with N a positive integer (as in `group:32`, `warmup:4`), else None."""
+    """N from `<prefix>N` with N a positive integer of at most 9 ASCII digits (as in `group:32`,
+    `warmup:4`), else None: int() of thousands of digits is slow or an error."""
     if not isinstance(value, str) or not value.startswith(prefix):
         return None
     digits = value[len(prefix) :]
-    return int(digits) if digits.isdecimal() and int(digits) > 0 else None
+    return int(digits) if digits.isascii() and digits.isdecimal() and len(digits) <= 9 and int(digits) > 0 else None
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Granularity:
         size = count_suffix(text, "group:")
         if size is not None:
             return cls("group", size)
-        raise ValueError(f"unknown granularity {text!r}: expected tensor, sample, channel or group:N")
+        raise ValueError(f"unknown granularity {shown(text)}: expected tensor, sample, channel or group:N")
 
     def __str__(self) -> str:
         return f"group:{self.group_size}" if self.kind == "group" else self.kind

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
+from .quoting import shown
+
 T = TypeVar("T")
 
 
@@ -64,7 +66,7 @@ class Registry(Generic[T]):
         if name not in self._items:
             self._load_plugin(name)
         if name not in self._items:
-            raise UnknownNameError(f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())} (known: {', '.join(self.names())})")
+            raise UnknownNameError(f"unknown {self.kind} {shown(name)}{did_you_mean(name, self.names())} (known: {', '.join(self.names())})")
         return self._items[name]
 
     def __contains__(self, name: str) -> bool:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .quoting import shown
 from .registry import did_you_mean
 
 SAMPLERS = ("ddim", "ddim-quad", "ddpm", "dpm-solver")
@@ -57,7 +58,20 @@ def make_scheduler(name: str, training: dict[str, Any] | None = None) -> Any:
     classes = dict(zip(SAMPLERS, (DDIMScheduler, _quad_ddim_class(), DDPMScheduler, DPMSolverMultistepScheduler)))
     if name not in classes:
         raise ValueError(f"unknown sampler {name!r}{did_you_mean(name, list(classes))} (known: {', '.join(classes)})")
-    return classes[name].from_config({**DDPM_TRAINING, **(training or {})})
+    try:
+        return classes[name].from_config({**DDPM_TRAINING, **(training or {})})
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as exc:  # a model folder's scheduler_config.json is data from anywhere
+        first = next(iter(str(exc).splitlines()), "")
+        raise ValueError(f"the {name} sampler cannot use the noise schedule {shown(training)}: {first}") from exc
+
+
+def check_steps(name: str, training: dict[str, Any] | None, steps: int) -> None:
+    """Fail before any sampling unless `steps` is 1 to the schedule's training timesteps: more
+    would repeat timesteps (DDIM and DDPM refuse them; the quadratic DDIM and DPM-Solver would
+    silently repeat them)."""
+    limit = make_scheduler(name, training).config.num_train_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= limit:
+        raise ValueError(f"steps must be an integer from 1 to {limit} (the model's training timesteps), got {steps!r}")
 
 
 @torch.no_grad()

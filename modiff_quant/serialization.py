@@ -8,9 +8,18 @@ A saved model is a folder of three files:
 - `recipe.yaml`: the recipe, flat (its `extends` chain merged), which `prepare` re-applies;
 - `plan.json`: the resolved per-layer plan, shapes, versions and a checksum of the other two.
 
-Loading checks everything it can before it changes the model (files complete and unchanged,
-format version, the plan of the recipe on this model, every tensor's name, shape and dtype), so
-a mismatch or a damaged file raises an error that names it and leaves the model as it was.
+Saving computes every byte first, then writes a new folder beside its place and renames it
+into place (in an existing folder, each file is replaced atomically, `plan.json` last), so a
+failure leaves neither an empty nor a half-written folder.
+
+A saved model is data from whoever sent it. Loading checks everything before it changes the
+model, in this order: files present, sizes within bounds before anything is parsed, `plan.json`
+(format version, then every field's type), checksums, the recipe (flat, valid), the size of the
+tensors' header, the plan of the recipe on this model, coded weights, every tensor's name,
+shape, dtype and finiteness, and each layer's quantizer state, loaded first into standalone
+quantizers that must restore it exactly and quantize a probe input to finite values. Any
+mismatch or damage raises a `LoadError` that names the file, layer or tensor, and leaves the
+model as it was.
 Weights packed by a tensor subclass (torchao int4) cannot be stored in safetensors; they are
 re-packed on load from the float weight of the model given, which must be the one they were
 made from (checked by its SHA-256).
@@ -22,8 +31,11 @@ import hashlib
 import json
 import os
 import platform
+import re
+import shutil
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +47,10 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from .api import ensure_float, install, is_converted, mark_converted, plan_of
+from .layer_parts import check_calibration_state
 from .layers import QuantizedLayer, weight_digest
-from .recipe import Plan, Recipe, RecipeError, load_recipe
+from .quoting import excerpt
+from .recipe import LayerPlan, Plan, Recipe, RecipeError, flat_recipe
 from .recipe.document import plan_document, recipe_document
 from .registry import nearest
 from .weight_codes import decode, encode
@@ -46,17 +60,29 @@ TENSORS, RECIPE, PLAN = "model.safetensors", "recipe.yaml", "plan.json"
 _LAYER_PREFIX, _CODES_PREFIX = "modiff/", "codes/"
 _MANIFEST_KEYS = ("format", "versions", "model_class", "files", "packed_weights", "coded_weights", "plan")
 
+MAX_PLAN_BYTES = 16 << 20
+"""Far above the plan of any real model (a few hundred bytes per layer); larger is refused unread."""
+MAX_RECIPE_BYTES = 1 << 20
+"""A saved recipe is a few kilobytes; parsing YAML is slow (about a second per megabyte)."""
+MAX_HEADER_BYTES = 16 << 20
+"""Of the safetensors header (about 100 bytes per tensor)."""
+MAX_DEPTH = 32
+"""Nesting of plan.json (a real plan nests 8 deep): deeper input could exhaust the recursion limit later."""
+
 
 class LoadError(RuntimeError):
     """A saved quantized model cannot be loaded into the given model; nothing was changed."""
 
 
 def save_quantized(model: nn.Module, directory: str | Path) -> Path:
-    """Write a converted model to `directory` (created; files there are replaced atomically)."""
+    """Write a converted model to `directory`: all files or none (see the module docstring)."""
     from . import __version__
 
     if not is_converted(model):
         raise RuntimeError("save_quantized() needs a converted model: run modiff_quant.convert(model) first")
+    folder = Path(directory)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"save_quantized(): {folder} exists and is not a folder")
     layers = _quantized_layers(model)
     unsaveable = [name for name, layer in layers.items() if layer.packed and layer.source_weight_digest is None]
     if unsaveable:
@@ -65,8 +91,6 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
             "from the float weights on load, but these were packed before modiff_quant prepared the model (torchao quantize_); "
             "apply the recipe with modiff_quant.prepare to a float model instead"
         )
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"{_LAYER_PREFIX}{name}/{key}": value for name, layer in layers.items() for key, value in layer.calibration_state().items() if key != "weight"}
     own = _own_state(model, layers)
     coded = {name: found for name, layer in layers.items() if not layer.packed and (found := encode(layer.weight, layer.plan.settings.w_bits)) is not None}
@@ -86,8 +110,7 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
         "coded_weights": sorted(coded),
         "plan": plan_document(plan),
     }
-    for name, content in ((TENSORS, payload), (RECIPE, recipe_text), (PLAN, json.dumps(manifest, indent=1).encode())):
-        _write_atomically(folder / name, content)
+    _write_folder(folder, {TENSORS: payload, RECIPE: recipe_text, PLAN: json.dumps(manifest, indent=1).encode()})
     return folder
 
 
@@ -98,15 +121,13 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
     saved = _read(Path(directory))
     plan = _resolve(saved, model)
     _check_plan(saved, plan_document(plan))
-    _check_tensors(saved, model, plan)
+    own = _model_tensors(saved, plan)
+    _check_tensors(saved, own, model, plan)
+    states = _layer_states(saved, own, model, plan)
     install(model, plan)
-    model.load_state_dict(saved.own, strict=False)
+    model.load_state_dict(own, strict=False)
     for name, layer in _quantized_layers(model).items():
-        prefix = f"{_LAYER_PREFIX}{name}/"
-        state = {key.removeprefix(prefix): value for key, value in saved.tensors.items() if key.startswith(prefix)}
-        if name not in saved.packed:
-            state["weight"] = saved.own[f"{name}.weight"]  # as quantized: load_calibration_state would re-quantize without it
-        layer.load_calibration_state({key: value.to(layer.weight.device) for key, value in state.items()})
+        layer.load_calibration_state({key: value.to(layer.weight.device) for key, value in states[name].items()})
     mark_converted(model)
     return model
 
@@ -121,27 +142,11 @@ class _Saved:
     def packed(self) -> dict[str, str]:
         return self.manifest["packed_weights"]
 
-    @cached_property
-    def own(self) -> dict[str, Tensor]:
-        """The model's tensors (state_dict keys), coded weights decoded."""
-        own = {key: value for key, value in self.tensors.items() if not key.startswith((_LAYER_PREFIX, _CODES_PREFIX))}
-        for name in self.manifest["coded_weights"]:
-            own[f"{name}.weight"] = decode(self.tensors[f"{_CODES_PREFIX}{name}/codes"], self.tensors[f"{_CODES_PREFIX}{name}/table"])
-        return own
-
 
 def _read(folder: Path) -> _Saved:
     manifest = _read_manifest(folder / PLAN)
     contents = {name: _read_checked(folder / name, manifest["files"][name]) for name in (TENSORS, RECIPE)}
-    try:
-        recipe = load_recipe(folder / RECIPE)
-    except RecipeError as exc:
-        raise LoadError(f"{folder / RECIPE}: {exc}") from None
-    try:
-        tensors = load_safetensors(contents[TENSORS])
-    except SafetensorError as exc:
-        raise LoadError(f"{folder / TENSORS} is not a valid safetensors file ({exc})") from None
-    return _Saved(manifest, recipe, tensors)
+    return _Saved(manifest, _parse_recipe(folder / RECIPE, contents[RECIPE]), _parse_tensors(folder / TENSORS, contents[TENSORS]))
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -149,29 +154,158 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
     if not path.is_file():
         raise LoadError(f"{path} not found: {path.parent} is not a model written by save_quantized()")
+    content = _read_at_most(path, MAX_PLAN_BYTES)
+    if len(content) > MAX_PLAN_BYTES:
+        raise LoadError(f"{path} is larger than the {MAX_PLAN_BYTES} bytes of any plan save_quantized() writes: not a saved model")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoadError(f"{path} is damaged or truncated ({exc}); save the model again") from None
+        manifest = json.loads(content.decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise LoadError(f"{path} is damaged or truncated ({excerpt(str(exc))}); save the model again") from None
+    if _depth(manifest) > MAX_DEPTH:
+        raise LoadError(f"{path} is damaged: nested deeper than the {MAX_DEPTH} levels save_quantized() writes; save the model again")
     absent = [key for key in _MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest]
-    absent += [f"the checksum of {name}" for name in (TENSORS, RECIPE) if not absent and not {"bytes", "sha256"} <= set(manifest["files"].get(name, {}))]
+    if not absent:
+        files = manifest["files"]
+        absent = [f"the checksum of {name}" for name in (TENSORS, RECIPE) if not (isinstance(files, dict) and isinstance(files.get(name), dict) and {"bytes", "sha256"} <= files[name].keys())]
     if absent:
         raise LoadError(f"{path} is damaged: it lacks {', '.join(absent)}; save the model again")
     if manifest["format"] != FORMAT:
-        saved_by = manifest["versions"].get("modiff_quant", "?")
-        raise LoadError(f"{path}: format {manifest['format']} (written by modiff-quant {saved_by}); modiff-quant {__version__} reads format {FORMAT}")
+        versions = manifest["versions"]
+        saved_by = versions.get("modiff_quant", "?") if isinstance(versions, dict) else "?"
+        raise LoadError(f"{path}: format {excerpt(manifest['format'])} (written by modiff-quant {excerpt(saved_by)}); modiff-quant {__version__} reads format {FORMAT}")
+    for key in _MANIFEST_KEYS:
+        bad = _MANIFEST[key](manifest[key])
+        if bad is not None:
+            raise LoadError(f"{path} is damaged: '{excerpt(key + bad)}' is not as save_quantized() writes it; save the model again")
+    if len(manifest) > len(_MANIFEST_KEYS):
+        raise LoadError(f"{path} is damaged: unknown fields {excerpt(', '.join(sorted(set(manifest) - set(_MANIFEST_KEYS))))}; save the model again")
     return manifest
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number save_quantized() writes")
+
+
+def _depth(value: Any) -> int:
+    """How deeply JSON lists and objects nest, found without recursion."""
+    deepest, pending = 0, [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, (dict, list)) and depth <= MAX_DEPTH:
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+_Check = Callable[[Any], str | None]
+"""Validates a JSON value: None when valid, else where it is not (a suffix such as `.layers.x`,
+empty for the value itself)."""
+
+
+def _kind(*types: type) -> _Check:
+    return lambda value: None if isinstance(value, types) and (bool in types or not isinstance(value, bool)) else ""
+
+
+def _matching(pattern: str) -> _Check:
+    compiled = re.compile(pattern)
+    return lambda value: None if isinstance(value, str) and compiled.fullmatch(value) else ""
+
+
+def _fields(fields: dict[str, _Check]) -> _Check:
+    """An object with exactly these fields."""
+
+    def check(value: Any) -> str | None:
+        if not isinstance(value, dict) or value.keys() != fields.keys():
+            return ""
+        return next((f".{key}{bad}" for key, field in fields.items() if (bad := field(value[key])) is not None), None)
+
+    return check
+
+
+def _mapping(item: _Check) -> _Check:
+    """An object of any names, each value passing `item`."""
+
+    def check(value: Any) -> str | None:
+        if not isinstance(value, dict):
+            return ""
+        return next((f".{key}{bad}" for key, entry in value.items() if (bad := item(entry)) is not None), None)
+
+    return check
+
+
+def _names(value: Any) -> str | None:
+    """A list of distinct strings."""
+    if not isinstance(value, list):
+        return ""
+    bad = next((f"[{index}]" for index, name in enumerate(value) if not isinstance(name, str)), None)
+    return "" if bad is None and len(set(value)) != len(value) else bad
+
+
+def _size(value: Any) -> str | None:
+    return None if type(value) is int and 0 <= value < 1 << 63 else ""
+
+
+_DIGEST = _matching("[0-9a-f]{64}")
+_FACTS = _fields({"bytes": _size, "sha256": _DIGEST})
+_MANIFEST: dict[str, _Check] = {
+    "format": _kind(int),
+    "versions": _mapping(_kind(str)),
+    "model_class": _kind(str),
+    "files": _fields({TENSORS: _FACTS, RECIPE: _FACTS}),
+    "packed_weights": _mapping(_DIGEST),
+    "coded_weights": _names,
+    "plan": _fields(
+        {
+            "layers": _mapping(_fields({"type": _kind(str), "settings": _kind(dict), "zero_bit_steps": _kind(list), "adopted_from": _kind(str, type(None))})),
+            "blocks": _mapping(_fields({"type": _kind(str), "steps": _kind(str, list, dict), "skip_threshold": _kind(int, float, type(None))})),
+        }
+    ),
+}
+"""plan.json as `save_quantized` writes it; the plan's settings are compared with the recipe's plan."""
+
+
+def _read_at_most(path: Path, limit: int) -> bytes:
+    """Up to limit + 1 bytes: one more than allowed tells a file that is too long (or grew)."""
+    try:
+        with path.open("rb") as file:
+            return file.read(limit + 1)
+    except OSError as exc:
+        raise LoadError(f"{path} cannot be read: {exc}") from None
 
 
 def _read_checked(path: Path, facts: dict[str, Any]) -> bytes:
     if not path.is_file():
         raise LoadError(f"{path} not found (part of the saved model)")
-    content = path.read_bytes()
+    if path.name == RECIPE and facts["bytes"] > MAX_RECIPE_BYTES:
+        raise LoadError(f"{path}: {PLAN} says it has {facts['bytes']} bytes, more than the {MAX_RECIPE_BYTES} of any recipe save_quantized() writes")
+    size = path.stat().st_size
+    content = _read_at_most(path, size) if size == facts["bytes"] else b""
     if len(content) != facts["bytes"]:
-        raise LoadError(f"{path} is truncated or was replaced: {len(content)} bytes, {facts['bytes']} were saved")
+        raise LoadError(f"{path} is truncated or was replaced: {size if size != facts['bytes'] else len(content)} bytes, {facts['bytes']} were saved")
     if hashlib.sha256(content).hexdigest() != facts["sha256"]:
         raise LoadError(f"{path} is corrupt: its SHA-256 differs from the one saved in {PLAN}")
     return content
+
+
+def _parse_recipe(path: Path, content: bytes) -> Recipe:
+    """The saved recipe, from the bytes whose checksum was checked (not read again), and flat: one
+    that extended another would make the load read other files."""
+    try:
+        return flat_recipe(content.decode("utf-8"), path)
+    except UnicodeDecodeError as exc:
+        raise LoadError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except RecipeError as exc:  # its message starts with the file and line
+        raise LoadError(str(exc)) from None
+
+
+def _parse_tensors(path: Path, content: bytes) -> dict[str, Tensor]:
+    header = int.from_bytes(content[:8], "little")
+    if header > MAX_HEADER_BYTES:
+        raise LoadError(f"{path}: its header claims {header} bytes, more than the {MAX_HEADER_BYTES} of any model save_quantized() writes")
+    try:
+        return load_safetensors(content)
+    except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:
+        raise LoadError(f"{path} is not a valid safetensors file ({excerpt(str(exc))})") from None
 
 
 def _resolve(saved: _Saved, model: nn.Module) -> Plan:
@@ -189,10 +323,10 @@ def _check_plan(saved: _Saved, plan: dict[str, Any]) -> None:
             if name not in found:
                 close = nearest(name, [other for other in found if other not in expected])
                 hint = f"; this model has {' or '.join(repr(c) for c in close)} (renamed?)" if close else ""
-                raise LoadError(f"{kind[:-1]} '{name}' of the saved model is not in this model{hint}")
+                raise LoadError(f"{kind[:-1]} '{excerpt(name)}' of the saved model is not in this model{hint}")
         for name in found:
             if name not in expected:
-                raise LoadError(f"this model has {kind[:-1]} '{name}', which the saved {saved.manifest['model_class']} does not: a different architecture")
+                raise LoadError(f"this model has {kind[:-1]} '{name}', which the saved {excerpt(saved.manifest['model_class'])} does not: a different architecture")
             if found[name] != expected[name]:
                 raise LoadError(f"{kind[:-1]} '{name}': the saved recipe resolves differently on this model ({_differences(expected[name], found[name])})")
 
@@ -200,26 +334,78 @@ def _check_plan(saved: _Saved, plan: dict[str, Any]) -> None:
 def _differences(saved: dict[str, Any], found: dict[str, Any]) -> str:
     flat = {**saved, **saved.get("settings", {})}, {**found, **found.get("settings", {})}
     keys = sorted(k for k in {*flat[0], *flat[1]} if k != "settings" and flat[0].get(k) != flat[1].get(k))
-    return "; ".join(f"{k}: saved {flat[0].get(k)!r}, here {flat[1].get(k)!r}" for k in keys)
+    return "; ".join(f"{k}: saved {excerpt(flat[0].get(k))}, here {flat[1].get(k)!r}" for k in keys)
 
 
-def _check_tensors(saved: _Saved, model: nn.Module, plan: Plan) -> None:
+def _installed(plan: Plan) -> dict[str, LayerPlan]:
+    """The layers `install` makes quantized layers."""
+    return {name: layer for name, layer in plan.layers.items() if not layer.leaves_float}
+
+
+def _model_tensors(saved: _Saved, plan: Plan) -> dict[str, Tensor]:
+    """The model's tensors (state_dict keys), coded weights decoded and checked."""
+    own = {key: value for key, value in saved.tensors.items() if not key.startswith((_LAYER_PREFIX, _CODES_PREFIX))}
+    coded = saved.manifest["coded_weights"]
+    expected = {f"{_CODES_PREFIX}{name}/{part}" for name in coded for part in ("codes", "table")}
+    unexpected = [key for key in saved.tensors if key.startswith(_CODES_PREFIX) and key not in expected]
+    if unexpected:
+        raise LoadError(f"tensor '{excerpt(unexpected[0])}' of {TENSORS} is the code of no weight {PLAN} lists")
+    installed = _installed(plan)
+    for name in coded:
+        where = f"{PLAN} lists the weight of '{excerpt(name)}' as coded"
+        if name not in installed:
+            raise LoadError(f"{where}, but that is no quantized layer of the saved recipe")
+        if name in saved.packed or f"{name}.weight" in own:
+            raise LoadError(f"{where}, but also as {'packed' if name in saved.packed else f'floats in {TENSORS}'}")
+        parts = [saved.tensors.get(f"{_CODES_PREFIX}{name}/{part}") for part in ("codes", "table")]
+        if None in parts:
+            raise LoadError(f"{where}, but {TENSORS} lacks its codes or table")
+        try:
+            own[f"{name}.weight"] = decode(*parts)
+        except ValueError as exc:
+            raise LoadError(f"layer '{name}': its coded weight ({_CODES_PREFIX}{name}/) is damaged: {exc}") from None
+    return own
+
+
+def _check_tensors(saved: _Saved, own: dict[str, Tensor], model: nn.Module, plan: Plan) -> None:
     """Every saved tensor has a twin of the same shape and dtype in the float model, and every
     packed weight will be re-made from the float weight it was made from."""
-    own = saved.own
     state = model.state_dict()
     packed = {f"{name}.weight" for name in saved.packed}
     extra = sorted(set(state) - set(own) - packed)
     if extra:
-        raise LoadError(f"this model has tensors the saved {saved.manifest['model_class']} does not: {', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}")
+        raise LoadError(f"this model has tensors the saved {excerpt(saved.manifest['model_class'])} does not: {', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}")
     for key, value in own.items():
         if key not in state:
-            raise LoadError(f"tensor '{key}' of the saved model is not in this model")
+            raise LoadError(f"tensor '{excerpt(key)}' of the saved model is not in this model")
         if state[key].shape != value.shape or state[key].dtype != value.dtype:
-            raise LoadError(f"tensor '{key}': saved as {list(value.shape)} {value.dtype}, this model has {list(state[key].shape)} {state[key].dtype}")
+            raise LoadError(f"tensor '{key}': saved as {excerpt(list(value.shape))} {value.dtype}, this model has {list(state[key].shape)} {state[key].dtype}")
+        if value.is_floating_point() and not bool(value.isfinite().all()) and bool(state[key].isfinite().all()):
+            raise LoadError(f"tensor '{key}' holds non-finite values, where this model's has none: {TENSORS} is damaged")
+    installed = _installed(plan)
     for name, digest in saved.packed.items():
-        if name not in plan.layers or weight_digest(state[f"{name}.weight"]) != digest:
-            raise LoadError(f"layer '{name}': its weight was packed by {plan.layers[name].settings.base_quantizer if name in plan.layers else 'a base quantizer'} and is re-made on load from the float weight, but this model's float weight is not the one it was made from")
+        if name not in installed or f"{name}.weight" in own or weight_digest(state[f"{name}.weight"]) != digest:
+            raise LoadError(f"layer '{excerpt(name)}': its weight was packed by {installed[name].settings.base_quantizer if name in installed else 'a base quantizer'} and is re-made on load from the float weight, but this model's float weight is not the one it was made from")
+
+
+def _layer_states(saved: _Saved, own: dict[str, Tensor], model: nn.Module, plan: Plan) -> dict[str, dict[str, Tensor]]:
+    """Each quantized layer's `load_calibration_state` argument, checked."""
+    states: dict[str, dict[str, Tensor]] = {name: {} for name in _installed(plan)}
+    for key, value in saved.tensors.items():
+        if key.startswith(_LAYER_PREFIX):
+            name, _, part = key.removeprefix(_LAYER_PREFIX).partition("/")
+            if name not in states or not part or part == "weight":
+                raise LoadError(f"tensor '{excerpt(key)}' of {TENSORS} belongs to no quantizer of a quantized layer of the saved recipe")
+            states[name][part] = value
+    modules = dict(model.named_modules())
+    for name, state in states.items():
+        try:
+            check_calibration_state(plan.layers[name].settings, plan.layers[name].module_type, modules[name], state, f"{_LAYER_PREFIX}{name}/")
+        except ValueError as exc:
+            raise LoadError(f"layer '{name}': {exc}") from None
+        if name not in saved.packed:
+            state["weight"] = own[f"{name}.weight"]  # as quantized: load_calibration_state would re-quantize without it
+    return states
 
 
 def _quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
@@ -237,7 +423,41 @@ def _file_facts(content: bytes) -> dict[str, Any]:
     return {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
 
 
-def _write_atomically(path: Path, content: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(content)
-    os.replace(temporary, path)
+def _write_folder(folder: Path, files: dict[str, bytes]) -> None:
+    """Every file written in full before any is published: a new folder is written beside its
+    place and renamed into it; in an existing one the files are written beside their places, then
+    each renamed over its old version (plan.json, which holds the others' checksums, last)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    fresh = not folder.is_dir()
+    staging = _sibling(folder) if fresh else folder
+    written = {name: staging / name if fresh else _sibling(folder / name) for name in files}
+    try:
+        if fresh:
+            staging.mkdir()
+        for name, content in files.items():
+            _write_durably(written[name], content)
+        if fresh:
+            staging.rename(folder)
+        else:
+            for name, path in written.items():
+                os.replace(path, folder / name)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            for path in written.values():
+                path.unlink(missing_ok=True)
+        raise
+
+
+def _sibling(path: Path) -> Path:
+    """A hidden temporary name next to `path`, unique to this write."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def _write_durably(path: Path, content: bytes) -> None:
+    """On disk before the rename that publishes it, so a crash cannot publish an empty file."""
+    with path.open("xb") as file:
+        file.write(content)
+        file.flush()
+        os.fsync(file.fileno())

@@ -1,15 +1,25 @@
-"""Which trajectory, CFG branch and step each call of a prepared model belongs to.
+"""Which trajectory, CFG branch and step each call of a prepared model belongs to, and where the
+trajectory state (MoDiff's â/ô, cached block outputs) lives.
 
-MoDiff layers remember the previous step (â, ô). That memory must never leak between sampling
-runs or batches, so a tracker attached to the prepared model watches every top-level call:
-a timestep that goes up, or a change of the input's shape, device or dtype, starts a new
-trajectory. Calls that repeat the first timestep of a trajectory are classifier-free-guidance
-branches (cond/uncond called separately); each branch keeps its own state.
+That state must never leak between sampling runs, batches or threads, and never be used stale:
+- every thread keeps its own lane of state, so one converted model serves several threads;
+- a tracker on the prepared model watches every top-level call. A new trajectory starts when the
+  timestep goes up or jumps far past the steps taken so far, when the input's shape, device or
+  dtype changes, or when the previous call never returned (an exception inside the model left
+  the layers half-advanced);
+- calls that repeat the first timestep of a trajectory are classifier-free-guidance branches
+  (cond/uncond called separately), each with its own state; a branch call whose timestep is not
+  its step's (guidance dropped or added mid-run) starts a new trajectory, with a warning;
+- a non-finite model output drops the state (the step count goes on), so the next step starts
+  afresh and recovers as the float model does instead of carrying NaN to the end of the trajectory.
 """
 
 from __future__ import annotations
 
+import copy
+import threading
 import warnings
+import weakref
 from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -23,6 +33,16 @@ if TYPE_CHECKING:
 
 Position = tuple[Hashable, int]
 """(branch, step): step counts the calls of that branch since the trajectory started, from 0."""
+
+JUMP_FACTOR = 2.5
+"""A timestep that falls by more than this many times the largest fall of the trajectory so far
+(after two falls) starts a new one: e.g. an img2img run after a loop that an exception broke off.
+Every diffusers schedule stays below it (PNDM's reaches 2.0) except beta sigmas on few steps,
+whose resets cost one full-precision step and nothing else."""
+
+UNFINISHED = 1.5
+"""A trajectory that ends (its timestep goes up) while still this many of its largest steps away
+from t = 0 was broken off: either an early stop or two sampling loops sharing the model."""
 
 
 class Mode(Enum):
@@ -40,10 +60,17 @@ class Mode(Enum):
         return self in (Mode.CALIBRATING, Mode.REFERENCE, Mode.WEIGHTS_ONLY)
 
 
-class Stateful(Protocol):
-    def reset_state(self) -> None: ...
+class TrajectoryState(Protocol):
+    """One member's memory of the current trajectory, in one lane."""
 
-    def cache_bytes(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
+class Stateful(Protocol):
+    """A quantized layer or a block cache: keeps its trajectory state in the tracker's lanes."""
+
+    def new_state(self) -> TrajectoryState: ...
 
 
 class StaleCacheError(RuntimeError):
@@ -56,6 +83,10 @@ class CachedOutput:
     def __init__(self, value: Any) -> None:
         self.value = value
         self._versions = [(t, t._version) for t in iter_tensors(value)]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CachedOutput:
+        """A copy guards its own tensors: their version counters start anew."""
+        return CachedOutput(copy.deepcopy(self.value, memo))
 
     @property
     def nbytes(self) -> int:
@@ -81,98 +112,253 @@ def iter_tensors(value: Any) -> Iterable[Tensor]:
             yield from iter_tensors(item)
 
 
-class Tracker:
-    """Assigns each model call a (branch, step) position and resets state at trajectory starts."""
+def all_finite(value: Any) -> bool:
+    """True when no floating-point tensor in `value` holds NaN or ±inf."""
+    return all(bool(torch.isfinite(t).all()) for t in iter_tensors(value) if t.is_floating_point())
 
-    def __init__(self) -> None:
-        self.members: list[Stateful] = []  # quantized layers and block caches, filled by prepare()
-        self.mode = Mode.PREPARED
+
+class Lane:
+    """One thread's trajectory: the position of its calls, what detection knows, each member's state."""
+
+    def __init__(self, thread: threading.Thread) -> None:
+        self.thread = weakref.ref(thread)
         self.branch: Hashable | None = None  # set by `branch()`: overrides automatic detection
+        self.pinned: tuple[Position, float | None] | None = None
         self.position: Position = (0, 0)
         self.timestep: float | None = None  # of the current model call, if it carried one
+        self.trajectory = -1
+        self.in_call = False  # between a model call's pre- and post-hook
+        self.states: dict[int, TrajectoryState] = {}  # member slot -> its state
+        self.restart()
+
+    def restart(self, carried_fall: float = 0.0) -> None:
+        """Forget the trajectory (state and detection); the next call starts a new one. A broken-off
+        trajectory hands on its largest fall, against which the next one's first falls are judged."""
+        self.states.clear()
+        self.calls = 0
+        self.branches: int | None = None  # known once the first step is over
+        self.first_t: float | None = None
+        self.step_t: float | None = None  # the timestep of the current step's first branch
+        self.last_t: float | None = None
+        self.signature: tuple[Any, ...] | None = None
+        self.explicit_steps: dict[Hashable, int] = {}
+        self.falls = 0
+        self.largest_fall = 0.0
+        self.carried_fall = carried_fall
+
+    @property
+    def nbytes(self) -> int:
+        return sum(state.nbytes for state in self.states.values())
+
+    @property
+    def broken_off(self) -> bool:
+        return self.falls > 0 and self.last_t is not None and self.last_t >= UNFINISHED * self.largest_fall
+
+    @property
+    def reference_fall(self) -> float:
+        """What a fall is judged against: this trajectory's largest after two falls, else the one
+        handed on by a broken-off predecessor (0: nothing known)."""
+        return self.largest_fall if self.falls >= 2 else max(self.largest_fall, self.carried_fall)
+
+    def jumps_to(self, t: float) -> bool:
+        assert self.last_t is not None
+        return self.reference_fall > 0 and self.last_t - t > JUMP_FACTOR * self.reference_fall
+
+    def note_fall(self, t: float | None) -> None:
+        if t is not None and self.last_t is not None and t < self.last_t:
+            self.falls += 1
+            self.largest_fall = max(self.largest_fall, self.last_t - t)
+        self.last_t = t
+
+
+class Tracker:
+    """Assigns each model call a (branch, step) position and keeps the trajectory state, per thread."""
+
+    def __init__(self) -> None:
+        self.members: list[Stateful] = []  # quantized layers and block caches, added by prepare()
+        self.mode = Mode.PREPARED
         self.record: CalibrationRecord | None = None  # model calls seen inside calibrate()
         self.observing: frozenset[torch.nn.Module] = frozenset()  # replay: the layers whose observers see this call
-        self._pinned: tuple[Position, float | None] | None = None
-        self._trajectory = -1
-        self._clear()
+        self._lanes: dict[int | None, Lane] = {}
+        self._trajectories = 0
 
-    def _clear(self) -> None:
-        self._calls = 0
-        self._branches: int | None = None  # known once the first step is over
-        self._first_t: float | None = None
-        self._last_t: float | None = None
-        self._signature: tuple[Any, ...] | None = None
-        self._explicit_steps: dict[Hashable, int] = {}
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without trajectory state: threads do not travel, so an unpickled model starts afresh."""
+        return {**self.__dict__, "_lanes": {}}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Tracker:
+        """A deep copy continues every lane's trajectory exactly where the original is."""
+        copied = Tracker.__new__(Tracker)
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
+
+    def add(self, member: Stateful) -> int:
+        """Register a layer or block cache; returns the slot its state is kept under."""
+        self.members.append(member)
+        return len(self.members) - 1
+
+    def lane(self) -> Lane:
+        """The calling thread's lane (a thread that reuses a finished thread's id gets a new one)."""
+        thread = threading.current_thread()
+        lane = self._lanes.get(thread.ident)
+        if lane is None or lane.thread() is not thread:
+            self._prune()
+            lane = self._lanes[thread.ident] = Lane(thread)
+        return lane
+
+    def state(self, slot: int) -> TrajectoryState:
+        """The calling thread's state of the member in `slot`, created at the first call of its trajectory."""
+        states = self.lane().states
+        state = states.get(slot)
+        if state is None:
+            state = states[slot] = self.members[slot].new_state()
+        return state
+
+    @property
+    def position(self) -> Position:
+        return self.lane().position
+
+    @property
+    def timestep(self) -> float | None:
+        return self.lane().timestep
+
+    @property
+    def branch(self) -> Hashable | None:
+        return self.lane().branch
+
+    @branch.setter
+    def branch(self, key: Hashable | None) -> None:
+        self.lane().branch = key
 
     def cache_bytes(self) -> int:
-        """Memory held by all layers' and blocks' trajectory state right now."""
-        return sum(member.cache_bytes() for member in self.members)
+        """Memory held by all layers' and blocks' trajectory state right now, in every thread."""
+        self._prune()
+        return sum(lane.nbytes for lane in list(self._lanes.values()))
 
     def reset(self) -> None:
-        """Forget every layer's and block's memory; the next call starts a trajectory."""
-        for member in self.members:
-            member.reset_state()
-        self._clear()
+        """Forget every thread's trajectory state; the next call of each starts a trajectory."""
+        self._prune()
+        for lane in list(self._lanes.values()):
+            lane.restart()
+
+    def restart(self) -> None:
+        """Forget the calling thread's trajectory state (a sampling run of this thread begins or ends)."""
+        self.lane().restart()
 
     def on_model_call(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Forward pre-hook of the prepared model."""
-        if self._pinned is not None:
-            self.position, self.timestep = self._pinned
+        lane = self.lane()
+        if lane.pinned is not None:
+            lane.position, lane.timestep = lane.pinned
             return
         sample = _find_sample(args, kwargs)
         t = _find_timestep(args, kwargs)
         signature = None if sample is None else (tuple(sample.shape), sample.device, sample.dtype)
-        if self._calls:
-            t_went_up = t is not None and self._last_t is not None and t > self._last_t
-            if signature != self._signature and not t_went_up:
-                warnings.warn(
-                    f"modiff_quant: model input changed from {self._describe(self._signature)} to {self._describe(signature)} "
-                    f"after {self._calls} calls without a new timestep sequence; starting a new trajectory "
-                    "(wrap each sampling run in modiff_quant.sampling(model) to make this explicit)",
-                    RuntimeWarning,
-                    stacklevel=5,  # this hook <- torch Module call internals (3 frames) <- the caller
-                )
-            if t_went_up or signature != self._signature:
-                self.reset()
-        if not self._calls:
-            self._trajectory += 1
-        self._signature, self._last_t, self.timestep = signature, t, t
-        self.position = self._advance(t)
+        if lane.in_call:  # the previous call raised inside the model: some layers advanced, others not
+            lane.restart()
+        elif lane.calls:
+            self._detect_new_trajectory(lane, t, signature)
+        lane.in_call = True
+        if not lane.calls:
+            lane.trajectory, self._trajectories = self._trajectories, self._trajectories + 1
+        lane.signature, lane.timestep = signature, t
+        lane.note_fall(t)
+        lane.position = _advance(lane, t)
         if self.mode is Mode.CALIBRATING and self.record is not None:
-            self.record.add(self._trajectory, self.position, t, args, kwargs)
+            self.record.add(lane.trajectory, lane.position, t, args, kwargs)
+
+    def on_model_return(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        """Forward hook of the prepared model: the call finished; a non-finite output must not
+        poison the steps after it through the state, so the next step starts afresh."""
+        lane = self.lane()
+        if lane.pinned is not None:
+            return
+        lane.in_call = False
+        if self.mode is Mode.CONVERTED and lane.states and not all_finite(output):
+            lane.states.clear()
+
+    def _detect_new_trajectory(self, lane: Lane, t: float | None, signature: tuple[Any, ...] | None) -> None:
+        went_up = t is not None and lane.last_t is not None and t > lane.last_t
+        if went_up:
+            if lane.broken_off:
+                warnings.warn(
+                    "modiff_quant: a trajectory ended before the end of its schedule: a new one starts at a higher timestep. "
+                    "If that was an early stop, wrap each run in modiff_quant.sampling(model) to say so; if two sampling loops "
+                    "share this model, their calls interleave and each call restarts the other's trajectory: run each loop in "
+                    "its own thread (each thread keeps its own state)",
+                    RuntimeWarning,
+                    stacklevel=5,  # this method <- the hook <- torch Module call internals (2 frames) <- the caller
+                )
+            # a trajectory of one call says nothing about its schedule: keep what the one before handed on
+            lane.restart(carried_fall=lane.carried_fall if not lane.falls else lane.largest_fall if lane.broken_off else 0.0)
+        elif signature != lane.signature:
+            warnings.warn(
+                f"modiff_quant: model input changed from {_describe(lane.signature)} to {_describe(signature)} "
+                f"after {lane.calls} calls without a new timestep sequence; starting a new trajectory "
+                "(wrap each sampling run in modiff_quant.sampling(model) to make this explicit)",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            lane.restart()
+        elif t is not None and lane.last_t is not None and lane.jumps_to(t):
+            lane.restart(carried_fall=lane.reference_fall)
+        elif lane.branch is None and lane.branches is not None and lane.calls % lane.branches and t is not None and t != lane.step_t:
+            warnings.warn(
+                f"modiff_quant: the model was called {lane.branches} times per step (classifier-free guidance branches), but the "
+                f"call expected for branch {lane.calls % lane.branches} came at t={t:g}, not at this step's t={lane.step_t:g}: guidance "
+                "was dropped or added mid-run, so the branches can no longer be told apart and a new trajectory starts (the call "
+                "before this one may have used another branch's state); name the branches with modiff_quant.branch(model, key) "
+                "or diffusers' cache_context to keep them",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            lane.restart(carried_fall=lane.reference_fall)
 
     @contextmanager
     def pinned(self, branch: Hashable, step: int, timestep: float | None) -> Iterator[None]:
         """Model and block calls inside run at this position (replay of recorded calls: no detection)."""
-        previous, self._pinned = self._pinned, ((branch, step), timestep)
-        self.position, self.timestep = self._pinned
+        lane = self.lane()
+        previous, lane.pinned = lane.pinned, ((branch, step), timestep)
+        lane.position, lane.timestep = lane.pinned
         try:
             yield
         finally:
-            self._pinned = previous
+            lane.pinned = previous
 
-    def _advance(self, t: float | None) -> Position:
-        if self.branch is not None:
-            step = self._explicit_steps.get(self.branch, 0)
-            self._explicit_steps[self.branch] = step + 1
-            self._calls += 1
-            return self.branch, step
-        if self._branches is None:
-            if self._calls == 0 or (t is not None and t == self._first_t):
-                self._first_t = t if self._calls == 0 else self._first_t
-                self._calls += 1
-                return self._calls - 1, 0
-            self._branches = self._calls
-        position = (self._calls % self._branches, self._calls // self._branches)
-        self._calls += 1
-        return position
+    def _prune(self) -> None:
+        """Drop the lanes of threads that have finished (their state with them)."""
+        for ident, lane in list(self._lanes.items()):
+            thread = lane.thread()
+            if thread is None or not thread.is_alive():
+                self._lanes.pop(ident, None)
 
-    @staticmethod
-    def _describe(signature: tuple[Any, ...] | None) -> str:
-        if signature is None:
-            return "no tensor"
-        shape, device, dtype = signature
-        return f"shape {list(shape)} {dtype} on {device}"
+
+def _advance(lane: Lane, t: float | None) -> Position:
+    if lane.branch is not None:
+        step = lane.explicit_steps.get(lane.branch, 0)
+        lane.explicit_steps[lane.branch] = step + 1
+        lane.calls += 1
+        return lane.branch, step
+    if lane.branches is None:
+        if lane.calls == 0 or (t is not None and t == lane.first_t):
+            if lane.calls == 0:
+                lane.first_t = lane.step_t = t
+            lane.calls += 1
+            return lane.calls - 1, 0
+        lane.branches = lane.calls
+    position = (lane.calls % lane.branches, lane.calls // lane.branches)
+    if position[0] == 0:
+        lane.step_t = t
+    lane.calls += 1
+    return position
+
+
+def _describe(signature: tuple[Any, ...] | None) -> str:
+    if signature is None:
+        return "no tensor"
+    shape, device, dtype = signature
+    return f"shape {list(shape)} {dtype} on {device}"
 
 
 def _find_sample(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:

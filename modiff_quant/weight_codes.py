@@ -37,5 +37,14 @@ def encode(weight: Tensor, bits: int) -> tuple[Tensor, Tensor] | None:
 
 
 def decode(codes: Tensor, table: Tensor) -> Tensor:
-    """The weight `encode` was given, bit for bit."""
+    """The weight `encode` was given, bit for bit; ValueError for codes and a table `encode`
+    cannot have made (they may come from a damaged or crafted file)."""
+    if codes.dtype != torch.uint8 or codes.dim() == 0:
+        raise ValueError(f"codes must be uint8 with a row per output channel, got {codes.dtype} {list(codes.shape)}")
+    if table.dtype not in _BIT_VIEWS or table.dim() != 2 or table.shape[0] != codes.shape[0] or not 0 < table.shape[1] <= 1 << MAX_BITS:
+        raise ValueError(f"the table must be float with {codes.shape[0]} rows of 1 to {1 << MAX_BITS} values, got {table.dtype} {list(table.shape)}")
+    if not bool(table.isfinite().all()):
+        raise ValueError("the table holds non-finite values")
+    if codes.numel() and int(codes.max()) >= table.shape[1]:
+        raise ValueError(f"code {int(codes.max())} is past the {table.shape[1]} values of the table")
     return table.gather(1, codes.reshape(codes.shape[0], -1).long()).reshape(codes.shape)

@@ -9,9 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, settings
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# The fuzz suite (tests/test_fuzz.py) takes its example counts from one of these profiles: `fuzz`
+# (CI: derandomized, so reproducible, about a minute on 2 cores) unless `fuzz-long` is selected
+# with --hypothesis-profile=fuzz-long (random exploration, saved failures replayed, 20x the cases).
+# Calls are timed by the suite itself (no deadline); no explain phase (it replays a slow failure hundreds of times).
+_FUZZ = {
+    "deadline": None,
+    "print_blob": True,
+    "phases": (Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+}
+settings.register_profile("fuzz", max_examples=300, derandomize=True, database=None, **_FUZZ)
+settings.register_profile("fuzz-long", max_examples=6000, **_FUZZ)
 
 
 @pytest.fixture

@@ -11,7 +11,12 @@ import torch
 from helpers import ddim_inputs, tiny_unet
 
 import modiff_quant as mq
-from modiff_quant.calibration import CalibrationRecord, draw_ndtc_timesteps, ndtc, uniform_steps
+from modiff_quant.calibration import (
+    CalibrationRecord,
+    draw_ndtc_timesteps,
+    ndtc,
+    uniform_steps,
+)
 from modiff_quant.calibration.concat import detect_concat_inputs
 from modiff_quant.layers import QuantizedLayer
 from modiff_quant.models import load_model
@@ -181,6 +186,27 @@ def test_calibration_cache_round_trips(write_recipe, tmp_path, monkeypatch):
         assert torch.equal(a, b)
     with pytest.raises(AssertionError, match="reconstruction ran"):
         quantize(model, recipe, ddim_inputs(model, steps=6, seed=5), cache_dir=tmp_path)
+
+
+def test_a_damaged_calibration_cache_is_a_warned_miss(write_recipe, tmp_path):
+    """A cache file that is truncated, or whose scale was tampered with, is checked in full before
+    any layer takes it: a warning, a fresh calibration, and the same outputs as a clean run."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_unet()
+    inputs = ddim_inputs(model, steps=6)
+    recipe = write_recipe(recipe_text("{name: static, observer: minmax}"))
+    clean = sample_outputs(quantize(model, recipe, inputs, cache_dir=tmp_path), inputs)
+    (path,) = tmp_path.glob("*.safetensors")
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith(".scale"))
+    save_file({**tensors, key: -tensors[key]}, path)
+    damages = {"negative scale": path.read_bytes(), "truncated": path.read_bytes()[:100]}
+    for damage, content in damages.items():
+        path.write_bytes(content)
+        with pytest.warns(RuntimeWarning, match=r"calibration cache .* is damaged .*calibrating again"):
+            again = quantize(model, recipe, inputs, cache_dir=tmp_path)
+        assert all(torch.equal(a, b) for a, b in zip(sample_outputs(again, inputs), clean)), damage
 
 
 def test_base_quantizer_options_are_validated_at_load(write_recipe):

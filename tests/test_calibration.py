@@ -187,6 +187,7 @@ def test_observers_see_only_the_chosen_steps(write_recipe, monkeypatch, scheme):
     exactly those steps' differences to the step before (step 0 has none) and `plain` ones the
     raw inputs of those steps."""
     from modiff_quant.backends.static import StaticQuantizer
+
     from modiff_quant.calibration import uniform_steps
 
     monkeypatch.setattr(StaticQuantizer, "calibration_picks", lambda self, record: uniform_steps(record, 3, 100))
@@ -198,3 +199,44 @@ def test_observers_see_only_the_chosen_steps(write_recipe, monkeypatch, scheme):
         values, role = torch.stack([run[k] for run in runs for k in (0, 4, 8)]), "raw"
     for got, want in zip(params[role], expected(values)):
         torch.testing.assert_close(got.reshape(1), want.reshape(1), rtol=0, atol=0)
+
+
+def test_uniform_steps_of_a_short_trajectory_are_all_its_steps():
+    """Q-Diffusion asks for 20 steps: a 4-step trajectory gives all 4 (not step 0 four times), a
+    10-step one all 10 (not its first half)."""
+    from modiff_quant.calibration import CalibrationRecord, uniform_steps
+
+    for length in (1, 4, 10, 20):
+        record = CalibrationRecord()
+        for step in range(length):
+            record.add(0, (0, step), float(999 - step), (torch.zeros(2, 1),), {})
+        assert [pick.call.step for pick in uniform_steps(record, 20, 2)] == list(range(length))
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_qdiffusion_modiff_calibrates_on_a_few_steps(write_recipe, steps):
+    """MoDiff learns from temporal differences, so calibration needs picks after the first step;
+    a 2- or 4-step trajectory has them (it used to fail in convert with 'no data observed')."""
+    recipe = write_recipe("version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n")
+    model = tiny_unet()
+    inputs = ddim_inputs(model, steps)
+    quantized = mq.prepare(copy.deepcopy(model), recipe)
+    with mq.calibrate(quantized):
+        for x, t in inputs:
+            quantized(x, t)
+    mq.convert(quantized)
+    with torch.no_grad(), mq.sampling(quantized):
+        outputs = [quantized(x, t).sample for x, t in inputs]
+    assert all(torch.isfinite(out).all() for out in outputs)
+
+
+def test_modiff_calibration_on_one_step_says_what_it_needs(write_recipe):
+    """A one-step calibration has no temporal difference to observe: a clear error before the
+    replay, not 'no data observed' after it."""
+    recipe = write_recipe("version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n")
+    model = tiny_unet()
+    quantized = mq.prepare(copy.deepcopy(model), recipe)
+    with mq.calibrate(quantized):
+        quantized(*ddim_inputs(model, 1)[0])
+    with pytest.raises(ValueError, match=r"qdiffusion: MoDiff calibrates on temporal differences .* only steps \[0\]: record trajectories of 2 or more steps"):
+        mq.convert(quantized)

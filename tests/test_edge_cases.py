@@ -136,7 +136,7 @@ def test_state_does_not_chain_autograd_graphs_across_steps():
     with mq.sampling(model):
         for x in trajectory(5):
             out = model(x.requires_grad_())
-        (state,) = model[0]._states.values()
+        (state,) = model[0].states().values()
         assert out.grad_fn is not None
         assert state.a_hat.grad_fn is None and state.cached_output("0").grad_fn is None
 

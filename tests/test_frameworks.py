@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 
 import pytest
 import torch
 from helpers import README, ddim_inputs, readme_example, tiny_unet
-
-import modiff_quant as mq
-from modiff_quant.base_quantizer import DynamicActivationQuantizer
 from modiff_quant.backends.brevitas import BrevitasActivationQuantizer
 from modiff_quant.backends.torchao_config import MoDiffConfig, recipe_to_fqn_config
 from modiff_quant.backends.torchao_int4 import TorchaoActivationQuantizer, torchao
+
+import modiff_quant as mq
+from modiff_quant.base_quantizer import DynamicActivationQuantizer
 from modiff_quant.layers import QuantizedLayer
 from modiff_quant.models import load_model
 from modiff_quant.quant import Granularity, QuantSpec
@@ -93,7 +94,7 @@ def test_torchao_int4_float_fallback_and_bit_errors(digits, write_recipe):
     path = write_recipe("version: 1\ndefaults:\n  base_quantizer: torchao_int4\n  w_bits: 12\n", name="w12.yaml")
     with pytest.raises(mq.RecipeError, match=r"w12.yaml:4: layer 'conv_in' \(Conv2d\): base quantizer 'torchao_int4': quantizes weights to 2-8 bits"):
         mq.load_recipe(path).resolve(digits)
-    with pytest.raises(mq.RecipeError, match=r"fallback must be 'channel' or 'float'"):
+    with pytest.raises(mq.RecipeError, match=r"bad.yaml:3: .*option 'fallback': expected one of 'channel', 'float', got 'zero'"):
         mq.load_recipe(write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: torchao_int4, fallback: zero}\n", name="bad.yaml"))
 
 
@@ -220,11 +221,46 @@ def test_brevitas_calibration_modes(write_recipe):
 
 def test_brevitas_injector_names_are_checked_at_the_recipe_line(write_recipe):
     path = write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: brevitas, weight_quant: Int8WeightPerChanelFloat}\n")
-    with pytest.raises(mq.RecipeError, match=r"recipe.yaml:3: base quantizer 'brevitas' rejects its options \(no Brevitas quantizer injector 'Int8WeightPerChanelFloat'"):
+    with pytest.raises(mq.RecipeError, match=r"recipe.yaml:3: base quantizer 'brevitas' rejects its options \(no Brevitas quantizer injector 'Int8WeightPerChanelFloat'.*did you mean 'Int8WeightPerChannelFloat'"):
         mq.load_recipe(path)
-    path = write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: brevitas, act_quant: 'no_such_module:Act'}\n", name="module.yaml")
-    with pytest.raises(mq.RecipeError, match=r"module.yaml:3: .*cannot import the module of Brevitas injector 'no_such_module:Act'"):
+    path = write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: brevitas, act_quant: 'brevitas.no_such_module:Act'}\n", name="module.yaml")
+    with pytest.raises(mq.RecipeError, match=r"module.yaml:3: .*cannot import the module of Brevitas injector 'brevitas.no_such_module:Act'"):
         mq.load_recipe(path)
+    path = write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: brevitas, act_quant: 'brevitas.quant:torch'}\n", name="not-injector.yaml")
+    with pytest.raises(mq.RecipeError, match=r"not-injector.yaml:3: .*'brevitas.quant:torch' is not a Brevitas quantizer injector"):
+        mq.load_recipe(path)
+
+
+def test_a_recipe_never_imports_a_module_outside_brevitas(tmp_path, monkeypatch):
+    """Issue 14: `module:Class` used to import any module while the recipe loaded, so a module file
+    next to a recipe or checkpoint ran. Now only Brevitas' own modules and injectors registered in
+    code are reachable; the payload is neither imported nor run, and the error names the line."""
+    (tmp_path / "payload.py").write_text("import pathlib\npathlib.Path('PWNED').write_text('ran')\nclass X:\n    pass\n", encoding="utf-8")
+    (tmp_path / "recipe.yaml").write_text("version: 1\ndefaults:\n  base_quantizer: {name: brevitas, weight_quant: 'payload:X'}\n  a_granularity: tensor\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(mq.RecipeError, match=r"recipe.yaml:3: .*a recipe may not import module 'payload'.*register_injector"):
+        mq.load_recipe("recipe.yaml")
+    assert "payload" not in sys.modules and not (tmp_path / "PWNED").exists()
+
+
+def test_registered_injectors_are_found_by_name_and_by_path(write_recipe):
+    """An injector of your own reaches recipes through code you run: `register_injector`, by its
+    name or its `module:Class` path (as save_quantized writes adopted layers' injectors)."""
+    from brevitas.quant import Int8WeightPerTensorFloat
+    from modiff_quant.backends.brevitas import INJECTORS, injector, register_injector
+
+    class MyWeightQuant(Int8WeightPerTensorFloat):
+        pass
+
+    register_injector("MyWeightQuant")(MyWeightQuant)
+    try:
+        assert injector("MyWeightQuant") is MyWeightQuant
+        assert injector(f"{MyWeightQuant.__module__}:{MyWeightQuant.__qualname__}") is MyWeightQuant
+        recipe = mq.load_recipe(write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: brevitas, weight_quant: MyWeightQuant}\n"))
+        assert recipe.defaults.base_quantizer_options["weight_quant"] == "MyWeightQuant"
+    finally:
+        INJECTORS._items.pop("MyWeightQuant")
 
 
 def test_brevitas_converted_model_is_adopted(digits, write_recipe):

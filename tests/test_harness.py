@@ -13,7 +13,6 @@ from PIL import Image
 from modiff_quant.cli import main
 from modiff_quant.data import HELD_OUT, load_digits16
 from modiff_quant.features import digit_features, frechet_distance, load_classifier
-from modiff_quant.models import load_model
 from modiff_quant.report import save_grid
 from modiff_quant.samplers import make_scheduler
 

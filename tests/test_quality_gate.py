@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 
+from modiff_quant import gate
 from modiff_quant.cli import main
 
 BASELINE = Path(__file__).parent / "baselines" / "digits16.yaml"
@@ -54,7 +57,7 @@ def test_bad_baselines_files_are_clear_errors(tmp_path, capsys):
         ("version: 1\nsettings:\n  a:\n    recipe: w8a4-modiff\n    sampels: 8\n    metrics: {fd: {value: 1}}\n", ":5: unknown key of setting 'a' 'sampels'"),
         ("version: 1\nsettings:\n  a:\n    recipe: w8a4-modiff\n", ":3: setting 'a' needs a mapping with 'metrics'"),
         ("version: 1\nsettings:\n  a:\n    metrics: {fid: {value: 1}}\n", ":4: metric 'fid' needs {value: ..., tolerance: ...}"),
-        ("version: 1\nsettings:\n  a:\n    metrics: {fd: {value: 1, tolerance: 15 percent}}\n", ":4: tolerance must be a number or 'N%'"),
+        ("version: 1\nsettings:\n  a:\n    metrics: {fd: {value: 1, tolerance: 15 percent}}\n", ":4: tolerance must be a number >= 0 or 'N%'"),
         ("version: 1\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n", ":3: setting 'a' names no model"),
         ("version: 1\ndefaults: {model: digits16}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\ncomparisons:\n  - {metric: fd, worse: a, better: b, ratio: 2}\n", ":7: comparison names unknown setting 'b'"),
     ]
@@ -62,3 +65,35 @@ def test_bad_baselines_files_are_clear_errors(tmp_path, capsys):
         path.write_text(text, encoding="utf-8")
         assert main(["gate", "--baseline", str(path)]) == 2
         assert f"{path}{message}" in capsys.readouterr().err
+
+
+def test_an_update_that_fails_midway_leaves_the_baselines_as_they_were(tmp_path, monkeypatch):
+    """--update rewrites the file atomically: a failed write keeps the old text and leaves no
+    stray file, and a finished one keeps the file's permissions."""
+    path = tmp_path / "baseline.yaml"
+    text = "version: 1\ndefaults: {model: digits16}\nsettings:\n  a:\n    metrics: {fd: {value: 1.0}}\n"
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o644)
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(gate.os, "replace", fail)
+        with pytest.raises(OSError):
+            gate._record(path, {"a": {"fd": 2.0}})
+    assert path.read_text(encoding="utf-8") == text and [p.name for p in tmp_path.iterdir()] == ["baseline.yaml"]
+    gate._record(path, {"a": {"fd": 2.0}})
+    assert yaml.safe_load(path.read_text(encoding="utf-8"))["settings"]["a"]["metrics"]["fd"]["value"] == 2.0
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_setting_evaluated_twice_gives_bit_identical_images(tmp_path):
+    """What the gate and the README's demo table rely on: on one machine, fresh harnesses give
+    the same images for the same setting, calibration and reconstruction included."""
+    from modiff_quant.evaluate import Harness
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n", encoding="utf-8")
+    first, second = (Harness("digits16", steps=3, samples=4).evaluate(str(recipe), calibration_samples=2)[1].images for _ in range(2))
+    assert torch.equal(first, second)

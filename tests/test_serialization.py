@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,6 +15,7 @@ from helpers import ddim_inputs, tiny_unet
 import modiff_quant as mq
 from modiff_quant.api import is_prepared
 from modiff_quant.layers import QuantizedLayer
+from modiff_quant.quant import Granularity
 from modiff_quant.recipe.document import plan_document, recipe_document
 from modiff_quant.serialization import PLAN, RECIPE, TENSORS
 
@@ -35,7 +37,7 @@ def recipe_path(name: str, folder: Path) -> str | Path:
     return path
 
 
-def converted(recipe: str | Path, seed: int = 0) -> tuple[torch.nn.Module, list]:
+def converted(recipe: str | Path | mq.Recipe, seed: int = 0) -> tuple[torch.nn.Module, list]:
     model = tiny_unet(seed)
     inputs = ddim_inputs(model, STEPS)
     mq.prepare(model, recipe)
@@ -194,3 +196,120 @@ def test_weights_with_more_values_than_codes_stay_float():
 
     assert encode(torch.randn(4, 300), 8) is None  # e.g. group-wise scales finer than a channel
     assert encode(torch.randn(4, 16), 16) is None
+
+
+# Options holding a mapping or a list, as the docs write them (iteration and sample counts cut for speed).
+LIST_AND_MAPPING_OPTIONS = {
+    "static": "{name: static, observer: mse, observer_options: {p: 2.4}}",
+    "ptq4dm": "{name: ptq4dm, observer_options: {p: 2.4, grid: 20, max_values: 4096}, samples: 64}",
+    "qdiffusion": "{name: qdiffusion, observer: mse, observer_options: {p: 2.4, grid: 10}, beta: [20, 2], blocks: [ResnetBlock2D, Attention], weight_iters: 2, act_iters: 2, samples_per_step: 8}",
+}
+OPTION_RECIPES = ["w8a4-modiff"] + [name for name in mq.shipped_recipes() if mq.load_recipe(name).defaults.base_quantizer in LIST_AND_MAPPING_OPTIONS]
+
+
+@pytest.mark.parametrize("name", OPTION_RECIPES)
+def test_options_holding_mappings_and_lists_round_trip(tmp_path, name):
+    """Every shipped recipe on a base quantizer that takes mapping or list options, with such
+    options (w8a4-modiff on `static`): saved as plain YAML, loaded bit-identically."""
+    base = mq.load_recipe(name).defaults.base_quantizer
+    options = LIST_AND_MAPPING_OPTIONS.get(base, LIST_AND_MAPPING_OPTIONS["static"])
+    path = tmp_path / "options.yaml"
+    path.write_text(f"version: 1\nextends: {name}\ndefaults:\n  base_quantizer: {options}\n  a_granularity: tensor\n", encoding="utf-8")
+    model, inputs = converted(path)
+    saved = mq.save_quantized(model, tmp_path / "saved")
+    written = yaml.safe_load((saved / RECIPE).read_text(encoding="utf-8"))["defaults"]["base_quantizer"]
+    assert written == yaml.safe_load(options)
+    loaded = mq.load_quantized(tiny_unet(seed=1), saved)
+    assert all(torch.equal(a, b) for a, b in zip(trajectory(model, inputs), trajectory(loaded, inputs)))
+
+
+def brevitas_model() -> torch.nn.Module:
+    """Two Brevitas layers as layerwise_quantize makes them: the second quantizes its input."""
+    import brevitas.nn as qnn
+    from brevitas.quant import Int8ActPerTensorFloat
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(qnn.QuantLinear(16, 16, bias=True), qnn.QuantLinear(16, 8, bias=True, input_quant=Int8ActPerTensorFloat)).eval()
+
+
+def test_injector_classes_are_saved_by_name(tmp_path):
+    """Brevitas injector classes (of adopted layers, or given from Python) are written as
+    "module:Class" and resolve back to the same classes on load."""
+    from brevitas.quant import Int8WeightPerChannelFloat, ShiftedUint8ActPerTensorFloat
+
+    inputs = [torch.randn(4, 16, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    given = mq.load_recipe("w8a4-modiff-brevitas").overriding(
+        {"base_quantizer": "brevitas", "base_quantizer_options": {"weight_quant": Int8WeightPerChannelFloat, "act_quant": ShiftedUint8ActPerTensorFloat}}, "classes"
+    )
+    for model, recipe, fresh in ((brevitas_model(), "w8a8-modiff", brevitas_model), (torch.nn.Sequential(torch.nn.Linear(16, 8)), given, lambda: torch.nn.Sequential(torch.nn.Linear(16, 8)))):
+        mq.prepare(model, recipe)
+        with torch.no_grad(), mq.calibrate(model):
+            for x in inputs:
+                model(x)
+        mq.convert(model)
+        folder = mq.save_quantized(model, tmp_path / f"saved-{len(model)}")
+        options = json.loads((folder / PLAN).read_text(encoding="utf-8"))["plan"]["layers"]["0"]["settings"]["base_quantizer"]
+        assert all(options[key].startswith("brevitas.") and ":" in options[key] for key in ("weight_quant", "act_quant") if key in options), options
+        loaded = mq.load_quantized(fresh(), folder)
+        with torch.no_grad(), mq.sampling(model), mq.sampling(loaded):
+            assert all(torch.equal(model(x), loaded(x)) for x in inputs)
+
+
+def small_converted() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return mq.convert(mq.prepare(torch.nn.Sequential(torch.nn.Linear(16, 8)), "w8a8-modiff"))
+
+
+def failing_second_write(monkeypatch) -> None:
+    """Make the write of the second file fail, as a full disk would."""
+    from modiff_quant import serialization
+
+    real, written = serialization._write_durably, []
+
+    def write(path: Path, content: bytes) -> None:
+        written.append(path)
+        if len(written) == 2:
+            raise OSError(28, "No space left on device")
+        real(path, content)
+
+    monkeypatch.setattr(serialization, "_write_durably", write)
+
+
+def test_a_failed_save_leaves_no_folder(tmp_path, monkeypatch):
+    failing_second_write(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        mq.save_quantized(small_converted(), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_save_over_a_saved_model_leaves_it_loadable(tmp_path, monkeypatch):
+    model = small_converted()
+    folder = mq.save_quantized(model, tmp_path / "out")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    other = small_converted()
+    with torch.no_grad():
+        other[0].bias.add_(1.0)
+    failing_second_write(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        mq.save_quantized(other, folder)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    monkeypatch.undo()
+    mq.save_quantized(other, folder)  # replaces the files
+    assert sorted(path.name for path in folder.iterdir()) == sorted([TENSORS, RECIPE, PLAN])
+    assert torch.equal(mq.load_quantized(torch.nn.Sequential(torch.nn.Linear(16, 8)), folder)[0].bias, other[0].bias)
+
+
+def test_options_that_are_not_recipe_data_fail_before_anything_is_written(tmp_path):
+    """From Python, an option may hold what YAML cannot write (here a NumPy number): the error names
+    it before the folder exists."""
+    options = {"observer": "mse", "observer_options": {"p": np.float64(2.4)}}
+    recipe = mq.load_recipe("w8a8-modiff").overriding({"base_quantizer": "static", "base_quantizer_options": options, "a_granularity": Granularity("tensor")}, "numpy")
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    mq.prepare(model, recipe)
+    with torch.no_grad(), mq.calibrate(model):
+        for _ in range(2):  # MoDiff observes the difference to the step before
+            model(torch.randn(4, 16))
+    mq.convert(model)
+    with pytest.raises(ValueError, match=r"base_quantizer option 'observer_options'\['p'\]: float64 np.float64\(2.4\) is not recipe data"):
+        mq.save_quantized(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

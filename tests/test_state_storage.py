@@ -45,7 +45,7 @@ def test_lossy_input_state_keeps_the_output_equal_to_the_layer_of_the_stored_inp
     with mq.sampling(model):
         for x, t in ddim_inputs(tiny_unet(), steps=5):
             model(x, t)
-            state = next(iter(layer._states.values()))
+            state = next(iter(layer.states().values()))
             expected = layer.apply_op(state.a_hat, bias=True)
             assert ((seen[-1] - expected).norm() / expected.norm()) < 1e-5
 

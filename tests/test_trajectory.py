@@ -132,7 +132,7 @@ def test_sampling_context_resets_on_enter_and_exit():
     with mq.sampling(model):
         run(model, inputs)
     layers = [m for m in model.modules() if isinstance(m, QuantizedLayer)]
-    assert layers and all(not layer._states for layer in layers)
+    assert layers and all(not layer.states() for layer in layers) and mq.api.state_bytes(model) == 0
 
 
 def test_running_before_convert_is_an_error():

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import warnings
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
+from ..layer_parts import check_calibration_state
+from ..quoting import clip
 from .record import CalibrationRecord, tensor_bytes
 
 if TYPE_CHECKING:
@@ -29,14 +33,37 @@ class CalibrationCache:
         self.path = Path(directory) / f"{_fingerprint(model, self.layers, blocks, record)}.safetensors"
 
     def load(self) -> bool:
-        """Restore every layer from the file; False when there is none yet."""
+        """Restore every layer from the file; False when there is none yet, or when it is damaged
+        (checked in full before any layer takes its state: a miss, with a warning, recomputes it)."""
         if not self.path.is_file():
             return False
-        tensors = load_file(self.path)
+        try:
+            states = self._checked_states(load_file(self.path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            warnings.warn(f"modiff_quant: calibration cache {self.path} is damaged ({clip(str(exc), 300)}); calibrating again", RuntimeWarning, stacklevel=3)
+            return False
         for layer in self.layers:
-            prefix = f"{layer.plan.name}/"
-            layer.load_calibration_state({key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)})
+            layer.load_calibration_state(states[layer.plan.name])
         return True
+
+    def _checked_states(self, tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        """Each layer's state from the file, tried on standalone quantizers (see `check_calibration_state`)."""
+        states: dict[str, dict[str, Tensor]] = {layer.plan.name: {} for layer in self.layers}
+        for key, value in tensors.items():
+            name, _, part = key.partition("/")
+            if name not in states:
+                raise ValueError(f"tensor {clip(key)!r} belongs to no calibrated layer")
+            states[name][part] = value
+        for layer in self.layers:
+            state, weight = states[layer.plan.name], layer.weight
+            saved = state.get("weight")
+            if not layer.packed and (saved is None or saved.shape != weight.shape or saved.dtype != weight.dtype or not bool(saved.isfinite().all())):
+                raise ValueError(f"layer '{layer.plan.name}': its weight is missing or not a finite {weight.dtype} {list(weight.shape)}")
+            try:
+                check_calibration_state(layer.plan.settings, layer.plan.module_type, layer, state, f"{layer.plan.name}/")
+            except ValueError as exc:
+                raise ValueError(f"layer '{layer.plan.name}': {exc}") from None
+        return states
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

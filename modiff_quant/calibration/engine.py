@@ -90,6 +90,14 @@ def _observe(model: nn.Module, tracker: Tracker, record: CalibrationRecord, laye
     for pick in picks:
         prior = record.previous(pick.call) if previous_step else None
         chains.append([(prior, False), (pick.call, True)] if prior is not None else [(pick.call, True)])
+    name = layers[0].plan.settings.base_quantizer
+    if previous_step and not any(len(chain) == 2 for chain in chains):
+        steps = sorted({pick.call.step for pick in picks})
+        raise ValueError(
+            f"{name}: MoDiff calibrates on temporal differences a_t - a_t+1, which need a picked step after a trajectory's first, "
+            f"but the calibration picks hold only steps {steps}: record trajectories of 2 or more steps inside calibrate() "
+            "(and keep the base quantizer's calibration_steps at 2 or more)"
+        )
     rows = [pick.rows for pick in picks]
     if first_steps:
         picked = {id(pick.call) for pick in picks}
@@ -97,7 +105,6 @@ def _observe(model: nn.Module, tracker: Tracker, record: CalibrationRecord, laye
             chains.append([(call, True)])
             rows.append(torch.arange(call.rows))
     observing = frozenset(layers)
-    name = layers[0].plan.settings.base_quantizer
     previous_mode, tracker.mode = tracker.mode, Mode.OBSERVING
     try:
         with torch.no_grad():

@@ -27,11 +27,13 @@ def all_steps(record: CalibrationRecord) -> list[Pick]:
 
 def uniform_steps(record: CalibrationRecord, steps: int, samples_per_step: int) -> list[Pick]:
     """Q-Diffusion's set: `steps` steps evenly spaced over the trajectory (0, 5, ..., 95 for 20 of
-    100, the first step included) and up to `samples_per_step` rows of each, across trajectories."""
+    100, the first step included; every step of a shorter trajectory) and up to `samples_per_step`
+    rows of each, across trajectories."""
     if steps < 1 or samples_per_step < 1:
         raise ValueError(f"steps and samples_per_step must be >= 1, got {steps} and {samples_per_step}")
     length = max(call.step for call in record.calls) + 1
-    chosen = sorted({i * length // steps for i in range(min(steps, length))})
+    count = min(steps, length)  # spacing by `steps` itself would crowd a short trajectory's picks into its first steps
+    chosen = sorted({i * length // count for i in range(count)})
     picks = []
     for step in chosen:
         remaining = samples_per_step

@@ -1,7 +1,7 @@
 """YAML recipes mapping layers to bit-widths, schemes and base quantizers (schema version 1)."""
 
 from .resolve import BlockPlan, LayerPlan, Plan
-from .schema import Recipe, Rule, load_recipe, shipped_recipes
+from .schema import Recipe, Rule, flat_recipe, load_recipe, shipped_recipes
 from .settings import FirstStep, LayerSettings, StepSchedule, TimestepGroups
 from .source import Location, RecipeError
 
@@ -17,6 +17,7 @@ __all__ = [
     "Rule",
     "StepSchedule",
     "TimestepGroups",
+    "flat_recipe",
     "load_recipe",
     "shipped_recipes",
 ]

@@ -58,7 +58,7 @@ def settings_document(values: Mapping[str, Any]) -> dict[str, Any]:
         if key == "base_quantizer_options":
             continue
         if key == "base_quantizer":
-            options = dict(values.get("base_quantizer_options", {}))
+            options = {option: _plain(setting, f"base_quantizer option {option!r}") for option, setting in values.get("base_quantizer_options", {}).items()}
             document[key] = {"name": value, **options} if options else value
         elif key in _STRINGIFIED:
             document[key] = str(value)
@@ -67,6 +67,22 @@ def settings_document(values: Mapping[str, Any]) -> dict[str, Any]:
         elif value is not None:
             document[key] = value
     return document
+
+
+def _plain(value: Any, what: str) -> Any:
+    """An option value as YAML/JSON data that reads back to an option of the same meaning: the
+    recipe parser's line-remembering mappings and lists as plain ones (YAML's safe dumper refuses
+    subclasses), tuples as lists, classes (e.g. the Brevitas injectors of adopted layers) as
+    "module:Class", which the plugin resolves by name."""
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, type):
+        return f"{value.__module__}:{value.__qualname__}"
+    if isinstance(value, Mapping) and all(key is None or type(key) in (bool, int, float, str) for key in value):
+        return {key: _plain(item, f"{what}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item, f"{what}[{index}]") for index, item in enumerate(value)]
+    raise ValueError(f"{what}: {type(value).__name__} {value!r:.80} is not recipe data (mappings, lists, numbers, strings, booleans, None or classes)")
 
 
 def schedule_document(schedule: StepSchedule) -> Any:

@@ -25,7 +25,6 @@ from .settings import LayerSettings, StepSchedule
 from .source import Location, RecipeError
 
 
-
 @dataclass(frozen=True)
 class LayerPlan:
     """The resolved settings of one Linear/Conv layer and the recipe lines they came from."""
@@ -158,10 +157,11 @@ def _report_unmatched(recipe: Recipe, unmatched: list[Rule], modules: list[tuple
         warnings.warn(f"{rule.location}: {message}", UserWarning, stacklevel=4)
 
 
-def _suggest(rule: Rule, modules: list[tuple[str, nn.Module]]) -> str:
-    """Nearest module or class names to each pattern (for a regex, to its literal prefix)."""
+def _suggest(rule: Rule, modules: list[tuple[str, nn.Module]], limit: int = 3) -> str:
+    """Nearest module or class names to each of the first `limit` patterns, those the message shows
+    (for a regex, to its literal prefix: the split is one linear scan, whatever the pattern)."""
     suggestions: list[str] = []
-    for pattern in rule.patterns:
+    for pattern in rule.patterns[:limit]:
         text = re.split(r"(?<!\\)[\[\](){}*+?|^$]|\\[dDwWsSb]", pattern.removeprefix("re:"))[0].replace("\\.", ".").rstrip(".")
         depth = text.count(".") + 1
         candidates = {".".join(name.split(".")[:depth]) for name, _ in modules} | {type(m).__name__ for _, m in modules}

@@ -6,12 +6,29 @@ ValueError with a message the loader prefixes with file:line.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from ..quant import FLOAT_BITS, MAX_BITS, MIN_BITS, SKIP_BITS, Granularity, QuantSpec, count_suffix
+from ..quant import (
+    FLOAT_BITS,
+    MAX_BITS,
+    MIN_BITS,
+    SKIP_BITS,
+    Granularity,
+    QuantSpec,
+    count_suffix,
+)
+from ..quoting import shown
 from ..state_storage import STATE_FORMATS, StateFormat
+
+MAX_WARMUP_ROUNDS = 64
+"""`warmup:N` runs N extra modulated updates on the first call of every trajectory."""
+
+MAX_TIMESTEP_GROUPS = 100
+"""Each group is a set of calibrated scales per layer: more groups cost memory, calibration and
+prepare time linearly (1,000 took 12 s to prepare), and each needs calibration data."""
 
 
 @dataclass(frozen=True)
@@ -31,9 +48,9 @@ class FirstStep:
         if value in ("fp", "quantized"):
             return cls(value)
         rounds = count_suffix(value, "warmup:")
-        if rounds is not None:
+        if rounds is not None and rounds <= MAX_WARMUP_ROUNDS:
             return cls("warmup", rounds)
-        raise ValueError(f"expected fp, quantized or warmup:N (N >= 1), got {value!r}")
+        raise ValueError(f"expected fp, quantized or warmup:N (N in 1-{MAX_WARMUP_ROUNDS}), got {shown(value)}")
 
     def __str__(self) -> str:
         return f"warmup:{self.rounds}" if self.kind == "warmup" else self.kind
@@ -65,7 +82,7 @@ class StepSchedule:
             valid_step = _is_int(every) and every >= 1 and _is_int(refresh) and (refresh == 0 and "refresh_every" not in value or refresh >= 2)
             if _is_int(start) and start >= 0 and valid_step and (stop is None or _is_int(stop) and stop > start):
                 return cls(start=start, stop=stop, every=every, refresh_every=refresh)
-        raise ValueError(f"expected all, a list of step indices, or a mapping with start/stop and every or refresh_every (N >= 2), got {value!r}")
+        raise ValueError(f"expected all, a list of step indices, or a mapping with start/stop and every or refresh_every (N >= 2), got {shown(value)}")
 
     def contains(self, step: int) -> bool:
         if self.explicit is not None:
@@ -99,13 +116,17 @@ class TimestepGroups:
 
     @classmethod
     def parse(cls, value: Any) -> TimestepGroups:
-        if _is_int(value) and value >= 1:
+        if _is_count(value):
             return cls(value)
         if isinstance(value, Mapping) and set(value) == {"count", "range"}:
             count, span = value["count"], value["range"]
-            if _is_int(count) and count >= 1 and isinstance(span, list) and len(span) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in span) and span[0] < span[1]:
-                return cls(count, float(span[0]), float(span[1]))
-        raise ValueError(f"expected a group count N >= 1 (timesteps 0-1000) or {{count: N, range: [low, high]}}, got {value!r}")
+            if _is_count(count) and isinstance(span, list) and len(span) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in span):
+                low, high = float(span[0]), float(span[1])
+                if low < high and math.isfinite(high - low):
+                    return cls(count, low, high)
+        raise ValueError(
+            f"expected a group count N in 1-{MAX_TIMESTEP_GROUPS} (timesteps 0-1000) or {{count: N, range: [low, high]}} with finite low < high, got {shown(value)}"
+        )
 
     def index(self, timestep: float | None) -> int:
         """The group of a timestep (group 0 when the model call carried none)."""
@@ -154,6 +175,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_count(value: Any) -> bool:
+    return _is_int(value) and 1 <= value <= MAX_TIMESTEP_GROUPS
+
+
 def _bits(allow_skip: bool) -> Callable[[Any], int]:
     lowest = SKIP_BITS if allow_skip else MIN_BITS
 
@@ -163,7 +188,7 @@ def _bits(allow_skip: bool) -> Callable[[Any], int]:
         if _is_int(value) and (MIN_BITS <= value <= MAX_BITS or value == FLOAT_BITS or value == lowest):
             return value
         skip = f"{SKIP_BITS} (skip), " if allow_skip else ""
-        raise ValueError(f"expected {skip}{MIN_BITS}-{MAX_BITS}, {FLOAT_BITS} or float, got {value!r}")
+        raise ValueError(f"expected {skip}{MIN_BITS}-{MAX_BITS}, {FLOAT_BITS} or float, got {shown(value)}")
 
     return parse
 
@@ -171,20 +196,20 @@ def _bits(allow_skip: bool) -> Callable[[Any], int]:
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    raise ValueError(f"expected true or false, got {value!r}")
+    raise ValueError(f"expected true or false, got {shown(value)}")
 
 
 def _name(value: Any) -> str:
     if isinstance(value, str) and value:
         return value
-    raise ValueError(f"expected a name, got {value!r}")
+    raise ValueError(f"expected a name, got {shown(value)}")
 
 
 def _granularity(allowed: tuple[str, ...]) -> Callable[[Any], Granularity]:
     def parse(value: Any) -> Granularity:
         granularity = Granularity.parse(value) if isinstance(value, str) else None
         if granularity is None or granularity.kind not in allowed:
-            raise ValueError(f"expected {', '.join(allowed)} or group:N, got {value!r}")
+            raise ValueError(f"expected {', '.join(allowed)} or group:N, got {shown(value)}")
         return granularity
 
     return parse
@@ -193,7 +218,7 @@ def _granularity(allowed: tuple[str, ...]) -> Callable[[Any], Granularity]:
 def _state_format(value: Any) -> StateFormat:
     if value in STATE_FORMATS:
         return value
-    raise ValueError(f"expected one of {', '.join(STATE_FORMATS)}, got {value!r}")
+    raise ValueError(f"expected one of {', '.join(STATE_FORMATS)}, got {shown(value)}")
 
 
 def _base_quantizer(value: Any) -> dict[str, Any]:
@@ -202,7 +227,7 @@ def _base_quantizer(value: Any) -> dict[str, Any]:
         return {"base_quantizer": value, "base_quantizer_options": {}}
     if isinstance(value, Mapping) and isinstance(value.get("name"), str):
         return {"base_quantizer": value["name"], "base_quantizer_options": {k: v for k, v in value.items() if k != "name"}}
-    raise ValueError(f"expected a base quantizer name or a mapping with 'name' and its options, got {value!r}")
+    raise ValueError(f"expected a base quantizer name or a mapping with 'name' and its options, got {shown(value)}")
 
 
 # recipe key -> parser returning {LayerSettings field: value}
