@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .atomic_files import replace_file
 from .evaluate import CALIBRATION_SAMPLES, POSITIVE, SEEDS, Harness, integer_error
 from .quoting import shown
 from .recipe.source import LocatedDict, LocatedList, Location, RecipeError, read_located
@@ -236,15 +234,7 @@ def _record(path: Path, results: dict[str, dict[str, Any]]) -> None:
             value = results[name][metric]
             recorded["value"] = None if value is None else float(f"{value:.6g}")
             recorded.setdefault("tolerance", DEFAULT_TOLERANCES[metric])
-    handle, staged_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    staged = Path(staged_name)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(yaml.safe_dump(plain, sort_keys=False))
-        shutil.copymode(path, staged)
-        os.replace(staged, path)  # all or nothing: an interrupted update leaves the old baselines
-    finally:
-        staged.unlink(missing_ok=True)
+    replace_file(path, yaml.safe_dump(plain, sort_keys=False).encode())  # an interrupted update leaves the old baselines
 
 
 def format_checks(checks: list[Check]) -> str:

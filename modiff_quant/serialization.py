@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import re
-import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +44,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from .api import ensure_float, install, is_converted, mark_converted, plan_of
+from .atomic_files import write_folder
 from .layer_parts import check_calibration_state
 from .layers import QuantizedLayer, weight_digest
 from .quoting import excerpt
@@ -110,7 +108,7 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
         "coded_weights": sorted(coded),
         "plan": plan_document(plan),
     }
-    _write_folder(folder, {TENSORS: payload, RECIPE: recipe_text, PLAN: json.dumps(manifest, indent=1).encode()})
+    write_folder(folder, {TENSORS: payload, RECIPE: recipe_text, PLAN: json.dumps(manifest, indent=1).encode()})
     return folder
 
 
@@ -421,43 +419,3 @@ def _own_state(model: nn.Module, layers: dict[str, QuantizedLayer]) -> dict[str,
 
 def _file_facts(content: bytes) -> dict[str, Any]:
     return {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
-
-
-def _write_folder(folder: Path, files: dict[str, bytes]) -> None:
-    """Every file written in full before any is published: a new folder is written beside its
-    place and renamed into it; in an existing one the files are written beside their places, then
-    each renamed over its old version (plan.json, which holds the others' checksums, last)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    fresh = not folder.is_dir()
-    staging = _sibling(folder) if fresh else folder
-    written = {name: staging / name if fresh else _sibling(folder / name) for name in files}
-    try:
-        if fresh:
-            staging.mkdir()
-        for name, content in files.items():
-            _write_durably(written[name], content)
-        if fresh:
-            staging.rename(folder)
-        else:
-            for name, path in written.items():
-                os.replace(path, folder / name)
-    except BaseException:
-        if fresh:
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            for path in written.values():
-                path.unlink(missing_ok=True)
-        raise
-
-
-def _sibling(path: Path) -> Path:
-    """A hidden temporary name next to `path`, unique to this write."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-
-
-def _write_durably(path: Path, content: bytes) -> None:
-    """On disk before the rename that publishes it, so a crash cannot publish an empty file."""
-    with path.open("xb") as file:
-        file.write(content)
-        file.flush()
-        os.fsync(file.fileno())

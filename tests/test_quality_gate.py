@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from modiff_quant import gate
+from modiff_quant import atomic_files, gate
 from modiff_quant.cli import main
 
 BASELINE = Path(__file__).parent / "baselines" / "digits16.yaml"
@@ -79,7 +79,7 @@ def test_an_update_that_fails_midway_leaves_the_baselines_as_they_were(tmp_path,
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patched:
-        patched.setattr(gate.os, "replace", fail)
+        patched.setattr(atomic_files.os, "replace", fail)
         with pytest.raises(OSError):
             gate._record(path, {"a": {"fd": 2.0}})
     assert path.read_text(encoding="utf-8") == text and [p.name for p in tmp_path.iterdir()] == ["baseline.yaml"]

@@ -262,9 +262,9 @@ def small_converted() -> torch.nn.Module:
 
 def failing_second_write(monkeypatch) -> None:
     """Make the write of the second file fail, as a full disk would."""
-    from modiff_quant import serialization
+    from modiff_quant import atomic_files
 
-    real, written = serialization._write_durably, []
+    real, written = atomic_files.write_durably, []
 
     def write(path: Path, content: bytes) -> None:
         written.append(path)
@@ -272,7 +272,7 @@ def failing_second_write(monkeypatch) -> None:
             raise OSError(28, "No space left on device")
         real(path, content)
 
-    monkeypatch.setattr(serialization, "_write_durably", write)
+    monkeypatch.setattr(atomic_files, "write_durably", write)
 
 
 def test_a_failed_save_leaves_no_folder(tmp_path, monkeypatch):

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from ..atomic_files import replace_file
 from ..layer_parts import check_calibration_state
 from ..quoting import clip
 from .record import CalibrationRecord, tensor_bytes
@@ -68,9 +69,7 @@ class CalibrationCache:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"{layer.plan.name}/{key}": value.detach().cpu().contiguous() for layer in self.layers for key, value in layer.calibration_state().items()}
-        temporary = self.path.with_suffix(".tmp")
-        save_file(tensors, temporary, metadata={"format": FORMAT})
-        temporary.replace(self.path)  # atomic: a concurrent reader never sees half a file
+        replace_file(self.path, save(tensors, metadata={"format": FORMAT}))  # a concurrent reader never sees half a file
 
 
 def _fingerprint(model: nn.Module, layers: Sequence[QuantizedLayer], blocks: Sequence[object], record: CalibrationRecord) -> str:
