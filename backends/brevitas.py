@@ -66,9 +66,15 @@ def injector(reference: str | Injector) -> Injector:
     if not module_name:
         found = INJECTORS.get(name) if name in INJECTORS else getattr(brevitas().quant, name, None)
         if found is None:
-            raise ValueError(f"no Brevitas quantizer injector {reference!r} (a name in brevitas.quant or one registered with register_injector){did_you_mean(name, [*INJECTORS.names(), *dir(brevitas().quant)])}")
+            raise ValueError(
+                f"no Brevitas quantizer injector {reference!r} (a name in brevitas.quant or one registered with register_injector){did_you_mean(name, [*INJECTORS.names(), *dir(brevitas().quant)])}"
+            )
         return _checked(found, reference)
-    registered = [cls for cls in map(INJECTORS.get, INJECTORS.names()) if (cls.__module__, cls.__qualname__) == (module_name, name)]
+    registered = [
+        cls
+        for cls in map(INJECTORS.get, INJECTORS.names())
+        if (cls.__module__, cls.__qualname__) == (module_name, name)
+    ]
     if registered:
         return registered[0]
     if module_name != "brevitas" and not module_name.startswith("brevitas."):
@@ -101,7 +107,9 @@ class BrevitasActivationQuantizer(ActivationQuantizer):
 
     def __init__(self, spec: QuantSpec, channel_dim: int, act_quant: Injector, per_call: bool) -> None:
         super().__init__(spec, channel_dim)
-        self.identity = brevitas().nn.QuantIdentity(act_quant=act_quant, bit_width=spec.bits, return_quant_tensor=False)
+        self.identity = brevitas().nn.QuantIdentity(
+            act_quant=act_quant, bit_width=spec.bits, return_quant_tensor=False
+        )
         self.per_call = per_call
         self._calibration: AbstractContextManager[None] | None = None
         self._range: Tensor | None = None  # [min, max] observed (range mode)
@@ -118,7 +126,11 @@ class BrevitasActivationQuantizer(ActivationQuantizer):
             self._calibrate(x)
             return
         seen = torch.stack([x.detach().min(), x.detach().max()]).float()
-        self._range = seen if self._range is None else torch.stack([self._range[0].minimum(seen[0]), self._range[1].maximum(seen[1])])
+        self._range = (
+            seen
+            if self._range is None
+            else torch.stack([self._range[0].minimum(seen[0]), self._range[1].maximum(seen[1])])
+        )
 
     def freeze(self) -> None:
         if self._range is not None:
@@ -133,7 +145,9 @@ class BrevitasActivationQuantizer(ActivationQuantizer):
         return dict(self.identity.state_dict())
 
     def load_frozen_state(self, state: dict[str, Tensor]) -> None:
-        broken = [key for key, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+        broken = [
+            key for key, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())
+        ]
         if broken:
             raise ValueError(f"non-finite values in {', '.join(broken)}")
         self.identity.load_state_dict(state)  # strict: names and shapes must be Brevitas' own
@@ -161,7 +175,12 @@ class BrevitasQuantizer(BaseQuantizer):
     the bit-widths always come from the recipe. `calibration`: what Brevitas' calibration mode
     sees, `range` or `per_call` (see `BrevitasActivationQuantizer`)."""
 
-    def __init__(self, weight_quant: str | Injector | None = None, act_quant: str | Injector | None = None, calibration: Literal["range", "per_call"] = "range") -> None:
+    def __init__(
+        self,
+        weight_quant: str | Injector | None = None,
+        act_quant: str | Injector | None = None,
+        calibration: Literal["range", "per_call"] = "range",
+    ) -> None:
         if calibration not in ("range", "per_call"):
             raise ValueError(f"calibration must be 'range' or 'per_call', got {calibration!r}")
         self.weight_quant = None if weight_quant is None else injector(weight_quant)
@@ -169,13 +188,21 @@ class BrevitasQuantizer(BaseQuantizer):
         self.calibration = calibration
 
     def check_layer(self, layer: nn.Module, weight: QuantSpec, activation: QuantSpec) -> None:
-        if self.weight_quant is None and not weight.is_float and (weight.granularity.kind not in WEIGHT_INJECTORS or not weight.symmetric):
+        if (
+            self.weight_quant is None
+            and not weight.is_float
+            and (weight.granularity.kind not in WEIGHT_INJECTORS or not weight.symmetric)
+        ):
             raise UnsupportedSetting(
-                "w_granularity", f"chooses a Brevitas weight injector for symmetric tensor or channel weights only, got {weight.granularity}, "
+                "w_granularity",
+                f"chooses a Brevitas weight injector for symmetric tensor or channel weights only, got {weight.granularity}, "
                 f"symmetric {weight.symmetric}; name one with weight_quant",
             )
         if self.act_quant is None and not activation.is_float and activation.granularity.kind != "tensor":
-            raise UnsupportedSetting("a_granularity", f"chooses a Brevitas activation injector for a_granularity tensor only, got {activation.granularity}; name one with act_quant")
+            raise UnsupportedSetting(
+                "a_granularity",
+                f"chooses a Brevitas activation injector for a_granularity tensor only, got {activation.granularity}; name one with act_quant",
+            )
 
     def weight_note(self, layer: nn.Module, weight: QuantSpec) -> str | None:
         if weight.is_float:
@@ -184,7 +211,9 @@ class BrevitasQuantizer(BaseQuantizer):
         return f"Brevitas {self._weight_injector(weight).__name__}, {weight.bits} bits{chosen}"
 
     def _weight_injector(self, spec: QuantSpec) -> Injector:
-        return self.weight_quant if self.weight_quant is not None else injector(WEIGHT_INJECTORS[spec.granularity.kind])
+        return (
+            self.weight_quant if self.weight_quant is not None else injector(WEIGHT_INJECTORS[spec.granularity.kind])
+        )
 
     def quantize_weight(self, weight: Tensor, spec: QuantSpec) -> Tensor:
         if spec.is_float:
@@ -205,7 +234,13 @@ def _weight_holder(weight: Tensor, weight_quant: Injector, bits: int) -> nn.Modu
     """A Brevitas layer of the weight's shape, whose weight-quant proxy quantizes it."""
     qnn = brevitas().nn
     out_channels, in_channels, *kernel = weight.shape
-    options: dict[str, Any] = {"bias": False, "weight_quant": weight_quant, "weight_bit_width": bits, "device": weight.device, "dtype": weight.dtype}
+    options: dict[str, Any] = {
+        "bias": False,
+        "weight_quant": weight_quant,
+        "weight_bit_width": bits,
+        "device": weight.device,
+        "dtype": weight.dtype,
+    }
     if not kernel:
         return qnn.QuantLinear(in_channels, out_channels, **options)
     conv = {1: qnn.QuantConv1d, 2: qnn.QuantConv2d}[len(kernel)]
@@ -229,10 +264,15 @@ def adopt_layer(module: nn.Module) -> Adoption | None:
     if layer_type is None:
         return None
     if module.output_quant.is_quant_enabled:
-        raise ValueError(f"{type(module).__name__} with output quantization cannot be adopted: a MoDiff layer quantizes its input and weight only")
+        raise ValueError(
+            f"{type(module).__name__} with output quantization cannot be adopted: a MoDiff layer quantizes its input and weight only"
+        )
     options: dict[str, Any] = {}
     settings: dict[str, Any] = {"base_quantizer": "brevitas"}
-    for proxy, key, option in ((module.weight_quant, "w_bits", "weight_quant"), (module.input_quant, "a_bits", "act_quant")):
+    for proxy, key, option in (
+        (module.weight_quant, "w_bits", "weight_quant"),
+        (module.input_quant, "a_bits", "act_quant"),
+    ):
         if proxy.is_quant_enabled:
             settings[key] = int(proxy.bit_width())
             options[option] = proxy.quant_injector

@@ -43,8 +43,16 @@ class PTQ4DMQuantizer(StaticQuantizer):
     ) -> None:
         super().__init__(observer, LP_SEARCH if observer_options is None and observer == "mse" else observer_options)
         if samples < 1 or std <= 0 or num_train_timesteps < 1:
-            raise ValueError(f"NDTC needs samples >= 1, std > 0 and num_train_timesteps >= 1, got {samples}, {std}, {num_train_timesteps}")
-        self.samples, self.mean, self.std, self.num_train_timesteps, self.seed = samples, mean, std, num_train_timesteps, seed
+            raise ValueError(
+                f"NDTC needs samples >= 1, std > 0 and num_train_timesteps >= 1, got {samples}, {std}, {num_train_timesteps}"
+            )
+        self.samples, self.mean, self.std, self.num_train_timesteps, self.seed = (
+            samples,
+            mean,
+            std,
+            num_train_timesteps,
+            seed,
+        )
 
     def calibration_picks(self, record: CalibrationRecord) -> list[Pick]:
         return ndtc(record, self.samples, self.mean, self.std, self.num_train_timesteps, self.seed)

@@ -31,7 +31,13 @@ from tqdm.auto import tqdm
 
 from modiff_quant.base_quantizer import ObservedActivationQuantizer, SplitActivationQuantizer
 from modiff_quant.calibration import CalibrationRecord, Pick, uniform_steps
-from modiff_quant.calibration.reconstruction import DEFAULT_BLOCK_TYPES, Reconstruction, Unit, UnitSample, random_batches
+from modiff_quant.calibration.reconstruction import (
+    DEFAULT_BLOCK_TYPES,
+    Reconstruction,
+    Unit,
+    UnitSample,
+    random_batches,
+)
 from modiff_quant.layers import QuantizedLayer, join_weight_parts
 from modiff_quant.registry import register_base_quantizer
 from modiff_quant.trajectory import Mode
@@ -92,12 +98,16 @@ class QDiffusionQuantizer(StaticQuantizer):
 
     def _round_weights(self, reconstruction: Reconstruction, unit: Unit) -> None:
         """AdaRound every quantized weight of the unit together (BRECQ block reconstruction)."""
-        roundings = {layer: self._roundings(layer) for layer in unit.layers if not layer.plan.settings.weight_spec().is_float}
+        roundings = {
+            layer: self._roundings(layer) for layer in unit.layers if not layer.plan.settings.weight_spec().is_float
+        }
         if not roundings:
             return
         samples = reconstruction.capture(unit, inputs_from=Mode.WEIGHTS_ONLY)
         self._set_weights(roundings, hard=True)
-        nearest = _loss(reconstruction, unit, samples, 2.0, quantized_activations=False)  # at the start, hard = round to nearest
+        nearest = _loss(
+            reconstruction, unit, samples, 2.0, quantized_activations=False
+        )  # at the start, hard = round to nearest
         optimizer = torch.optim.Adam([r.v for parts in roundings.values() for r in parts], lr=self.weight_lr)
         start_decay = int(self.warmup * self.weight_iters)
         for step, (sample, rows) in enumerate(random_batches(samples, self.weight_iters, self.batch_size, self.seed)):
@@ -105,16 +115,30 @@ class QDiffusionQuantizer(StaticQuantizer):
             output = reconstruction.forward(unit, sample, rows, quantized_activations=False)
             loss = (output - sample.target[rows]).pow(2).sum(1).mean()
             if step >= start_decay:
-                beta = self.beta[1] + (self.beta[0] - self.beta[1]) * (1 - (step - start_decay) / max(self.weight_iters - start_decay, 1))
-                loss = loss + self.round_weight * sum(r.regularizer(beta) for parts in roundings.values() for r in parts)
-            if not loss.requires_grad:  # the unit's output ignores its weights (e.g. a 0-bit layer reuses its cached output)
+                beta = self.beta[1] + (self.beta[0] - self.beta[1]) * (
+                    1 - (step - start_decay) / max(self.weight_iters - start_decay, 1)
+                )
+                loss = loss + self.round_weight * sum(
+                    r.regularizer(beta) for parts in roundings.values() for r in parts
+                )
+            if (
+                not loss.requires_grad
+            ):  # the unit's output ignores its weights (e.g. a 0-bit layer reuses its cached output)
                 break
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         self._set_weights(roundings, hard=True)
         undecided = max(r.undecided() for parts in roundings.values() for r in parts)
-        self.log.append({"unit": unit.name, "phase": "weights", "loss_nearest": nearest, "loss": _loss(reconstruction, unit, samples, 2.0, quantized_activations=False), "undecided": undecided})
+        self.log.append(
+            {
+                "unit": unit.name,
+                "phase": "weights",
+                "loss_nearest": nearest,
+                "loss": _loss(reconstruction, unit, samples, 2.0, quantized_activations=False),
+                "undecided": undecided,
+            }
+        )
 
     @staticmethod
     def _set_weights(roundings: dict[QuantizedLayer, list[AdaRound]], *, hard: bool) -> None:
@@ -130,7 +154,9 @@ class QDiffusionQuantizer(StaticQuantizer):
         quantizers = [q for layer in unit.layers for q in _static_quantizers(layer)]
         if not quantizers:
             return
-        samples = reconstruction.capture(unit, inputs_from=Mode.REFERENCE, previous=any(layer.scheme.needs_previous_step for layer in unit.layers))
+        samples = reconstruction.capture(
+            unit, inputs_from=Mode.REFERENCE, previous=any(layer.scheme.needs_previous_step for layer in unit.layers)
+        )
         if not samples:
             return
         before = _loss(reconstruction, unit, samples, self.p, quantized_activations=True)
@@ -144,7 +170,9 @@ class QDiffusionQuantizer(StaticQuantizer):
                     quantizer.scale = scale * log.exp()
                 output = reconstruction.forward(unit, sample, rows, quantized_activations=True)
                 loss = (output - sample.target[rows]).abs().pow(self.p).sum(1).mean()
-                if not loss.requires_grad:  # the output ignores the step sizes (e.g. a 0-bit layer reuses its cached output)
+                if (
+                    not loss.requires_grad
+                ):  # the output ignores the step sizes (e.g. a 0-bit layer reuses its cached output)
                     break
                 optimizer.zero_grad()
                 loss.backward()
@@ -158,16 +186,32 @@ class QDiffusionQuantizer(StaticQuantizer):
         if after > before:  # learning did not help on the calibration data: keep the observer's step sizes
             for quantizer, scale in zip(quantizers, initial):
                 quantizer.scale = scale
-        self.log.append({"unit": unit.name, "phase": "activations", "loss_initial": before, "loss": min(before, after), "learned": after <= before})
+        self.log.append(
+            {
+                "unit": unit.name,
+                "phase": "activations",
+                "loss_initial": before,
+                "loss": min(before, after),
+                "learned": after <= before,
+            }
+        )
 
 
 @torch.no_grad()
-def _loss(reconstruction: Reconstruction, unit: Unit, samples: Sequence[UnitSample], p: float, *, quantized_activations: bool) -> float:
+def _loss(
+    reconstruction: Reconstruction, unit: Unit, samples: Sequence[UnitSample], p: float, *, quantized_activations: bool
+) -> float:
     """Mean L_p reconstruction error of the unit over all calibration samples."""
     total = 0.0
     for sample in samples:
         rows = torch.arange(sample.inputs.rows)
-        total += float((reconstruction.forward(unit, sample, rows, quantized_activations=quantized_activations) - sample.target).abs().pow(p).sum(1).mean())
+        total += float(
+            (reconstruction.forward(unit, sample, rows, quantized_activations=quantized_activations) - sample.target)
+            .abs()
+            .pow(p)
+            .sum(1)
+            .mean()
+        )
     reconstruction.tracker.reset()
     return total / len(samples)
 

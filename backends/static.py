@@ -24,7 +24,9 @@ class StaticQuantizer(BaseQuantizer):
     def __init__(self, observer: str = "minmax", observer_options: dict[str, Any] | None = None) -> None:
         self.observer = observer
         self.observer_options = dict(observer_options or {})
-        self._make_observer(QuantSpec(8, True, Granularity("tensor")), 0, weight=True)  # bad names/options fail at recipe load
+        self._make_observer(
+            QuantSpec(8, True, Granularity("tensor")), 0, weight=True
+        )  # bad names/options fail at recipe load
 
     def _make_observer(self, spec: QuantSpec, channel_dim: int, *, weight: bool = False) -> Observer:
         return OBSERVERS.get(self.observer)(spec, channel_dim=channel_dim, weight=weight, **self.observer_options)

@@ -51,15 +51,21 @@ class MoDiffConfig(_AOBaseConfig):
 
     def settings(self) -> LayerSettings:
         """The layer settings this config stands for, validated like a recipe's."""
-        if isinstance(self.base_config, MoDiffConfig) or (self.base_config is not None and not isinstance(self.base_config, _AOBaseConfig)):
-            raise TypeError(f"MoDiffConfig.base_config must be a torchao weight config (an AOBaseConfig other than MoDiffConfig), got {self.base_config!r}")
+        if isinstance(self.base_config, MoDiffConfig) or (
+            self.base_config is not None and not isinstance(self.base_config, _AOBaseConfig)
+        ):
+            raise TypeError(
+                f"MoDiffConfig.base_config must be a torchao weight config (an AOBaseConfig other than MoDiffConfig), got {self.base_config!r}"
+            )
         if self.base_config is not None and "w_bits" in self.options:
             raise ValueError("MoDiffConfig: base_config quantizes the weight, so options cannot set w_bits too")
         values: dict[str, Any] = {"w_bits": FLOAT_BITS, "base_quantizer": "torchao_int4"}
         for key, value in {"a_bits": self.a_bits, "scheme": self.scheme, **self.options}.items():
             parser = SETTING_PARSERS.get(key)
             if parser is None:
-                raise ValueError(f"MoDiffConfig: unknown option {key!r}{did_you_mean(key, list(SETTING_PARSERS))} (options are recipe keys)")
+                raise ValueError(
+                    f"MoDiffConfig: unknown option {key!r}{did_you_mean(key, list(SETTING_PARSERS))} (options are recipe keys)"
+                )
             try:
                 values.update(parser(value))
             except ValueError as exc:
@@ -71,7 +77,9 @@ class MoDiffConfig(_AOBaseConfig):
 def _apply_modiff(module: nn.Module, config: MoDiffConfig) -> nn.Module:
     if type(module) not in CHANNEL_DIMS:
         kinds = ", ".join(t.__name__ for t in CHANNEL_DIMS)
-        raise TypeError(f"MoDiffConfig applies to exact {kinds} modules, got {type(module).__name__}; narrow quantize_'s filter_fn")
+        raise TypeError(
+            f"MoDiffConfig applies to exact {kinds} modules, got {type(module).__name__}; narrow quantize_'s filter_fn"
+        )
     settings = config.settings()
     if config.base_config is not None:
         module = _handlers._QUANTIZE_CONFIG_HANDLER[type(config.base_config)](module, config.base_config)
@@ -86,11 +94,15 @@ def recipe_to_fqn_config(recipe: Recipe | str, model: nn.Module) -> Any:
     Block caching and 0-bit step schedules have no per-module torchao equivalent and are refused."""
     plan = (recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).resolve(model)
     if plan.blocks:
-        raise ValueError(f"recipe {plan.recipe.name}: cached blocks ({', '.join(plan.blocks)}) have no torchao per-module equivalent")
+        raise ValueError(
+            f"recipe {plan.recipe.name}: cached blocks ({', '.join(plan.blocks)}) have no torchao per-module equivalent"
+        )
     mapping: dict[str, Any] = {}
     for name, layer in plan.layers.items():
         if layer.zero_bit_steps:
-            raise ValueError(f"recipe {plan.recipe.name}: layer {name} has 0-bit steps ({', '.join(map(str, layer.zero_bit_steps))}), which torchao configs cannot express")
+            raise ValueError(
+                f"recipe {plan.recipe.name}: layer {name} has 0-bit steps ({', '.join(map(str, layer.zero_bit_steps))}), which torchao configs cannot express"
+            )
         s = layer.settings
         if s.w_bits == FLOAT_BITS and s.a_bits == FLOAT_BITS:
             mapping[name] = None

@@ -73,10 +73,18 @@ class TorchaoActivationQuantizer(ActivationQuantizer):
         block = _block_size(x, self.spec, self.channel_dim)
         codes_dtype = torch.int32
         scale, zero_point = primitives.choose_qparams_affine(
-            x, _mapping(self.spec.symmetric), block, codes_dtype, self.spec.qmin, self.spec.qmax, eps=torch.finfo(torch.float32).tiny
+            x,
+            _mapping(self.spec.symmetric),
+            block,
+            codes_dtype,
+            self.spec.qmin,
+            self.spec.qmax,
+            eps=torch.finfo(torch.float32).tiny,
         )
         codes = primitives.quantize_affine(x, block, scale, zero_point, codes_dtype, self.spec.qmin, self.spec.qmax)
-        return primitives.dequantize_affine(codes, block, scale, zero_point, codes_dtype, self.spec.qmin, self.spec.qmax, output_dtype=x.dtype)
+        return primitives.dequantize_affine(
+            codes, block, scale, zero_point, codes_dtype, self.spec.qmin, self.spec.qmax, output_dtype=x.dtype
+        )
 
 
 @register_base_quantizer("torchao_int4")
@@ -98,16 +106,28 @@ class TorchaoInt4Quantizer(BaseQuantizer):
         if weight.is_float:
             return
         if not MIN_WEIGHT_BITS <= weight.bits <= MAX_WEIGHT_BITS:
-            raise UnsupportedSetting("w_bits", f"quantizes weights to {MIN_WEIGHT_BITS}-{MAX_WEIGHT_BITS} bits (torchao's intN dtypes) or float, got w_bits {weight.bits}")
+            raise UnsupportedSetting(
+                "w_bits",
+                f"quantizes weights to {MIN_WEIGHT_BITS}-{MAX_WEIGHT_BITS} bits (torchao's intN dtypes) or float, got w_bits {weight.bits}",
+            )
         if weight.granularity.kind not in ("group", "channel"):
-            raise UnsupportedSetting("w_granularity", f"takes w_granularity group:N or channel, got {weight.granularity}")
+            raise UnsupportedSetting(
+                "w_granularity", f"takes w_granularity group:N or channel, got {weight.granularity}"
+            )
         storage, _, group = self._storage(layer.weight, weight)
         if storage != "float" and group == 1:
             # torchao 0.18's choose_qparams_affine has no dimension to reduce when a block is a single
             # element; it then reduces over the whole weight and fails reshaping the one scale it got
             width = math.prod(layer.weight.shape[1:])
-            remedy = "use group:N with N >= 2" if width > 1 else "keep its weight float (w_bits: float, or fallback: float with group:N, N >= 2)"
-            raise UnsupportedSetting("w_granularity", f"torchao cannot quantize groups of one weight element, which {weight.granularity} gives this layer (flattened input {width}); {remedy}")
+            remedy = (
+                "use group:N with N >= 2"
+                if width > 1
+                else "keep its weight float (w_bits: float, or fallback: float with group:N, N >= 2)"
+            )
+            raise UnsupportedSetting(
+                "w_granularity",
+                f"torchao cannot quantize groups of one weight element, which {weight.granularity} gives this layer (flattened input {width}); {remedy}",
+            )
 
     def weight_note(self, layer: nn.Module, weight: QuantSpec) -> str | None:
         if weight.is_float:
@@ -120,14 +140,36 @@ class TorchaoInt4Quantizer(BaseQuantizer):
         group = spec.granularity.group_size if spec.granularity.kind == "group" else width
         fallback = width % group != 0
         if fallback and self.fallback == "float":
-            return "float", f"float: flattened input {width} is not a multiple of group {group} (fallback: float)", width
+            return (
+                "float",
+                f"float: flattened input {width} is not a multiple of group {group} (fallback: float)",
+                width,
+            )
         if fallback:
             group = width
-        note = f" (fallback: channel; flattened input {width} is not a multiple of {spec.granularity.group_size})" if fallback else ""
-        if spec.bits == 4 and weight.dim() == 2 and not spec.symmetric and group in PACKED_GROUP_SIZES and _has_int4_kernel(weight):
-            kernel = "Int4OpaqueTensor (CPU int4 kernel)" if weight.device.type == "cpu" else "Int4Tensor (CUDA int4 kernel)"
+        note = (
+            f" (fallback: channel; flattened input {width} is not a multiple of {spec.granularity.group_size})"
+            if fallback
+            else ""
+        )
+        if (
+            spec.bits == 4
+            and weight.dim() == 2
+            and not spec.symmetric
+            and group in PACKED_GROUP_SIZES
+            and _has_int4_kernel(weight)
+        ):
+            kernel = (
+                "Int4OpaqueTensor (CPU int4 kernel)"
+                if weight.device.type == "cpu"
+                else "Int4Tensor (CUDA int4 kernel)"
+            )
             return "packed", f"{kernel}, group {group}{note}", group
-        return "intx", f"IntxUnpackedToInt8Tensor int{spec.bits} {'symmetric' if spec.symmetric else 'asymmetric'}, group {group}, dequantized{note}", group
+        return (
+            "intx",
+            f"IntxUnpackedToInt8Tensor int{spec.bits} {'symmetric' if spec.symmetric else 'asymmetric'}, group {group}, dequantized{note}",
+            group,
+        )
 
     def quantize_weight(self, weight: Tensor, spec: QuantSpec) -> Tensor:
         if spec.is_float:
@@ -140,7 +182,9 @@ class TorchaoInt4Quantizer(BaseQuantizer):
             if weight.device.type == "cpu":
                 return ao.prototype.quantization.int4.Int4OpaqueTensor.from_hp(weight, [1, group])
             return ao.quantization.Int4Tensor.from_hp(weight, [1, group])
-        flat = ao.quantization.IntxUnpackedToInt8Tensor.from_hp(weight.flatten(1), (1, group), getattr(torch, f"int{spec.bits}"), mapping_type=_mapping(spec.symmetric))
+        flat = ao.quantization.IntxUnpackedToInt8Tensor.from_hp(
+            weight.flatten(1), (1, group), getattr(torch, f"int{spec.bits}"), mapping_type=_mapping(spec.symmetric)
+        )
         return flat.dequantize().reshape(weight.shape).to(weight.dtype)
 
     def activation_quantizer(self, spec: QuantSpec, channel_dim: int) -> ActivationQuantizer:

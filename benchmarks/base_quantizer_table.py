@@ -33,7 +33,9 @@ def recipe_for(base: str, scheme: str, w_bits: int, a_bits: int, folder: Path) -
     parent = f"w8a4-{scheme}" if base == "dynamic" else f"w8a4-{scheme}-{RECIPE_SUFFIX.get(base, base)}"
     path = folder / f"table-w{w_bits}a{a_bits}-{scheme}-{base}.yaml"  # never the name of the recipe it extends
     rules = FIRST_LAST_W8 if w_bits < 8 else ""
-    path.write_text(f"version: 1\nextends: {parent}\ndefaults:\n  w_bits: {w_bits}\n  a_bits: {a_bits}\n{rules}", encoding="utf-8")
+    path.write_text(
+        f"version: 1\nextends: {parent}\ndefaults:\n  w_bits: {w_bits}\n  a_bits: {a_bits}\n{rules}", encoding="utf-8"
+    )
     return path
 
 
@@ -43,7 +45,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--bases", nargs="+", default=list(BASES))
-    parser.add_argument("--bits", nargs="+", default=[f"{w}x{a}" for w, a in BITS], help="WxA pairs to (re)run; other rows in --out are kept")
+    parser.add_argument(
+        "--bits",
+        nargs="+",
+        default=[f"{w}x{a}" for w, a in BITS],
+        help="WxA pairs to (re)run; other rows in --out are kept",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     bits = [tuple(int(b) for b in pair.split("x")) for pair in args.bits]
@@ -55,12 +62,38 @@ def main() -> None:
         for base in args.bases:
             for w_bits, a_bits in bits:
                 for scheme in SCHEMES:
-                    rows = [r for r in rows if (r["base"], r["scheme"], r["w_bits"], r["a_bits"]) != (base, scheme, w_bits, a_bits)]
+                    rows = [
+                        r
+                        for r in rows
+                        if (r["base"], r["scheme"], r["w_bits"], r["a_bits"]) != (base, scheme, w_bits, a_bits)
+                    ]
                     start = time.perf_counter()
                     metrics, _ = harness.evaluate(str(recipe_for(base, scheme, w_bits, a_bits, Path(folder))))
-                    rows.append({"base": base, "scheme": scheme, "w_bits": w_bits, "a_bits": a_bits, "seconds": time.perf_counter() - start, **metrics})
-                    print(json.dumps({k: rows[-1][k] for k in ("base", "scheme", "w_bits", "a_bits", "fd", "psnr_vs_fp", "seconds")}), flush=True)
-                    results.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "fp": fp, "rows": rows}, indent=1), encoding="utf-8")
+                    rows.append(
+                        {
+                            "base": base,
+                            "scheme": scheme,
+                            "w_bits": w_bits,
+                            "a_bits": a_bits,
+                            "seconds": time.perf_counter() - start,
+                            **metrics,
+                        }
+                    )
+                    print(
+                        json.dumps(
+                            {
+                                k: rows[-1][k]
+                                for k in ("base", "scheme", "w_bits", "a_bits", "fd", "psnr_vs_fp", "seconds")
+                            }
+                        ),
+                        flush=True,
+                    )
+                    results.write_text(
+                        json.dumps(
+                            {"settings": vars(args) | {"out": str(args.out)}, "fp": fp, "rows": rows}, indent=1
+                        ),
+                        encoding="utf-8",
+                    )
     (args.out / "table.md").write_text(_table(fp, rows, args), encoding="utf-8")
     print(_table(fp, rows, args))
 
@@ -78,7 +111,9 @@ def _table(fp: dict, rows: list[dict], args: argparse.Namespace) -> str:
             pair = {r["scheme"]: r for r in rows if (r["base"], r["w_bits"], r["a_bits"]) == (base, w_bits, a_bits)}
             if len(pair) == 2:
                 plain, modiff = pair["plain"], pair["modiff"]
-                lines.append(f"| {base} | W{w_bits}A{a_bits} | {plain['fd']:.1f} | {modiff['fd']:.1f} | {plain['psnr_vs_fp']:.1f} | {modiff['psnr_vs_fp']:.1f} |")
+                lines.append(
+                    f"| {base} | W{w_bits}A{a_bits} | {plain['fd']:.1f} | {modiff['fd']:.1f} | {plain['psnr_vs_fp']:.1f} | {modiff['psnr_vs_fp']:.1f} |"
+                )
     return "\n".join(lines) + "\n"
 
 

@@ -61,7 +61,10 @@ def run_mode(model_name: str, batch: int, steps: int, mode: str, repeats: int) -
 
     def trajectory(net: torch.nn.Module, autocast: bool = False) -> torch.Tensor:
         scheduler = make_scheduler("ddim", training_schedule(model_name))
-        with mq.sampling(net) if net is quantized else nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
+        with (
+            mq.sampling(net) if net is quantized else nullcontext(),
+            torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext(),
+        ):
             return sample(net, noise, scheduler, steps, progress=False).float()
 
     reference = trajectory(model)
@@ -92,7 +95,13 @@ def time_calibration() -> dict[str, Any]:
     harness = Harness("digits16", steps=100, samples=16)
     start = time.perf_counter()
     harness.quantize("w8a4-modiff-ptq4dm")
-    return {"recipe": "w8a4-modiff-ptq4dm", "model": "digits16", "calibration_samples": 32, "steps": 100, "seconds": time.perf_counter() - start}
+    return {
+        "recipe": "w8a4-modiff-ptq4dm",
+        "model": "digits16",
+        "calibration_samples": 32,
+        "steps": 100,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def _child(job: tuple[str, int, int, str], repeats: int) -> dict[str, Any]:
@@ -115,7 +124,9 @@ def table(rows: list[dict[str, Any]], calibration: dict[str, Any]) -> str:
             f"| {r['model']} | {r['batch']} | {r['steps']} | {r['mode']} | {r['seconds']:.2f} | {r['ratio_to_fp32']:.2f} | {psnr} | {r['peak_rss_mb']:.0f} | {r['state_bytes_per_image'] / 1e6:.2f} |"
         )
     lines.append("")
-    lines.append(f"Calibration: {calibration['recipe']} on {calibration['model']} ({calibration['calibration_samples']} samples × {calibration['steps']} steps): {calibration['seconds']:.1f} s.")
+    lines.append(
+        f"Calibration: {calibration['recipe']} on {calibration['model']} ({calibration['calibration_samples']} samples × {calibration['steps']} steps): {calibration['seconds']:.1f} s."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -143,7 +154,13 @@ def main() -> None:
         row["ratio_to_fp32"] = row["seconds"] / fp32["seconds"]
     calibration = time_calibration()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows, "calibration": calibration}, indent=1), encoding="utf-8")
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {"threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows, "calibration": calibration},
+            indent=1,
+        ),
+        encoding="utf-8",
+    )
     (args.out / "table.md").write_text(table(rows, calibration), encoding="utf-8")
     print(table(rows, calibration))
 

@@ -36,7 +36,9 @@ RECIPE = "w8a4-modiff"
 
 def with_state(input_cache: str, output_cache: str) -> mq.Recipe:
     recipe = mq.load_recipe(RECIPE)
-    return dataclasses.replace(recipe, defaults=recipe.defaults.updated({"input_cache": input_cache, "output_cache": output_cache}))
+    return dataclasses.replace(
+        recipe, defaults=recipe.defaults.updated({"input_cache": input_cache, "output_cache": output_cache})
+    )
 
 
 @torch.no_grad()
@@ -61,12 +63,14 @@ def main() -> None:
     for input_cache, output_cache in FORMATS:
         recipe = with_state(input_cache, output_cache)
         metrics, _ = harness.evaluate(recipe)
-        rows.append({
-            "input_cache": input_cache,
-            "output_cache": output_cache,
-            "cifar10_bytes_per_image": cifar10_bytes_per_image(recipe),
-            **metrics,
-        })
+        rows.append(
+            {
+                "input_cache": input_cache,
+                "output_cache": output_cache,
+                "cifar10_bytes_per_image": cifar10_bytes_per_image(recipe),
+                **metrics,
+            }
+        )
     full = rows[0]
     lines = [
         f"W8A4 MoDiff, digits16 DDIM {args.steps} steps, {args.samples} samples (FD with float32 state {full['fd']:.2f}).",
@@ -81,7 +85,10 @@ def main() -> None:
             f"{share:.1%} | {r['fd']:.2f} | {r['fd'] / full['fd'] - 1:+.1%} | {r['fd_to_fp']:.2f} | {r['psnr_vs_fp']:.1f} |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"recipe": RECIPE, "steps": args.steps, "samples": args.samples, "rows": rows}, indent=1), encoding="utf-8")
+    (args.out / "results.json").write_text(
+        json.dumps({"recipe": RECIPE, "steps": args.steps, "samples": args.samples, "rows": rows}, indent=1),
+        encoding="utf-8",
+    )
     (args.out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

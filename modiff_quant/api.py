@@ -37,9 +37,15 @@ def prepare(model: nn.Module, recipe: Recipe | str | Path) -> nn.Module:
 
 def ensure_float(model: nn.Module) -> None:
     """Raise unless `model` is untouched by modiff_quant (a recipe applies to float models only)."""
-    prepared = [name or "the model" for name, module in model.named_modules() if is_prepared(module) or isinstance(module, QuantizedLayer)]
+    prepared = [
+        name or "the model"
+        for name, module in model.named_modules()
+        if is_prepared(module) or isinstance(module, QuantizedLayer)
+    ]
     if prepared:
-        raise RuntimeError(f"already prepared by modiff_quant: {', '.join(prepared[:3])}; prepare a fresh copy of the float model")
+        raise RuntimeError(
+            f"already prepared by modiff_quant: {', '.join(prepared[:3])}; prepare a fresh copy of the float model"
+        )
 
 
 def install(model: nn.Module, plan: Plan) -> nn.Module:
@@ -91,7 +97,9 @@ def calibrate(model: nn.Module) -> Iterator[nn.Module]:
     `convert()`, in memory; state is reset on entry and exit."""
     tracker = _tracker(model)
     if tracker.mode is not Mode.PREPARED:
-        raise RuntimeError(f"calibrate() needs a prepared model that is not yet converted (model is {tracker.mode.value})")
+        raise RuntimeError(
+            f"calibrate() needs a prepared model that is not yet converted (model is {tracker.mode.value})"
+        )
     tracker.reset()
     tracker.record = CalibrationRecord()
     tracker.mode = Mode.CALIBRATING
@@ -109,7 +117,9 @@ def convert(model: nn.Module, cache_dir: str | Path | None = None) -> nn.Module:
     tracker = _tracker(model)
     if tracker.mode is not Mode.PREPARED:
         raise RuntimeError(f"convert() needs a prepared model (model is {tracker.mode.value})")
-    convert_layers(model, tracker, [layer for layer in model.modules() if isinstance(layer, QuantizedLayer)], cache_dir)
+    convert_layers(
+        model, tracker, [layer for layer in model.modules() if isinstance(layer, QuantizedLayer)], cache_dir
+    )
     mark_converted(model)
     return model
 

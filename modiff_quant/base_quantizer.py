@@ -91,7 +91,9 @@ class ObservedActivationQuantizer(ActivationQuantizer):
 
     def __init__(self, spec: QuantSpec, channel_dim: int, observer: str = "minmax", **observer_options: Any) -> None:
         super().__init__(spec, channel_dim)
-        self.observer = OBSERVERS.get(observer)(spec, channel_dim=channel_dim, **observer_options) if not spec.is_float else None
+        self.observer = (
+            OBSERVERS.get(observer)(spec, channel_dim=channel_dim, **observer_options) if not spec.is_float else None
+        )
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
 
@@ -133,7 +135,9 @@ def _checked_qparams(state: dict[str, Tensor], spec: QuantSpec) -> tuple[Tensor,
         raise ValueError(f"expected scale and zero_point, got {', '.join(state) or 'nothing'}")
     scale, zero_point = state["scale"], state["zero_point"]
     if not (scale.is_floating_point() and zero_point.is_floating_point()) or scale.shape != zero_point.shape:
-        raise ValueError(f"scale and zero_point must be float tensors of one shape, got {scale.dtype} {list(scale.shape)} and {zero_point.dtype} {list(zero_point.shape)}")
+        raise ValueError(
+            f"scale and zero_point must be float tensors of one shape, got {scale.dtype} {list(scale.shape)} and {zero_point.dtype} {list(zero_point.shape)}"
+        )
     if not bool((scale > 0).all() and scale.isfinite().all()):
         raise ValueError("scale must be finite and > 0")
     low, high = (0, 0) if spec.symmetric else (spec.qmin, spec.qmax)
@@ -186,16 +190,23 @@ class SplitActivationQuantizer(ActivationQuantizer):
             self.second.freeze()
 
     def frozen_state(self) -> dict[str, Tensor]:
-        parts = {"first": self.first.frozen_state(), "second": self.second.frozen_state() if self.split_at is not None else {}}
+        parts = {
+            "first": self.first.frozen_state(),
+            "second": self.second.frozen_state() if self.split_at is not None else {},
+        }
         return {f"{part}.{key}": value for part, state in parts.items() for key, value in state.items()}
 
     def load_frozen_state(self, state: dict[str, Tensor]) -> None:
         parts = {"first": self.first} if self.split_at is None else {"first": self.first, "second": self.second}
         unknown = [key for key in state if key.partition(".")[0] not in parts]
         if unknown:
-            raise ValueError(f"unexpected {', '.join(unknown)}{' (the input is not split)' if self.split_at is None else ''}")
+            raise ValueError(
+                f"unexpected {', '.join(unknown)}{' (the input is not split)' if self.split_at is None else ''}"
+            )
         for name, part in parts.items():
-            part.load_frozen_state({key.removeprefix(f"{name}."): value for key, value in state.items() if key.startswith(f"{name}.")})
+            part.load_frozen_state(
+                {key.removeprefix(f"{name}."): value for key, value in state.items() if key.startswith(f"{name}.")}
+            )
 
     def extra_repr(self) -> str:
         return f"split_at={self.split_at}"
@@ -242,7 +253,10 @@ class BaseQuantizer(ABC):
         divide the flattened input (methods with a fallback override this)."""
         width, granularity = math.prod(layer.weight.shape[1:]), weight.granularity
         if not weight.is_float and granularity.kind == "group" and width % granularity.group_size:
-            raise UnsupportedSetting("w_granularity", f"{granularity} needs a flattened input size divisible by {granularity.group_size}, got {width}")
+            raise UnsupportedSetting(
+                "w_granularity",
+                f"{granularity} needs a flattened input size divisible by {granularity.group_size}, got {width}",
+            )
 
     def weight_note(self, layer: nn.Module, weight: QuantSpec) -> str | None:
         """How `layer`'s weight is stored when that is not plain fake quantization as asked

@@ -38,7 +38,9 @@ class BlockCache:
 
     def __init__(self, module: nn.Module, plan: BlockPlan, tracker: Tracker) -> None:
         if "forward" in vars(module):
-            raise RuntimeError(f"{plan.name}: its forward is already replaced by another library's hook; cannot cache the block")
+            raise RuntimeError(
+                f"{plan.name}: its forward is already replaced by another library's hook; cannot cache the block"
+            )
         self.plan = plan
         self._tracker = tracker
         self._module = module  # the class forward is called on it: a bound method would pickle as this cache
@@ -53,7 +55,11 @@ class BlockCache:
         cached = state.outputs.get(branch)
         self.calls += 1
         probe = _first_tensor(args, kwargs) if self.plan.skip_threshold is not None else None
-        if cached is not None and self.plan.schedule.contains(step) and (probe is None or self._changed_little(state.inputs[branch], probe)):
+        if (
+            cached is not None
+            and self.plan.schedule.contains(step)
+            and (probe is None or self._changed_little(state.inputs[branch], probe))
+        ):
             self.skips += 1
             return cached.get(self.plan.name)
         output = type(self._module).forward(self._module, *args, **kwargs)

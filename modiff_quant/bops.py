@@ -84,7 +84,14 @@ def count_macs(model: nn.Module, *inputs: Any) -> list[MacEntry]:
             products[stack[-1]] = products.get(stack[-1], 0) + macs
 
     modules = dict(model.named_modules())
-    hooks = [h for name, m in modules.items() for h in (m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave(name, isinstance(m, layer_types))))]
+    hooks = [
+        h
+        for name, m in modules.items()
+        for h in (
+            m.register_forward_pre_hook(enter(name)),
+            m.register_forward_hook(leave(name, isinstance(m, layer_types))),
+        )
+    ]
     try:
         with _ActivationProducts(product):
             model(*inputs)
@@ -92,15 +99,29 @@ def count_macs(model: nn.Module, *inputs: Any) -> list[MacEntry]:
         for hook in hooks:
             hook.remove()
     entries = [MacEntry(name, "layer", macs, name) for name, macs in layer_macs.items()]
-    return entries + [MacEntry(name, "attention", macs, _first_layer(modules[name], name, layer_types)) for name, macs in products.items()]
+    return entries + [
+        MacEntry(name, "attention", macs, _first_layer(modules[name], name, layer_types))
+        for name, macs in products.items()
+    ]
 
 
 def _macs_per_output(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else module.in_channels // module.groups * math.prod(module.kernel_size)
+    return (
+        module.in_features
+        if isinstance(module, nn.Linear)
+        else module.in_channels // module.groups * math.prod(module.kernel_size)
+    )
 
 
 def _first_layer(module: nn.Module, name: str, layer_types: tuple[type, ...]) -> str | None:
-    return next((f"{name}.{child}" if name else child for child, m in module.named_modules() if child and isinstance(m, layer_types)), None)
+    return next(
+        (
+            f"{name}.{child}" if name else child
+            for child, m in module.named_modules()
+            if child and isinstance(m, layer_types)
+        ),
+        None,
+    )
 
 
 class _ActivationProducts(TorchFunctionMode):
@@ -111,7 +132,9 @@ class _ActivationProducts(TorchFunctionMode):
         super().__init__()
         self._report = report
 
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         macs = _product_macs(func, args, kwargs)
         if macs:
@@ -146,7 +169,9 @@ class Bops:
         return {"gbops_per_step": self.gbops_per_step, "gbops_per_step_amortized": self.gbops_per_step_amortized}
 
 
-def count_bops(entries: list[MacEntry], plan: Plan | None, steps: int, conventions: BopsConventions = PAPER_CONVENTIONS) -> Bops:
+def count_bops(
+    entries: list[MacEntry], plan: Plan | None, steps: int, conventions: BopsConventions = PAPER_CONVENTIONS
+) -> Bops:
     """GBops of a trajectory of `steps` model calls (plan None: the float model)."""
     charged = [e for e in entries if e.kind == "layer" or conventions.attention != "exclude"]
     rows = []
@@ -155,7 +180,14 @@ def count_bops(entries: list[MacEntry], plan: Plan | None, steps: int, conventio
         per_step = [entry.macs * _bits(entry, plan, step, conventions) for step in range(steps)]
         rows.append((entry, nominal, per_step))
     per_entry = [
-        {"name": e.name, "kind": e.kind, "gmacs": e.macs / 1e9, "gbops": nominal / 1e9, "gbops_amortized": sum(per_step) / steps / 1e9, "zero_steps": per_step.count(0)}
+        {
+            "name": e.name,
+            "kind": e.kind,
+            "gmacs": e.macs / 1e9,
+            "gbops": nominal / 1e9,
+            "gbops_amortized": sum(per_step) / steps / 1e9,
+            "zero_steps": per_step.count(0),
+        }
         for e, nominal, per_step in rows
     ]
     step_totals = [sum(per_step[step] for _, _, per_step in rows) / 1e9 for step in range(steps)]
@@ -166,7 +198,11 @@ def _bits(entry: MacEntry, plan: Plan | None, step: int | None, conventions: Bop
     """w_bits × a_bits an entry is charged at `step` (None: nominal)."""
     # a block always runs on the first call: there is no cached output to reuse yet; an adaptive
     # block (skip_threshold) is charged as computed, since its skips depend on the inputs
-    if plan and step and any(_inside(entry.name, name) and block.always_skips(step) for name, block in plan.blocks.items()):
+    if (
+        plan
+        and step
+        and any(_inside(entry.name, name) and block.always_skips(step) for name, block in plan.blocks.items())
+    ):
         return 0
     layer = plan.layers.get(entry.charged_as) if plan and entry.charged_as else None
     if layer is None or (entry.kind == "attention" and conventions.attention == "float"):

@@ -125,8 +125,12 @@ def _bops(args: argparse.Namespace) -> None:
         "per_layer": bops.per_entry,
     }
     _write_json(args.json, result)
-    print(f"{args.model}, {args.recipe or 'full precision'}: {gmacs['layer']:.3f} GMACs in {sum(e.kind == 'layer' for e in entries)} layers + {gmacs['attention']:.3f} in attention matmuls per image-step")
-    print(f"GBops per image-step: {bops.gbops_per_step:.1f} nominal, {bops.gbops_per_step_amortized:.1f} amortized over {args.steps} steps (attention: {args.bops_attention}, float as {args.bops_float_bits}-bit)")
+    print(
+        f"{args.model}, {args.recipe or 'full precision'}: {gmacs['layer']:.3f} GMACs in {sum(e.kind == 'layer' for e in entries)} layers + {gmacs['attention']:.3f} in attention matmuls per image-step"
+    )
+    print(
+        f"GBops per image-step: {bops.gbops_per_step:.1f} nominal, {bops.gbops_per_step_amortized:.1f} amortized over {args.steps} steps (attention: {args.bops_attention}, float as {args.bops_float_bits}-bit)"
+    )
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -151,13 +155,29 @@ def _harness(args: argparse.Namespace) -> Harness:
 def _eval(args: argparse.Namespace) -> None:
     harness = _harness(args)
     metrics, run = harness.evaluate(args.recipe, args.base_quantizer, args.calibration_samples)
-    settings = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("run", "json", "out", "command")}, "kernels": _kernels()}
-    finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
+    settings = {
+        **{
+            k: str(v) if isinstance(v, Path) else v
+            for k, v in vars(args).items()
+            if k not in ("run", "json", "out", "command")
+        },
+        "kernels": _kernels(),
+    }
+    finite = {
+        k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()
+    }  # JSON has no NaN
     _write_json(args.json, {"settings": settings, **finite})
     if args.out:
         save_grid(args.out / "grid.png", {"full precision": harness.reference.images, args.recipe: run.images})
         figures = write_eval_figures(harness, args.recipe, run, args.out)
-        write_report(args.out / "report.md", f"modiff-quant eval: {args.recipe} on {args.model}", settings, [{"recipe": args.recipe, **metrics}], "grid.png", figures)
+        write_report(
+            args.out / "report.md",
+            f"modiff-quant eval: {args.recipe} on {args.model}",
+            settings,
+            [{"recipe": args.recipe, **metrics}],
+            "grid.png",
+            figures,
+        )
     print(json.dumps(finite, indent=1))
 
 
@@ -171,14 +191,24 @@ def _demo(args: argparse.Namespace) -> None:
         rows.append({"recipe": recipe, **metrics})
         images[recipe] = run.images
     columns = ("fd", "fd_to_fp", "psnr_vs_fp", "gbops_per_step", "wall_seconds")
-    print(f"{args.model}, {args.sampler} {args.steps} steps, {args.samples} samples, seed {args.seed} (FD: lower is better, to held-out real digits)")
+    print(
+        f"{args.model}, {args.sampler} {args.steps} steps, {args.samples} samples, seed {args.seed} (FD: lower is better, to held-out real digits)"
+    )
     print(f"computed with {_kernels()}")
     print(f"{'recipe':<16}" + "".join(f"{c:>16}" for c in columns))
     for row in rows:
-        print(f"{row['recipe']:<16}" + "".join(f"{row[c]:>16.2f}" if row[c] is not None else f"{'-':>16}" for c in columns))
+        print(
+            f"{row['recipe']:<16}"
+            + "".join(f"{row[c]:>16.2f}" if row[c] is not None else f"{'-':>16}" for c in columns)
+        )
     save_grid(args.out / "grid.png", images)
-    settings = {**{k: getattr(args, k) for k in ("model", "sampler", "steps", "samples", "seed")}, "kernels": _kernels()}
-    write_report(args.out / "report.md", "modiff-quant demo: full precision vs plain vs MoDiff", settings, rows, "grid.png")
+    settings = {
+        **{k: getattr(args, k) for k in ("model", "sampler", "steps", "samples", "seed")},
+        "kernels": _kernels(),
+    }
+    write_report(
+        args.out / "report.md", "modiff-quant demo: full precision vs plain vs MoDiff", settings, rows, "grid.png"
+    )
     print(f"wrote {args.out / 'grid.png'} and {args.out / 'report.md'}")
 
 
@@ -219,20 +249,40 @@ def _gate(args: argparse.Namespace) -> int:
 
 
 def _sampling_options(parser: argparse.ArgumentParser, *, model: str | None, samples: int) -> None:
-    parser.add_argument("--model", default=model, required=model is None, help="digits16, cifar10-ddpm or a diffusers model folder")
-    parser.add_argument("--weights", help="checkpoint for cifar10-ddpm (safetensors, torch state dict or diffusers folder)")
+    parser.add_argument(
+        "--model", default=model, required=model is None, help="digits16, cifar10-ddpm or a diffusers model folder"
+    )
+    parser.add_argument(
+        "--weights", help="checkpoint for cifar10-ddpm (safetensors, torch state dict or diffusers folder)"
+    )
     parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    parser.add_argument("--steps", type=Integer(POSITIVE), default=100, help="sampling steps (at most the model's training timesteps)")
+    parser.add_argument(
+        "--steps", type=Integer(POSITIVE), default=100, help="sampling steps (at most the model's training timesteps)"
+    )
     parser.add_argument("--samples", type=Integer(POSITIVE), default=samples)
     parser.add_argument("--seed", type=Integer(SEEDS), default=0, help=f"0 to {SEEDS.stop - 1}")
     parser.add_argument("--batch-size", type=Integer(POSITIVE), default=256)
-    parser.add_argument("--calibration-cache", type=OutputPath(folder=True), help="folder where calibrations are saved and reused by later runs")
+    parser.add_argument(
+        "--calibration-cache",
+        type=OutputPath(folder=True),
+        help="folder where calibrations are saved and reused by later runs",
+    )
     _bops_options(parser)
 
 
 def _bops_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bops-attention", default="layer", choices=("layer", "float", "exclude"), help="charge attention matmuls at their projection's W×A (the paper), float×float, or not at all")
-    parser.add_argument("--bops-float-bits", type=Integer(FLOAT_BITS), default=32, help="bit-width a float operand is charged at, 1 to 64 (the paper: 32)")
+    parser.add_argument(
+        "--bops-attention",
+        default="layer",
+        choices=("layer", "float", "exclude"),
+        help="charge attention matmuls at their projection's W×A (the paper), float×float, or not at all",
+    )
+    parser.add_argument(
+        "--bops-float-bits",
+        type=Integer(FLOAT_BITS),
+        default=32,
+        help="bit-width a float operand is charged at, 1 to 64 (the paper: 32)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,22 +295,35 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--recipe", required=True, help="shipped recipe name or YAML file")
     explain.set_defaults(run=_explain)
 
-    bops = commands.add_parser("bops", help="bit-operations per image-step of a recipe, per layer and step (no sampling)")
+    bops = commands.add_parser(
+        "bops", help="bit-operations per image-step of a recipe, per layer and step (no sampling)"
+    )
     bops.add_argument("--model", required=True, help="digits16, cifar10-ddpm or a diffusers model folder")
     bops.add_argument("--weights")
     bops.add_argument("--recipe", help="shipped recipe name or YAML file (omit: the full-precision model)")
-    bops.add_argument("--steps", type=Integer(BOPS_STEPS), default=100, help=f"trajectory length for the amortized count, 1 to {BOPS_STEPS.stop - 1}")
+    bops.add_argument(
+        "--steps",
+        type=Integer(BOPS_STEPS),
+        default=100,
+        help=f"trajectory length for the amortized count, 1 to {BOPS_STEPS.stop - 1}",
+    )
     bops.add_argument("--json", type=OutputPath(folder=False), required=True)
     _bops_options(bops)
     bops.set_defaults(run=_bops)
 
-    evaluate = commands.add_parser("eval", help="sample full precision and quantized from the same noise; metrics as JSON")
+    evaluate = commands.add_parser(
+        "eval", help="sample full precision and quantized from the same noise; metrics as JSON"
+    )
     _sampling_options(evaluate, model=None, samples=256)
     evaluate.add_argument("--recipe", required=True)
     evaluate.add_argument("--base-quantizer", help="swap the base quantizer of every layer")
     evaluate.add_argument("--calibration-samples", type=Integer(POSITIVE), default=CALIBRATION_SAMPLES)
     evaluate.add_argument("--json", type=OutputPath(folder=False), required=True)
-    evaluate.add_argument("--out", type=OutputPath(folder=True), help="folder for grid.png, report.md and the step-error and distribution plots")
+    evaluate.add_argument(
+        "--out",
+        type=OutputPath(folder=True),
+        help="folder for grid.png, report.md and the step-error and distribution plots",
+    )
     evaluate.set_defaults(run=_eval)
 
     demo = commands.add_parser("demo", help="full precision vs plain vs MoDiff on the bundled digits16 model")
@@ -269,25 +332,47 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=OutputPath(folder=True), default="out/demo")
     demo.set_defaults(run=_demo)
 
-    plot = commands.add_parser("plot", help="figures as PNG plus the JSON of their data: distributions, step-error, fd-vs-bits")
+    plot = commands.add_parser(
+        "plot", help="figures as PNG plus the JSON of their data: distributions, step-error, fd-vs-bits"
+    )
     kinds = plot.add_subparsers(dest="kind", required=True)
-    distributions = kinds.add_parser("distributions", help="layer inputs a_t vs temporal differences a_t - a_{t+1} in full precision (paper Fig. 1b)")
+    distributions = kinds.add_parser(
+        "distributions",
+        help="layer inputs a_t vs temporal differences a_t - a_{t+1} in full precision (paper Fig. 1b)",
+    )
     _sampling_options(distributions, model="digits16", samples=64)
-    distributions.add_argument("--layers", nargs="+", help="Linear/Conv layer names (default: an early conv, an attention projection, a late up-block conv)")
-    distributions.add_argument("--out", type=OutputPath(folder=True), required=True, help="folder for fig1b-distributions.png and .json")
+    distributions.add_argument(
+        "--layers",
+        nargs="+",
+        help="Linear/Conv layer names (default: an early conv, an attention projection, a late up-block conv)",
+    )
+    distributions.add_argument(
+        "--out", type=OutputPath(folder=True), required=True, help="folder for fig1b-distributions.png and .json"
+    )
     distributions.set_defaults(run=_plot_distributions)
-    step_error = kinds.add_parser("step-error", help="per-step relative ε error vs FP of plain, MoDiff w/o error compensation and MoDiff (paper Fig. 3)")
+    step_error = kinds.add_parser(
+        "step-error",
+        help="per-step relative ε error vs FP of plain, MoDiff w/o error compensation and MoDiff (paper Fig. 3)",
+    )
     _sampling_options(step_error, model="digits16", samples=64)
     step_error.add_argument("--recipe", default="w8a4-modiff", help="the recipe the three variants are derived from")
-    step_error.add_argument("--out", type=OutputPath(folder=True), required=True, help="folder for fig3-step-error.png and .json")
+    step_error.add_argument(
+        "--out", type=OutputPath(folder=True), required=True, help="folder for fig3-step-error.png and .json"
+    )
     step_error.set_defaults(run=_plot_step_error)
-    fd_vs_bits = kinds.add_parser("fd-vs-bits", help="FD vs activation bits per base quantizer, from benchmarks/base_quantizer_table.py")
+    fd_vs_bits = kinds.add_parser(
+        "fd-vs-bits", help="FD vs activation bits per base quantizer, from benchmarks/base_quantizer_table.py"
+    )
     fd_vs_bits.add_argument("--results", type=Path, default=Path("out/base-quantizers/results.json"))
     fd_vs_bits.add_argument("--w-bits", type=Integer(POSITIVE), default=8, help="weight bit-width of the rows drawn")
-    fd_vs_bits.add_argument("--out", type=OutputPath(folder=True), required=True, help="folder for fd-vs-bits.png and .json")
+    fd_vs_bits.add_argument(
+        "--out", type=OutputPath(folder=True), required=True, help="folder for fd-vs-bits.png and .json"
+    )
     fd_vs_bits.set_defaults(run=_plot_fd_vs_bits)
 
-    gate = commands.add_parser("gate", help="run the settings of a baselines YAML; exit 1 when a metric leaves its tolerance")
+    gate = commands.add_parser(
+        "gate", help="run the settings of a baselines YAML; exit 1 when a metric leaves its tolerance"
+    )
     gate.add_argument("--baseline", type=Path, required=True)
     gate.add_argument("--update", action="store_true", help="record the current values as the new baselines")
     gate.set_defaults(run=_gate)

@@ -26,7 +26,10 @@ def load_digits16() -> tuple[DigitsSplit, DigitsSplit]:
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = F.interpolate(images, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False).clamp(0, 1) * 2 - 1
+    images = (
+        F.interpolate(images, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False).clamp(0, 1) * 2
+        - 1
+    )
     labels = torch.tensor(digits.target, dtype=torch.long)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
     train, held_out = order[HELD_OUT:], order[:HELD_OUT]

@@ -44,7 +44,9 @@ def take_marks(model: nn.Module) -> Recipe | None:
     rules = tuple(Rule((name,), _as_values(_marked.pop(layer)), {}, None, _ORIGIN) for name, layer in layers)
     unmodulated = LayerSettings(w_bits=FLOAT_BITS, a_bits=FLOAT_BITS, scheme="plain")
     _release_hook()
-    return Recipe("torchao-quantize_", "MoDiffConfig applied by torchao's quantize_", True, unmodulated, {}, rules, _ORIGIN.file)
+    return Recipe(
+        "torchao-quantize_", "MoDiffConfig applied by torchao's quantize_", True, unmodulated, {}, rules, _ORIGIN.file
+    )
 
 
 def _as_values(settings: LayerSettings) -> dict[str, Any]:

@@ -83,13 +83,24 @@ class Harness:
         calibration_cache: str | Path | None = None,
         bops_conventions: BopsConventions = PAPER_CONVENTIONS,
     ) -> None:
-        for name, value, allowed in (("samples", samples, POSITIVE), ("batch_size", batch_size, POSITIVE), ("seed", seed, SEEDS)):
+        for name, value, allowed in (
+            ("samples", samples, POSITIVE),
+            ("batch_size", batch_size, POSITIVE),
+            ("seed", seed, SEEDS),
+        ):
             if error := integer_error(value, allowed):
                 raise ValueError(f"{name}: {error}")
         self.training = training_schedule(model)
         check_steps(sampler, self.training, steps)
         self.bops_conventions = bops_conventions
-        self.model_name, self.sampler, self.steps, self.samples, self.seed, self.batch_size = model, sampler, steps, samples, seed, batch_size
+        self.model_name, self.sampler, self.steps, self.samples, self.seed, self.batch_size = (
+            model,
+            sampler,
+            steps,
+            samples,
+            seed,
+            batch_size,
+        )
         self.calibration_cache = calibration_cache
         self.model = load_model(model, seed=seed, weights=weights)
         self.noise = self._noise(samples, seed)
@@ -117,7 +128,12 @@ class Harness:
     def _reference_features(self) -> np.ndarray:
         return digit_features(self._classifier, self.reference.images)
 
-    def check(self, recipe: str | Path | Recipe, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> Recipe:
+    def check(
+        self,
+        recipe: str | Path | Recipe,
+        base_quantizer: str | None = None,
+        calibration_samples: int = CALIBRATION_SAMPLES,
+    ) -> Recipe:
         """The recipe to quantize with (`base_quantizer` swapped in), resolved against the model:
         every error in the recipe or the settings surfaces here, before any sampling."""
         if error := integer_error(calibration_samples, POSITIVE):
@@ -127,7 +143,12 @@ class Harness:
         loaded.resolve(self.model)
         return loaded
 
-    def quantize(self, recipe: str | Path | Recipe, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> nn.Module:
+    def quantize(
+        self,
+        recipe: str | Path | Recipe,
+        base_quantizer: str | None = None,
+        calibration_samples: int = CALIBRATION_SAMPLES,
+    ) -> nn.Module:
         """A quantized copy of the model, calibrated on other noise when its layers need it (with
         `calibration_cache`, a calibration done before is loaded instead)."""
         quantized = prepare(copy.deepcopy(self.model), self.check(recipe, base_quantizer, calibration_samples))
@@ -136,16 +157,32 @@ class Harness:
             with calibrate(quantized):
                 for index, batch in enumerate(self._noise(calibration_samples, seed).split(self.batch_size)):
                     reset(quantized)
-                    sample(quantized, batch, make_scheduler(self.sampler, self.training), self.steps, seed=seed + index, desc="calibrating")
+                    sample(
+                        quantized,
+                        batch,
+                        make_scheduler(self.sampler, self.training),
+                        self.steps,
+                        seed=seed + index,
+                        desc="calibrating",
+                    )
         return convert(quantized, cache_dir=self.calibration_cache)
 
-    def evaluate(self, recipe: str | Path | Recipe | None, base_quantizer: str | None = None, calibration_samples: int = CALIBRATION_SAMPLES) -> tuple[dict[str, Any], Run]:
+    def evaluate(
+        self,
+        recipe: str | Path | Recipe | None,
+        base_quantizer: str | None = None,
+        calibration_samples: int = CALIBRATION_SAMPLES,
+    ) -> tuple[dict[str, Any], Run]:
         """The metrics of DESIGN §6 for one recipe (None: the full-precision model itself)."""
-        checked = None if recipe is None else self.check(recipe, base_quantizer, calibration_samples)  # before the reference is sampled
+        checked = (
+            None if recipe is None else self.check(recipe, base_quantizer, calibration_samples)
+        )  # before the reference is sampled
         reference = self.reference  # before the quantized run, so that neither run pays for the other's warm-up
         quantized = None if checked is None else self.quantize(checked, calibration_samples=calibration_samples)
         run = reference if quantized is None else self._generate(quantized, getattr(recipe, "name", str(recipe)))
-        bops = count_bops(self._macs, None if quantized is None else plan_of(quantized), self.steps, self.bops_conventions)
+        bops = count_bops(
+            self._macs, None if quantized is None else plan_of(quantized), self.steps, self.bops_conventions
+        )
         errors = step_relative_errors(reference.epsilons, run.epsilons)
         metrics = {
             **self._fd_metrics(run.images),
@@ -175,14 +212,26 @@ class Harness:
         in every model."""
         prepared = is_prepared(model)
         with torch.no_grad():
-            model(self.noise[:1], torch.tensor(0))  # untimed warm-up (first-call allocations); sampling() resets its state
+            model(
+                self.noise[:1], torch.tensor(0)
+            )  # untimed warm-up (first-call allocations); sampling() resets its state
         skips_before, calls_before = block_skips(model) if prepared else (0, 0)  # the warm-up's count
         start, batches, cache = time.perf_counter(), [], 0
         epsilons: list[list[Tensor]] = [[] for _ in range(self.steps)]
         for index, batch in enumerate(self.noise.split(self.batch_size)):
             with sampling(model) if prepared else nullcontext():
                 scheduler = make_scheduler(self.sampler, self.training)
-                batches.append(sample(model, batch, scheduler, self.steps, seed=self.seed + index, desc=desc, on_step=lambda step, eps: epsilons[step].append(eps)))
+                batches.append(
+                    sample(
+                        model,
+                        batch,
+                        scheduler,
+                        self.steps,
+                        seed=self.seed + index,
+                        desc=desc,
+                        on_step=lambda step, eps: epsilons[step].append(eps),
+                    )
+                )
                 cache = max(cache, state_bytes(model) // len(batch) if prepared else 0)
         seconds = time.perf_counter() - start
         skips, calls = block_skips(model) if prepared else (0, 0)

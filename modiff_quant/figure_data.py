@@ -65,7 +65,11 @@ class LayerDistribution:
     def histogram(self, bins: int = HISTOGRAM_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Bin edges shared by both kinds, and the density of a_t and of a_t − a_{t+1} per bin."""
         edges = np.histogram_bin_edges(np.concatenate([self.raw.values, self.diff.values]), bins)
-        return edges, np.histogram(self.raw.values, edges, density=True)[0], np.histogram(self.diff.values, edges, density=True)[0]
+        return (
+            edges,
+            np.histogram(self.raw.values, edges, density=True)[0],
+            np.histogram(self.diff.values, edges, density=True)[0],
+        )
 
 
 def default_layers(model: nn.Module) -> list[str]:
@@ -84,7 +88,9 @@ def _check_layers(model: nn.Module, layers: list[str]) -> list[str]:
     names = _layer_names(model)
     for layer in layers:
         if layer not in names:
-            raise ValueError(f"{layer!r} is not a Linear/Conv layer of the model{did_you_mean(layer, names)} (`modiff-quant explain` lists them)")
+            raise ValueError(
+                f"{layer!r} is not a Linear/Conv layer of the model{did_you_mean(layer, names)} (`modiff-quant explain` lists them)"
+            )
     return layers
 
 
@@ -102,11 +108,19 @@ class _Accumulator:
         self.total += float(flat.sum())
         self.squares += float(flat.square().sum())
         self.absmax = max(self.absmax, float(flat.abs().max()))
-        self.kept.append(flat[torch.randint(flat.numel(), (min(self.keep, flat.numel()),), generator=self.generator)].float())
+        self.kept.append(
+            flat[torch.randint(flat.numel(), (min(self.keep, flat.numel()),), generator=self.generator)].float()
+        )
 
     def spread(self) -> Spread:
         mean = self.total / self.count
-        return Spread(self.count, mean, math.sqrt(max(self.squares / self.count - mean * mean, 0.0)), self.absmax, torch.cat(self.kept).numpy())
+        return Spread(
+            self.count,
+            mean,
+            math.sqrt(max(self.squares / self.count - mean * mean, 0.0)),
+            self.absmax,
+            torch.cat(self.kept).numpy(),
+        )
 
 
 class _Recorder:
@@ -143,7 +157,9 @@ class _Recorder:
         return [LayerDistribution(name, self.raw[name].spread(), self.diff[name].spread()) for name in self.raw]
 
 
-def record_distributions(harness: Harness, layers: list[str] | None = None, samples: int | None = None) -> list[LayerDistribution]:
+def record_distributions(
+    harness: Harness, layers: list[str] | None = None, samples: int | None = None
+) -> list[LayerDistribution]:
     """Inputs and temporal differences of `layers` (default: `default_layers`) while the harness's
     full-precision model samples its first `samples` noises (default: all), batch by batch."""
     if harness.steps < 2:
@@ -154,7 +170,14 @@ def record_distributions(harness: Harness, layers: list[str] | None = None, samp
     try:
         for index, batch in enumerate(batches):
             recorder.previous.clear()  # each batch is a new trajectory
-            sample(harness.model, batch, make_scheduler(harness.sampler, harness.training), harness.steps, seed=harness.seed + index, desc="recording layer inputs")
+            sample(
+                harness.model,
+                batch,
+                make_scheduler(harness.sampler, harness.training),
+                harness.steps,
+                seed=harness.seed + index,
+                desc="recording layer inputs",
+            )
     finally:
         recorder.remove()
     return recorder.distributions()
@@ -209,13 +232,21 @@ def load_fd_table(path: Path, w_bits: int = 8) -> FdTable:
     """The rows of a base_quantizer_table.py results.json at `w_bits`; a clear error when the
     file, a row key, the rows at `w_bits` or the full-precision FD are missing."""
     if not path.is_file():
-        raise FileNotFoundError(f"results file {str(path)!r} not found (write it with `python benchmarks/base_quantizer_table.py --out {path.parent}`)")
+        raise FileNotFoundError(
+            f"results file {str(path)!r} not found (write it with `python benchmarks/base_quantizer_table.py --out {path.parent}`)"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"{path}: not a results JSON file ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("rows", []), list) or not isinstance(data.get("fp", {}), dict):
-        raise ValueError(f"{path}: not a results file of base_quantizer_table.py (expected an object with 'rows' and 'fp')")
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("rows", []), list)
+        or not isinstance(data.get("fp", {}), dict)
+    ):
+        raise ValueError(
+            f"{path}: not a results file of base_quantizer_table.py (expected an object with 'rows' and 'fp')"
+        )
     fd: dict[str, dict[str, dict[int, float]]] = {}
     for index, row in enumerate(data.get("rows", [])):
         if not isinstance(row, dict):
@@ -230,4 +261,9 @@ def load_fd_table(path: Path, w_bits: int = 8) -> FdTable:
     fp_fd = data.get("fp", {}).get("fd")
     if fp_fd is None:
         raise ValueError(f"{path}: no full-precision FD (expected 'fp': {{'fd': ...}})")
-    return FdTable(w_bits, fp_fd, {base: {s: dict(sorted(p.items())) for s, p in schemes.items()} for base, schemes in fd.items()}, data.get("settings", {}))
+    return FdTable(
+        w_bits,
+        fp_fd,
+        {base: {s: dict(sorted(p.items())) for s, p in schemes.items()} for base, schemes in fd.items()},
+        data.get("settings", {}),
+    )

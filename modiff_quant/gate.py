@@ -28,10 +28,22 @@ from .serialization import LoadError
 
 LOWER_IS_BETTER = ("fd", "fd_fp", "fd_to_fp", "eps_rel_error")
 HIGHER_IS_BETTER = ("psnr_vs_fp",)
-DEFAULT_TOLERANCES: dict[str, float | str] = {"psnr_vs_fp": 1.0, "fd": "15%", "fd_fp": "15%", "fd_to_fp": "15%", "eps_rel_error": "15%"}
+DEFAULT_TOLERANCES: dict[str, float | str] = {
+    "psnr_vs_fp": 1.0,
+    "fd": "15%",
+    "fd_fp": "15%",
+    "fd_to_fp": "15%",
+    "eps_rel_error": "15%",
+}
 HARNESS_KEYS = ("model", "sampler", "steps", "samples", "seed", "batch_size")
 RUN_KEYS = (*HARNESS_KEYS, "recipe", "base_quantizer", "calibration_samples")
-INTEGER_KEYS = {"steps": POSITIVE, "samples": POSITIVE, "batch_size": POSITIVE, "calibration_samples": POSITIVE, "seed": SEEDS}
+INTEGER_KEYS = {
+    "steps": POSITIVE,
+    "samples": POSITIVE,
+    "batch_size": POSITIVE,
+    "calibration_samples": POSITIVE,
+    "seed": SEEDS,
+}
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,11 @@ def run_gate(path: Path, *, update: bool = False) -> tuple[list[Check], bool]:
     """Evaluate a baselines file; returns the checks and whether new values were recorded."""
     settings, lines, comparisons = _parse(path)
     results = _evaluate(settings, lines)
-    checks = [check for name, setting in settings.items() for check in _metric_checks(name, setting["metrics"], results[name], update)]
+    checks = [
+        check
+        for name, setting in settings.items()
+        for check in _metric_checks(name, setting["metrics"], results[name], update)
+    ]
     compared = [_compare(c, results) for c in comparisons]
     recorded = update and all(check.passed for check in compared)
     if recorded:
@@ -70,7 +86,11 @@ def _parse(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Location], 
     """The settings (defaults applied), the line of each, and the comparisons; every value checked."""
     data = read_located(path)
     where = Location(str(path), 1)
-    if not isinstance(data, LocatedDict) or data.get("version") != 1 or not isinstance(data.get("settings"), LocatedDict):
+    if (
+        not isinstance(data, LocatedDict)
+        or data.get("version") != 1
+        or not isinstance(data.get("settings"), LocatedDict)
+    ):
         raise RecipeError(where, "a baselines file needs 'version: 1' and a 'settings' mapping")
     _check_keys(data, ("version", "defaults", "settings", "comparisons"), "key")
     defaults = data.get("defaults") or LocatedDict()
@@ -86,11 +106,17 @@ def _parse(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Location], 
             _check_metric(metric, recorded, setting["metrics"].where(metric))
         settings[name], lines[name] = {**defaults, **setting}, data["settings"].where(name)
         if "model" not in settings[name]:
-            raise RecipeError(data["settings"].where(name), f"setting '{name}' names no model (set 'model' in it or in defaults)")
+            raise RecipeError(
+                data["settings"].where(name), f"setting '{name}' names no model (set 'model' in it or in defaults)"
+            )
     comparisons = data.get("comparisons") or LocatedList()
     if not isinstance(comparisons, LocatedList):
         raise RecipeError(data.where("comparisons"), "comparisons must be a list")
-    return settings, lines, [_parse_comparison(c, where, settings) for c, where in zip(comparisons, comparisons.item_locations)]
+    return (
+        settings,
+        lines,
+        [_parse_comparison(c, where, settings) for c, where in zip(comparisons, comparisons.item_locations)],
+    )
 
 
 def _check_keys(mapping: LocatedDict, allowed: tuple[str, ...], what: str) -> None:
@@ -109,7 +135,11 @@ def _check_run_keys(mapping: LocatedDict, what: str, *extra: str) -> None:
         elif key == "sampler":
             error = None if value in SAMPLERS else f"expected one of {', '.join(SAMPLERS)}, got {shown(value)}"
         elif key in ("model", "recipe", "base_quantizer"):
-            error = None if isinstance(value, str) or (value is None and key != "model") else f"expected a name or a path, got {shown(value)}"
+            error = (
+                None
+                if isinstance(value, str) or (value is None and key != "model")
+                else f"expected a name or a path, got {shown(value)}"
+            )
         else:
             continue
         if error:
@@ -118,14 +148,24 @@ def _check_run_keys(mapping: LocatedDict, what: str, *extra: str) -> None:
 
 def _check_metric(metric: Any, recorded: Any, where: Location) -> None:
     """`{value: number or null, tolerance: number or 'N%'}` for a known metric."""
-    if metric not in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER) or not isinstance(recorded, dict) or "value" not in recorded:
-        raise RecipeError(where, f"metric {shown(metric)} needs {{value: ..., tolerance: ...}}; metrics: {', '.join((*LOWER_IS_BETTER, *HIGHER_IS_BETTER))}")
+    if (
+        metric not in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER)
+        or not isinstance(recorded, dict)
+        or "value" not in recorded
+    ):
+        raise RecipeError(
+            where,
+            f"metric {shown(metric)} needs {{value: ..., tolerance: ...}}; metrics: {', '.join((*LOWER_IS_BETTER, *HIGHER_IS_BETTER))}",
+        )
     for key in recorded:
         if key not in ("value", "tolerance"):
             raise RecipeError(where, f"metric '{metric}': unknown key {shown(key)} (allowed: value, tolerance)")
     value = recorded["value"]
     if value is not None and _number(value) is None:
-        raise RecipeError(where, f"metric '{metric}': value must be a finite number, or null until --update records one; got {shown(value)}")
+        raise RecipeError(
+            where,
+            f"metric '{metric}': value must be a finite number, or null until --update records one; got {shown(value)}",
+        )
     _slack(recorded.get("tolerance", DEFAULT_TOLERANCES[metric]), 1.0, where)
 
 
@@ -133,20 +173,35 @@ def _parse_comparison(spec: Any, where: Location, settings: dict[str, Any]) -> _
     """`{metric, worse, better, ratio}` for lower-is-better metrics (worse >= ratio x better), or
     `{metric, worse, better, margin}` for PSNR (better leads by >= margin dB)."""
     kind = "ratio" if isinstance(spec, dict) and spec.get("metric") in LOWER_IS_BETTER else "margin"
-    if not isinstance(spec, dict) or set(spec) != {"metric", "worse", "better", kind} or spec["metric"] not in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER):
-        raise RecipeError(where, f"a comparison is {{metric, worse, better, ratio}} for {', '.join(LOWER_IS_BETTER)} or {{metric, worse, better, margin}} for psnr_vs_fp; got {shown(spec)}")
+    if (
+        not isinstance(spec, dict)
+        or set(spec) != {"metric", "worse", "better", kind}
+        or spec["metric"] not in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER)
+    ):
+        raise RecipeError(
+            where,
+            f"a comparison is {{metric, worse, better, ratio}} for {', '.join(LOWER_IS_BETTER)} or {{metric, worse, better, margin}} for psnr_vs_fp; got {shown(spec)}",
+        )
     for name in (spec["worse"], spec["better"]):
         if not isinstance(name, str) or name not in settings:
-            raise RecipeError(where, f"comparison names unknown setting {shown(name)} (settings: {', '.join(settings)})")
+            raise RecipeError(
+                where, f"comparison names unknown setting {shown(name)} (settings: {', '.join(settings)})"
+            )
     amount = _number(spec[kind])
     if amount is None or (kind == "ratio" and amount <= 0):
-        raise RecipeError(where, f"{kind} must be a {'positive ' if kind == 'ratio' else ''}finite number, got {shown(spec[kind])}")
+        raise RecipeError(
+            where, f"{kind} must be a {'positive ' if kind == 'ratio' else ''}finite number, got {shown(spec[kind])}"
+        )
     return _Comparison(spec["metric"], spec["worse"], spec["better"], amount)
 
 
 def _number(value: Any) -> float | None:
     """`value` as a float when it is a finite YAML number (not a bool, a string or .nan)."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+    return (
+        float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else None
+    )
 
 
 def _evaluate(settings: dict[str, dict[str, Any]], lines: dict[str, Location]) -> dict[str, dict[str, Any]]:
@@ -160,11 +215,19 @@ def _evaluate(settings: dict[str, dict[str, Any]], lines: dict[str, Location]) -
             if key not in harnesses:
                 harnesses[key] = Harness(**{k: v for k, v in zip(HARNESS_KEYS, key) if v is not None})
             recipe = setting.get("recipe")
-            recipes[name] = None if recipe is None else harnesses[key].check(recipe, setting.get("base_quantizer"), setting.get("calibration_samples", CALIBRATION_SAMPLES))
+            recipes[name] = (
+                None
+                if recipe is None
+                else harnesses[key].check(
+                    recipe, setting.get("base_quantizer"), setting.get("calibration_samples", CALIBRATION_SAMPLES)
+                )
+            )
     results = {}
     for name, setting in settings.items():
         harness = harnesses[tuple(setting.get(k) for k in HARNESS_KEYS)]
-        results[name], _ = harness.evaluate(recipes[name], calibration_samples=setting.get("calibration_samples", CALIBRATION_SAMPLES))
+        results[name], _ = harness.evaluate(
+            recipes[name], calibration_samples=setting.get("calibration_samples", CALIBRATION_SAMPLES)
+        )
     return results
 
 
@@ -204,12 +267,30 @@ def _metric_checks(name: str, metrics: dict[str, Any], result: dict[str, Any], u
         if update:
             checks.append(Check(name, metric, baseline, value, "recorded", value is not None))
         elif baseline is None or value is None:
-            checks.append(Check(name, metric, baseline, value, "unrecorded: run with --update" if baseline is None else "no value", False))
+            checks.append(
+                Check(
+                    name,
+                    metric,
+                    baseline,
+                    value,
+                    "unrecorded: run with --update" if baseline is None else "no value",
+                    False,
+                )
+            )
         else:
             slack = _slack(spec, baseline)
             higher = metric in HIGHER_IS_BETTER
             bound = baseline - slack if higher else baseline + slack
-            checks.append(Check(name, metric, baseline, value, f"{'>=' if higher else '<='} {bound:.4g} ({spec})", value >= bound if higher else value <= bound))
+            checks.append(
+                Check(
+                    name,
+                    metric,
+                    baseline,
+                    value,
+                    f"{'>=' if higher else '<='} {bound:.4g} ({spec})",
+                    value >= bound if higher else value <= bound,
+                )
+            )
     return checks
 
 
@@ -219,9 +300,23 @@ def _compare(c: _Comparison, results: dict[str, dict[str, Any]]) -> Check:
     if w is None or b is None:
         return Check(setting, c.metric, None, None, "no value", False)
     if c.metric in HIGHER_IS_BETTER:
-        return Check(setting, c.metric, None, b - w, f"{c.better} leads by >= {c.amount:g} ({b:.4g} vs {w:.4g})", b - w >= c.amount)
+        return Check(
+            setting,
+            c.metric,
+            None,
+            b - w,
+            f"{c.better} leads by >= {c.amount:g} ({b:.4g} vs {w:.4g})",
+            b - w >= c.amount,
+        )
     ratio = w / b if b > 0 else math.inf
-    return Check(setting, c.metric, None, ratio, f"{c.worse} >= {c.amount:g} x {c.better} ({w:.4g} vs {b:.4g})", ratio >= c.amount)
+    return Check(
+        setting,
+        c.metric,
+        None,
+        ratio,
+        f"{c.worse} >= {c.amount:g} x {c.better} ({w:.4g} vs {b:.4g})",
+        ratio >= c.amount,
+    )
 
 
 def _record(path: Path, results: dict[str, dict[str, Any]]) -> None:
@@ -234,14 +329,18 @@ def _record(path: Path, results: dict[str, dict[str, Any]]) -> None:
             value = results[name][metric]
             recorded["value"] = None if value is None else float(f"{value:.6g}")
             recorded.setdefault("tolerance", DEFAULT_TOLERANCES[metric])
-    replace_file(path, yaml.safe_dump(plain, sort_keys=False).encode())  # an interrupted update leaves the old baselines
+    replace_file(
+        path, yaml.safe_dump(plain, sort_keys=False).encode()
+    )  # an interrupted update leaves the old baselines
 
 
 def format_checks(checks: list[Check]) -> str:
     rows = [("setting", "metric", "baseline", "now", "change", "limit", "status")]
     for c in checks:
         change = "-" if c.baseline is None or c.value is None else f"{c.value - c.baseline:+.4g}"
-        rows.append((c.setting, c.metric, _num(c.baseline), _num(c.value), change, c.limit, "ok" if c.passed else "FAIL"))
+        rows.append(
+            (c.setting, c.metric, _num(c.baseline), _num(c.value), change, c.limit, "ok" if c.passed else "FAIL")
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 

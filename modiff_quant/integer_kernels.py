@@ -49,11 +49,41 @@ def unavailable_reason() -> str | None:
     ones, zeros = torch.ones(1), torch.zeros(1, dtype=torch.int64)
     expected = 64 * 127 * 127
     linear = torch.ops.onednn.qlinear_pointwise(
-        codes, 1.0, 128, torch.ops.onednn.qlinear_prepack(weight, None), ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+        codes,
+        1.0,
+        128,
+        torch.ops.onednn.qlinear_prepack(weight, None),
+        ones,
+        zeros,
+        None,
+        1.0,
+        0,
+        torch.float32,
+        "none",
+        [],
+        "",
     )
-    packed = torch.ops.onednn.qconv_prepack(weight.view(1, 64, 1, 1), ones, 1.0, 128, [1, 1], [0, 0], [1, 1], 1, [1, 64, 1, 1])
+    packed = torch.ops.onednn.qconv_prepack(
+        weight.view(1, 64, 1, 1), ones, 1.0, 128, [1, 1], [0, 0], [1, 1], 1, [1, 64, 1, 1]
+    )
     conv = torch.ops.onednn.qconv2d_pointwise(
-        codes.view(1, 64, 1, 1), 1.0, 128, packed, ones, zeros, None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], ""
+        codes.view(1, 64, 1, 1),
+        1.0,
+        128,
+        packed,
+        ones,
+        zeros,
+        None,
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        1,
+        1.0,
+        0,
+        torch.float32,
+        "none",
+        [],
+        "",
     )
     if linear.item() != expected or conv.item() != expected:
         got = f"{linear.item():.0f} / {conv.item():.0f}"
@@ -87,9 +117,13 @@ class IntegerWeights:
         if not 2 <= bits <= 8:
             raise UnsupportedWeights(f"integer kernels take 2-8 bit weights, got {bits} bits")
         if not isinstance(layer, nn.Linear | nn.Conv1d | nn.Conv2d):
-            raise UnsupportedWeights(f"integer kernels run Linear, Conv1d and Conv2d layers, not {type(layer).__name__}")
+            raise UnsupportedWeights(
+                f"integer kernels run Linear, Conv1d and Conv2d layers, not {type(layer).__name__}"
+            )
         if not isinstance(layer, nn.Linear) and layer.padding_mode != "zeros":
-            raise UnsupportedWeights(f"integer kernels pad with zeros only, this convolution has padding_mode={layer.padding_mode!r}")
+            raise UnsupportedWeights(
+                f"integer kernels pad with zeros only, this convolution has padding_mode={layer.padding_mode!r}"
+            )
         codes, scales = _lattice(weight, bits)
         conv, unit_height = None, isinstance(layer, nn.Conv1d)
         if not isinstance(layer, nn.Linear):
@@ -100,7 +134,14 @@ class IntegerWeights:
             conv = _ConvParams(stride, padding, dilation, layer.groups)
         return cls(codes, scales, conv, unit_height)
 
-    def run(self, centered: Tensor, scale: Tensor, accumulate: Tensor | None = None, *, bounds: tuple[int, int] | None = None) -> Tensor:
+    def run(
+        self,
+        centered: Tensor,
+        scale: Tensor,
+        accumulate: Tensor | None = None,
+        *,
+        bounds: tuple[int, int] | None = None,
+    ) -> Tensor:
         """The layer without bias on centered·scale, plus `accumulate` if given, in float32.
 
         `centered` holds the integer values c − z of the activation codes (a float tensor with
@@ -138,7 +179,9 @@ class IntegerWeights:
             if self._conv is None:
                 self._packed[shape] = torch.ops.onednn.qlinear_prepack(self._codes, None)
             else:
-                self._packed[shape] = torch.ops.onednn.qconv_prepack(self._codes, self._scales, 1.0, 128, *self._conv, list(shape))
+                self._packed[shape] = torch.ops.onednn.qconv_prepack(
+                    self._codes, self._scales, 1.0, 128, *self._conv, list(shape)
+                )
         return self._packed[shape]
 
     def _kernel(self, centered: Tensor, low: int, high: int, x_scale: float) -> Tensor:
@@ -147,13 +190,38 @@ class IntegerWeights:
         x_scale *= sign
         if self._conv is None:
             return torch.ops.onednn.qlinear_pointwise(
-                codes, x_scale, zero_point, self._packed_weights(()), self._scales, self._zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+                codes,
+                x_scale,
+                zero_point,
+                self._packed_weights(()),
+                self._scales,
+                self._zero_points,
+                None,
+                1.0,
+                0,
+                torch.float32,
+                "none",
+                [],
+                "",
             )
         if self._unit_height:
             codes = codes.unsqueeze(2)
         packed = self._packed_weights(tuple(codes.shape))
         out = torch.ops.onednn.qconv2d_pointwise(
-            codes, x_scale, zero_point, packed, self._scales, self._zero_points, None, *self._conv, 1.0, 0, torch.float32, "none", [], ""
+            codes,
+            x_scale,
+            zero_point,
+            packed,
+            self._scales,
+            self._zero_points,
+            None,
+            *self._conv,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            [],
+            "",
         )
         return out.squeeze(2) if self._unit_height else out
 
@@ -195,7 +263,9 @@ def _padding(layer: nn.Conv1d | nn.Conv2d) -> list[int]:
     if layer.padding == "same":
         totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
         if any(total % 2 for total in totals):
-            raise UnsupportedWeights("padding='same' with an even kernel extent pads asymmetrically, which the integer kernels cannot")
+            raise UnsupportedWeights(
+                "padding='same' with an even kernel extent pads asymmetrically, which the integer kernels cannot"
+            )
         return [total // 2 for total in totals]
     return list(layer.padding)
 
@@ -204,7 +274,11 @@ def _measure(centered: Tensor) -> tuple[int, int]:
     """min and max of `centered` in one pass over a flat view (aminmax over a channels-last tensor is slow)."""
     if centered.numel() == 0:
         return 0, 0
-    if centered.dim() == 4 and not centered.is_contiguous() and centered.is_contiguous(memory_format=torch.channels_last):
+    if (
+        centered.dim() == 4
+        and not centered.is_contiguous()
+        and centered.is_contiguous(memory_format=torch.channels_last)
+    ):
         centered = centered.permute(0, 2, 3, 1)
     low, high = torch.aminmax(centered.reshape(-1))
     return int(low), int(high)

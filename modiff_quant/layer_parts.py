@@ -31,7 +31,9 @@ SPLIT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
 """Layers whose concatenated inputs can be split (Q-Diffusion splits convolutions only)."""
 
 
-def build_parts(settings: LayerSettings, layer_type: type[nn.Module]) -> tuple[Scheme, BaseQuantizer, dict[str, list[ActivationQuantizer]]]:
+def build_parts(
+    settings: LayerSettings, layer_type: type[nn.Module]
+) -> tuple[Scheme, BaseQuantizer, dict[str, list[ActivationQuantizer]]]:
     """The scheme, base quantizer and activation quantizers of one layer: per role, one per
     timestep group (a split pair where the layer splits concatenated inputs)."""
     scheme = SCHEMES.get(settings.scheme)()
@@ -43,12 +45,18 @@ def build_parts(settings: LayerSettings, layer_type: type[nn.Module]) -> tuple[S
         first = base_quantizer.activation_quantizer(spec, dim)
         return SplitActivationQuantizer(first, base_quantizer.activation_quantizer(spec, dim)) if split else first
 
-    return scheme, base_quantizer, {role: [make() for _ in range(groups)] for role in scheme.activation_roles(settings)}
+    return (
+        scheme,
+        base_quantizer,
+        {role: [make() for _ in range(groups)] for role in scheme.activation_roles(settings)},
+    )
 
 
 def splits(settings: LayerSettings, layer_type: type[nn.Module]) -> bool:
     """Whether the layer gets split quantizers for a concatenated input (if it has one)."""
-    preferred = BASE_QUANTIZERS.get(settings.base_quantizer).split_shortcuts if settings.split is None else settings.split
+    preferred = (
+        BASE_QUANTIZERS.get(settings.base_quantizer).split_shortcuts if settings.split is None else settings.split
+    )
     return preferred and issubclass(layer_type, SPLIT_TYPES)
 
 
@@ -58,7 +66,9 @@ def needs_calibration(quantizers: Mapping[str, Iterable[ActivationQuantizer]]) -
 
 
 @torch.no_grad()
-def check_calibration_state(settings: LayerSettings, module_type: str, module: nn.Module, state: Mapping[str, Tensor], prefix: str = "") -> None:
+def check_calibration_state(
+    settings: LayerSettings, module_type: str, module: nn.Module, state: Mapping[str, Tensor], prefix: str = ""
+) -> None:
     """Raise ValueError unless `state` (a layer's `calibration_state()` without its weight, as saved
     under `prefix`) fits a layer of these settings: load it into standalone quantizers built from
     them, as `QuantizedLayer.load_calibration_state` will, and require each to restore it exactly
@@ -66,9 +76,16 @@ def check_calibration_state(settings: LayerSettings, module_type: str, module: n
     layer_type = next(kind for kind in CHANNEL_DIMS if kind.__name__ == module_type)
     width = module.in_features if issubclass(layer_type, nn.Linear) else module.in_channels
     split_at = state.get("split_at")
-    if split_at is not None and not (splits(settings, layer_type) and split_at.dtype == torch.int64 and split_at.dim() == 0 and 0 < int(split_at) < width):
+    if split_at is not None and not (
+        splits(settings, layer_type)
+        and split_at.dtype == torch.int64
+        and split_at.dim() == 0
+        and 0 < int(split_at) < width
+    ):
         value = f" {excerpt(split_at.item())}" if split_at.dim() == 0 else ""
-        raise ValueError(f"tensor '{prefix}split_at' must be one int64 in 1..{width - 1} of a layer that splits its input, got {split_at.dtype} {list(split_at.shape)}{value}")
+        raise ValueError(
+            f"tensor '{prefix}split_at' must be one int64 in 1..{width - 1} of a layer that splits its input, got {split_at.dtype} {list(split_at.shape)}{value}"
+        )
     dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float32
     probe = torch.linspace(-1.0, 1.0, width, dtype=dtype).reshape(1, width, *[1] * (-CHANNEL_DIMS[layer_type] - 1))
     taken = {"split_at", "weight"}
@@ -86,7 +103,9 @@ def check_calibration_state(settings: LayerSettings, module_type: str, module: n
                 if output.shape != probe.shape or not bool(output.isfinite().all()):
                     raise ValueError("it quantizes a probe input to non-finite values")
             except Exception as exc:  # noqa: BLE001 - whatever a quantizer (a plugin's too) raises, the state does not fit
-                raise ValueError(f"tensors '{prefix}{start}*' (its {role} quantizer {index}) cannot be used: {excerpt(str(exc))}") from None
+                raise ValueError(
+                    f"tensors '{prefix}{start}*' (its {role} quantizer {index}) cannot be used: {excerpt(str(exc))}"
+                ) from None
     unexpected = sorted(state.keys() - taken)
     if unexpected:
         raise ValueError(f"tensor '{prefix}{excerpt(unexpected[0])}' belongs to no quantizer of this layer")
@@ -94,7 +113,13 @@ def check_calibration_state(settings: LayerSettings, module_type: str, module: n
 
 def _same_state(restored: Mapping[str, Tensor], saved: Mapping[str, Tensor]) -> None:
     if restored.keys() != saved.keys():
-        raise ValueError(f"it keeps {', '.join(sorted(restored)) or 'nothing'}, but {', '.join(sorted(saved)) or 'nothing'} were saved")
+        raise ValueError(
+            f"it keeps {', '.join(sorted(restored)) or 'nothing'}, but {', '.join(sorted(saved)) or 'nothing'} were saved"
+        )
     for key, value in saved.items():
-        if restored[key].dtype != value.dtype or restored[key].shape != value.shape or not torch.equal(restored[key], value):
+        if (
+            restored[key].dtype != value.dtype
+            or restored[key].shape != value.shape
+            or not torch.equal(restored[key], value)
+        ):
             raise ValueError(f"{key} is not restored as saved ({value.dtype} {list(value.shape)})")

@@ -104,8 +104,6 @@ class LayerStates:
         return sum(state.nbytes for state in self.sites.values())
 
 
-
-
 _FLOAT_WEIGHT_MODES = (Mode.CALIBRATING, Mode.OBSERVING, Mode.REFERENCE)
 
 Execution = Literal["fake", "integer"]
@@ -197,7 +195,11 @@ class QuantizedLayer(nn.Module):
         """A(x): the layer's operation with its weight (quantized in place by `convert`; inside
         convert, the staged quantized weight except in the float modes)."""
         b = self.bias if bias else None
-        weight = self.weight if self.staged_weight is None or self._tracker.mode in _FLOAT_WEIGHT_MODES else self.staged_weight
+        weight = (
+            self.weight
+            if self.staged_weight is None or self._tracker.mode in _FLOAT_WEIGHT_MODES
+            else self.staged_weight
+        )
         return F.linear(x, weight, b) if isinstance(self, nn.Linear) else self._conv_forward(x, weight, b)
 
     def quantize_input(self, role: str, x: Tensor) -> tuple[Tensor, Codes | None]:
@@ -208,7 +210,9 @@ class QuantizedLayer(nn.Module):
         centered, scale = quantizer.codes(x)
         return (centered * scale).to(x.dtype), (centered, scale, _code_bounds(quantizer.spec))
 
-    def apply_quantized(self, q: Tensor, codes: Codes | None, *, bias: bool, accumulate: Tensor | None = None) -> Tensor:
+    def apply_quantized(
+        self, q: Tensor, codes: Codes | None, *, bias: bool, accumulate: Tensor | None = None
+    ) -> Tensor:
         """A(q) (+ bias) (+ accumulate): on the int8 kernels when `codes` of q are given."""
         if codes is None:
             out = self.apply_op(q, bias=bias)
@@ -229,10 +233,14 @@ class QuantizedLayer(nn.Module):
             return  # float or always-skipped activations: nothing to run on integers
         fail = f"{self.plan.name}: integer execution needs"
         if s.input_cache != "full" and s.scheme == "modiff" and s.error_compensation:
-            raise ValueError(f"{fail} input_cache: full (a lossy â turns the increments into non-codes), got {s.input_cache}")
+            raise ValueError(
+                f"{fail} input_cache: full (a lossy â turns the increments into non-codes), got {s.input_cache}"
+            )
         role = DELTA if s.scheme == "modiff" else RAW
         if any(q.codes(torch.zeros(1, 1, 1, 1)) is None for q in self.act_quantizers[role]):
-            raise ValueError(f"{fail} activation scales per tensor or per sample from a min-max or static quantizer, got a_granularity {s.a_granularity} ({s.base_quantizer})")
+            raise ValueError(
+                f"{fail} activation scales per tensor or per sample from a min-max or static quantizer, got a_granularity {s.a_granularity} ({s.base_quantizer})"
+            )
         if self.packed:
             raise ValueError(f"{fail} float-stored quantized weights, but {s.base_quantizer} packed this one")
         try:
@@ -253,7 +261,11 @@ class QuantizedLayer(nn.Module):
     def weight_parts(self) -> list[Tensor]:
         """The float weight, divided along its input channels where a split layer's input is."""
         weight = self.weight.detach()
-        return [weight] if self.split_at is None else list(weight.split([self.split_at, weight.shape[1] - self.split_at], dim=1))
+        return (
+            [weight]
+            if self.split_at is None
+            else list(weight.split([self.split_at, weight.shape[1] - self.split_at], dim=1))
+        )
 
     def map_weight_parts(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
         """`fn` applied to each part of `weight_parts()`, joined back into a full weight."""
@@ -276,7 +288,11 @@ class QuantizedLayer(nn.Module):
         """Quantize the weight with the base quantizer into `staged_weight` (reconstruction may
         replace it); `commit_weight` then overwrites the float weight."""
         spec = self.plan.settings.weight_spec()
-        self.staged_weight = self.weight.detach() if spec.is_float else self.map_weight_parts(lambda w: self.base_quantizer.quantize_weight(w, spec))
+        self.staged_weight = (
+            self.weight.detach()
+            if spec.is_float
+            else self.map_weight_parts(lambda w: self.base_quantizer.quantize_weight(w, spec))
+        )
 
     @torch.no_grad()
     def commit_weight(self) -> None:
@@ -287,7 +303,9 @@ class QuantizedLayer(nn.Module):
         if staged is None:
             return
         if is_packed(staged):
-            self.source_weight_digest = None if self.packed else weight_digest(self.weight)  # packed before prepare: no float weight
+            self.source_weight_digest = (
+                None if self.packed else weight_digest(self.weight)
+            )  # packed before prepare: no float weight
             self.weight = nn.Parameter(staged, requires_grad=False)
         else:
             self.weight.copy_(staged)
@@ -314,7 +332,9 @@ class QuantizedLayer(nn.Module):
         for role, group in self.act_quantizers.items():
             for index, quantizer in enumerate(group):
                 prefix = f"{role}.{index}."
-                quantizer.load_frozen_state({key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)})
+                quantizer.load_frozen_state(
+                    {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+                )
         if "weight" in state:
             self.weight.copy_(state["weight"])
         else:
@@ -323,7 +343,9 @@ class QuantizedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.plan.settings
-        return f"{super().extra_repr()}, scheme={s.scheme}, base={s.base_quantizer}, w_bits={s.w_bits}, a_bits={s.a_bits}"
+        return (
+            f"{super().extra_repr()}, scheme={s.scheme}, base={s.base_quantizer}, w_bits={s.w_bits}, a_bits={s.a_bits}"
+        )
 
 
 def weight_digest(weight: Tensor) -> str:
@@ -348,7 +370,11 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
     pass
 
 
-_QUANTIZED: dict[type[nn.Module], type[QuantizedLayer]] = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d}
+_QUANTIZED: dict[type[nn.Module], type[QuantizedLayer]] = {
+    nn.Linear: QuantLinear,
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+}
 
 
 def quantize_layer(module: nn.Module, plan: LayerPlan, tracker: Tracker) -> QuantizedLayer:

@@ -58,9 +58,13 @@ def load_model(name_or_path: str, *, seed: int = 0, weights: str | Path | None =
         from diffusers import AutoModel, UNet2DModel
 
     if weights is not None and name_or_path not in BUILTIN_MODELS:
-        raise ValueError(f"weights {str(weights)!r}: only the built-in architectures ({', '.join(BUILTIN_MODELS)}) take a weights file; {name_or_path!r} brings its own")
+        raise ValueError(
+            f"weights {str(weights)!r}: only the built-in architectures ({', '.join(BUILTIN_MODELS)}) take a weights file; {name_or_path!r} brings its own"
+        )
     if name_or_path in BUNDLED_MODELS:
-        return AutoModel.from_pretrained(str(files("modiff_quant") / "assets" / name_or_path), low_cpu_mem_usage=False).eval()
+        return AutoModel.from_pretrained(
+            str(files("modiff_quant") / "assets" / name_or_path), low_cpu_mem_usage=False
+        ).eval()
     if name_or_path in BUILTIN_MODELS:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -71,18 +75,26 @@ def load_model(name_or_path: str, *, seed: int = 0, weights: str | Path | None =
     path = Path(name_or_path)
     if (path / "config.json").is_file():
         with _as_load_error(path, "a diffusers model folder"):
-            model = AutoModel.from_pretrained(str(path), low_cpu_mem_usage=False).eval()  # diffusers 0.42 fails on a Path (its load id joins strings)
+            model = AutoModel.from_pretrained(
+                str(path), low_cpu_mem_usage=False
+            ).eval()  # diffusers 0.42 fails on a Path (its load id joins strings)
         _check_denoiser(model, path)
         return model
     names = sorted((*BUNDLED_MODELS, *BUILTIN_MODELS))
-    raise FileNotFoundError(f"model {name_or_path!r} is neither a built-in model{did_you_mean(name_or_path, names)} ({', '.join(names)}) nor a diffusers model folder")
+    raise FileNotFoundError(
+        f"model {name_or_path!r} is neither a built-in model{did_you_mean(name_or_path, names)} ({', '.join(names)}) nor a diffusers model folder"
+    )
 
 
 def sample_shape(model: nn.Module) -> tuple[int, int, int]:
     """(channels, height, width) of one sample of a diffusers image model (sample_size may be an
     int or a pair)."""
     config = model.config
-    size = config.sample_size if isinstance(config.sample_size, (tuple, list)) else (config.sample_size, config.sample_size)
+    size = (
+        config.sample_size
+        if isinstance(config.sample_size, (tuple, list))
+        else (config.sample_size, config.sample_size)
+    )
     return (config.in_channels, *size)
 
 
@@ -107,7 +119,9 @@ def _as_load_error(path: Path, what: str) -> Iterator[None]:
     try:
         yield
     except pickle.UnpicklingError as exc:  # torch's own text suggests weights_only=False, i.e. running the file's code
-        raise LoadError(f"{path}: cannot be read as {what}: torch.load(weights_only=True) refuses it (not a torch file, or one holding objects besides tensors)") from exc
+        raise LoadError(
+            f"{path}: cannot be read as {what}: torch.load(weights_only=True) refuses it (not a torch file, or one holding objects besides tensors)"
+        ) from exc
     except Exception as exc:
         first = next(iter(str(exc).strip().splitlines()), "").split(". ")[0][:300]
         raise LoadError(f"{path}: cannot be read as {what} ({type(exc).__name__}: {first})") from exc
@@ -119,16 +133,24 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"weights {str(path)!r}: no such file or folder")
     state = _state_dict(path)
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise LoadError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
-        listed = "; ".join(f"{what} {len(names)}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}" for what, names in (("missing", missing), ("unexpected", unexpected)) if names)
+        listed = "; ".join(
+            f"{what} {len(names)}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+            for what, names in (("missing", missing), ("unexpected", unexpected))
+            if names
+        )
         raise LoadError(f"{path}: not a state dict of this model ({listed})")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape or tensor.is_floating_point() != expected[name].is_floating_point():
-            raise LoadError(f"{path}: {name} is {tensor.dtype} {tuple(tensor.shape)}, the model's is {expected[name].dtype} {tuple(expected[name].shape)}")
+            raise LoadError(
+                f"{path}: {name} is {tensor.dtype} {tuple(tensor.shape)}, the model's is {expected[name].dtype} {tuple(expected[name].shape)}"
+            )
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise LoadError(f"{path}: {name} holds non-finite values")
     model.load_state_dict(state)
@@ -148,7 +170,9 @@ def _state_dict(path: Path) -> Any:
         with _as_load_error(path, "a safetensors file"):
             return load_file(path)
     with _as_load_error(path, "a torch state dict"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch's notes on a file's pickle protocol: it is loaded or refused either way
+        warnings.simplefilter(
+            "ignore", UserWarning
+        )  # torch's notes on a file's pickle protocol: it is loaded or refused either way
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -157,7 +181,18 @@ def _check_denoiser(model: nn.Module, path: Path) -> None:
     conditional UNet) would fail or, worse, return something, later."""
     config = getattr(model, "config", None)
     parameters = list(inspect.signature(model.forward).parameters.values())
-    required = [p.name for p in parameters[2:] if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    if config is None or not all(hasattr(config, key) for key in ("in_channels", "sample_size")) or [p.name for p in parameters[1:2]] != ["timestep"] or required:
+    required = [
+        p.name
+        for p in parameters[2:]
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    if (
+        config is None
+        or not all(hasattr(config, key) for key in ("in_channels", "sample_size"))
+        or [p.name for p in parameters[1:2]] != ["timestep"]
+        or required
+    ):
         needs = f" (it also needs {', '.join(required)})" if required else ""
-        raise LoadError(f"{path}: holds a {type(model).__name__}, not an unconditional denoiser called as model(sample, timestep){needs}")
+        raise LoadError(
+            f"{path}: holds a {type(model).__name__}, not an unconditional denoiser called as model(sample, timestep){needs}"
+        )

@@ -21,7 +21,9 @@ class Observer(nn.Module):
     def __init__(self, spec: QuantSpec, *, channel_dim: int = 1, weight: bool = False) -> None:
         super().__init__()
         if spec.granularity.kind == "sample":
-            raise ValueError("granularity 'sample' has no static scale (batch items change); use the 'dynamic' base quantizer for it")
+            raise ValueError(
+                "granularity 'sample' has no static scale (batch items change); use the 'dynamic' base quantizer for it"
+            )
         self.spec = spec
         self.channel_dim = channel_dim
         self.for_weight = weight
@@ -95,7 +97,9 @@ class LpSearchObserver(Observer):
     ) -> None:
         super().__init__(spec, channel_dim=channel_dim, weight=weight)
         if p <= 0 or grid < 1 or not 0.0 < min_ratio <= 1.0 or max_values < 1:
-            raise ValueError(f"invalid L_p search options: p={p}, grid={grid}, min_ratio={min_ratio}, max_values={max_values}")
+            raise ValueError(
+                f"invalid L_p search options: p={p}, grid={grid}, min_ratio={min_ratio}, max_values={max_values}"
+            )
         self.p, self.grid, self.min_ratio, self.max_values = p, grid, min_ratio, max_values
         self._values: Tensor | None = None  # [groups, kept values]
         self._seen = 0  # values observed per group, kept or not
@@ -136,7 +140,9 @@ class LpSearchObserver(Observer):
         best_scale, best_zero = qparams(lo, hi, self.spec)
         for ratio in torch.linspace(1.0, self.min_ratio, self.grid).tolist():
             scale, zero = qparams(lo * ratio, hi * ratio, self.spec)
-            err = ((fake_quantize(values, scale, zero, self.spec) - values).abs().pow(self.p) * weights).sum(dim=1, keepdim=True)
+            err = ((fake_quantize(values, scale, zero, self.spec) - values).abs().pow(self.p) * weights).sum(
+                dim=1, keepdim=True
+            )
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, scale, best_scale)

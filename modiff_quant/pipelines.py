@@ -32,7 +32,9 @@ from .serialization import load_quantized
 DENOISERS = ("unet", "transformer")
 
 
-def attach(pipe_or_model: Any, recipe: Recipe | str | Path | None = None, *, component: str | None = None) -> nn.Module:
+def attach(
+    pipe_or_model: Any, recipe: Recipe | str | Path | None = None, *, component: str | None = None
+) -> nn.Module:
     """Apply `recipe` to the denoiser of a diffusers pipeline (its `unet` or `transformer`, or
     `component`), or to a model, and return the prepared denoiser.
 
@@ -52,7 +54,9 @@ def attach(pipe_or_model: Any, recipe: Recipe | str | Path | None = None, *, com
         (load_quantized if saved else prepare)(denoiser, recipe)
         register_state_hook(denoiser)
     elif not is_prepared(denoiser):
-        raise ValueError(f"attach() without a recipe ties an already quantized denoiser to another pipeline, but this {type(denoiser).__name__} is not prepared: pass a recipe")
+        raise ValueError(
+            f"attach() without a recipe ties an already quantized denoiser to another pipeline, but this {type(denoiser).__name__} is not prepared: pass a recipe"
+        )
     if not isinstance(pipe_or_model, nn.Module):
         pipe_or_model.__class__ = _scoped(type(pipe_or_model))
     if not is_converted(denoiser) and not needs_calibration(denoiser):
@@ -69,11 +73,19 @@ def _scoped(pipeline: type) -> type:
 
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
         with ExitStack() as scopes:
-            for model in [value for value in vars(self).values() if isinstance(value, nn.Module) and is_prepared(value)]:
+            for model in [
+                value for value in vars(self).values() if isinstance(value, nn.Module) and is_prepared(value)
+            ]:
                 scopes.enter_context(sampling(model))
             return pipeline.__call__(self, *args, **kwargs)
 
-    namespace = {"__call__": __call__, "__module__": pipeline.__module__, "__qualname__": pipeline.__qualname__, "__doc__": pipeline.__doc__, "_modiff_scoped": True}
+    namespace = {
+        "__call__": __call__,
+        "__module__": pipeline.__module__,
+        "__qualname__": pipeline.__qualname__,
+        "__doc__": pipeline.__doc__,
+        "_modiff_scoped": True,
+    }
     return type(pipeline.__name__, (pipeline,), namespace)
 
 

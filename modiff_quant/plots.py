@@ -40,7 +40,9 @@ STEP_ERROR_COLORS = {"plain": "tab:red", "MoDiff w/o error compensation": "tab:o
 # Files: PNG + JSON
 
 
-def write_distributions(harness: Harness, out: Path, layers: list[str] | None = None, samples: int | None = None, name: str = DISTRIBUTIONS) -> Path:
+def write_distributions(
+    harness: Harness, out: Path, layers: list[str] | None = None, samples: int | None = None, name: str = DISTRIBUTIONS
+) -> Path:
     """Fig. 1b for `layers` (default: `default_layers`) over the first `samples` trajectories."""
     distributions = record_distributions(harness, layers, samples)
     histograms = [layer.histogram() for layer in distributions]
@@ -53,7 +55,11 @@ def write_distributions(harness: Harness, out: Path, layers: list[str] | None = 
                 "std_ratio": layer.std_ratio,
                 "input": _moments(layer.raw),
                 "difference": _moments(layer.diff),
-                "histogram": {"edges": edges.tolist(), "input_density": raw.tolist(), "difference_density": diff.tolist()},
+                "histogram": {
+                    "edges": edges.tolist(),
+                    "input_density": raw.tolist(),
+                    "difference_density": diff.tolist(),
+                },
             }
             for layer, (edges, raw, diff) in zip(distributions, histograms)
         ],
@@ -84,9 +90,14 @@ def write_eval_figures(harness: Harness, label: str, run: Run, out: Path) -> dic
     evaluation's own runs) and the default layers' distributions. Returns caption -> file name."""
     name = Path(label).stem
     curves = {name: step_relative_errors(harness.reference.epsilons, run.epsilons)}
-    step_error = _save_step_error(harness, f"{_setting(harness)}\n{name} vs full precision", curves, {}, out / "step-error.png")
+    step_error = _save_step_error(
+        harness, f"{_setting(harness)}\n{name} vs full precision", curves, {}, out / "step-error.png"
+    )
     distributions = write_distributions(harness, out, samples=EVAL_DISTRIBUTION_SAMPLES, name="distributions.png")
-    return {"per-step relative error of ε vs full precision": step_error.name, "layer inputs vs temporal differences (full precision)": distributions.name}
+    return {
+        "per-step relative error of ε vs full precision": step_error.name,
+        "layer inputs vs temporal differences (full precision)": distributions.name,
+    }
 
 
 def _setting(harness: Harness, samples: int | None = None) -> str:
@@ -97,7 +108,9 @@ def _moments(spread: Spread) -> dict[str, float]:
     return {"count": spread.count, "mean": spread.mean, "std": spread.std, "absmax": spread.absmax}
 
 
-def _save_step_error(harness: Harness, title: str, curves: dict[str, list[float]], metrics: dict[str, dict[str, Any]], path: Path) -> Path:
+def _save_step_error(
+    harness: Harness, title: str, curves: dict[str, list[float]], metrics: dict[str, dict[str, Any]], path: Path
+) -> Path:
     scheduler = make_scheduler(harness.sampler, harness.training)
     scheduler.set_timesteps(harness.steps)
     timesteps = scheduler.timesteps.tolist()
@@ -122,12 +135,23 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=130, layout="constrained")
 
 
-def _draw_distributions(distributions: list[LayerDistribution], histograms: list[tuple[np.ndarray, np.ndarray, np.ndarray]], title: str) -> Figure:
+def _draw_distributions(
+    distributions: list[LayerDistribution], histograms: list[tuple[np.ndarray, np.ndarray, np.ndarray]], title: str
+) -> Figure:
     """One panel per layer, both densities on shared bins; log density (a_t's tails span decades)."""
     figure = _figure(4.6 * len(distributions), 4.0)
-    for ax, layer, (edges, raw, diff) in zip(figure.subplots(1, len(distributions), squeeze=False)[0], distributions, histograms):
+    for ax, layer, (edges, raw, diff) in zip(
+        figure.subplots(1, len(distributions), squeeze=False)[0], distributions, histograms
+    ):
         ax.stairs(raw, edges, fill=True, alpha=0.45, color="tab:red", label=f"input $a_t$ (std {layer.raw.std:.3g})")
-        ax.stairs(diff, edges, fill=True, alpha=0.45, color="tab:blue", label=f"difference $a_t - a_{{t+1}}$ (std {layer.diff.std:.3g})")
+        ax.stairs(
+            diff,
+            edges,
+            fill=True,
+            alpha=0.45,
+            color="tab:blue",
+            label=f"difference $a_t - a_{{t+1}}$ (std {layer.diff.std:.3g})",
+        )
         ax.set_yscale("log")
         ax.set_title(f"{layer.name}\nstd ratio {layer.std_ratio:.3f}", fontsize=9)
         ax.set_xlabel("value (layer-input units)")
@@ -144,7 +168,9 @@ def _draw_step_error(curves: dict[str, list[float]], timesteps: list[int], title
     figure = _figure(7.0, 4.2)
     ax = figure.subplots()
     for label, curve in curves.items():
-        ax.plot(range(len(curve)), curve, color=STEP_ERROR_COLORS.get(label), label=f"{label} (mean {np.mean(curve):.3f})")
+        ax.plot(
+            range(len(curve)), curve, color=STEP_ERROR_COLORS.get(label), label=f"{label} (mean {np.mean(curve):.3f})"
+        )
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(f"sampling step (0: t = {timesteps[0]}, noisiest; {len(timesteps) - 1}: t = {timesteps[-1]})")
@@ -167,7 +193,13 @@ def _draw_fd_vs_bits(table: FdTable, title: str) -> Figure:
     styles = {scheme: SCHEME_STYLES.get(scheme, (":", "^", scheme)) for scheme in schemes}
     for base, by_scheme in table.fd.items():
         for scheme, points in by_scheme.items():
-            ax.plot(list(points), list(points.values()), linestyle=styles[scheme][0], marker=styles[scheme][1], color=colors[base])
+            ax.plot(
+                list(points),
+                list(points.values()),
+                linestyle=styles[scheme][0],
+                marker=styles[scheme][1],
+                color=colors[base],
+            )
     ax.axhline(table.fp_fd, color="black", linestyle=":", linewidth=1)
     ax.set_yscale("log")
     ax.set_xticks(sorted({a for by_scheme in table.fd.values() for points in by_scheme.values() for a in points}))
@@ -175,7 +207,10 @@ def _draw_fd_vs_bits(table: FdTable, title: str) -> Figure:
     ax.set_ylabel("FD to held-out digits (classifier features, log scale)")
     ax.grid(True, which="both", alpha=0.3)
     handles = [Line2D([], [], color=color, linewidth=3, label=base) for base, color in colors.items()]
-    handles += [Line2D([], [], color="gray", linestyle=style, marker=marker, label=label) for style, marker, label in styles.values()]
+    handles += [
+        Line2D([], [], color="gray", linestyle=style, marker=marker, label=label)
+        for style, marker, label in styles.values()
+    ]
     handles.append(Line2D([], [], color="black", linestyle=":", label=f"full precision (FD {table.fp_fd:.1f})"))
     ax.legend(handles=handles, fontsize=8, loc="upper right")
     ax.set_title(title, fontsize=10)

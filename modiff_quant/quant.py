@@ -100,7 +100,9 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def stats_view(x: Tensor, granularity: Granularity, *, channel_dim: int = 1, weight: bool = False) -> tuple[Tensor, tuple[int, ...]]:
+def stats_view(
+    x: Tensor, granularity: Granularity, *, channel_dim: int = 1, weight: bool = False
+) -> tuple[Tensor, tuple[int, ...]]:
     """A view of `x` and the dims over which one scale is shared (reduce with keepdim=True).
 
     Reducing keeps every non-shared dim, so a statistic's shape broadcasts against the view and,
@@ -158,7 +160,9 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec)
     return (centered_codes(x, scale, zero_point, spec) * scale).to(x.dtype)
 
 
-def minmax_qparams(x: Tensor, spec: QuantSpec, *, channel_dim: int = 1, weight: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def minmax_qparams(
+    x: Tensor, spec: QuantSpec, *, channel_dim: int = 1, weight: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     """The grouped view of `x`, and the scale and zero point of its own min/max per group."""
     view, dims = stats_view(x, spec.granularity, channel_dim=channel_dim, weight=weight)
     scale, zero_point = qparams(view.amin(dims, keepdim=True), view.amax(dims, keepdim=True), spec)
@@ -173,7 +177,9 @@ def quantize_minmax(x: Tensor, spec: QuantSpec, *, channel_dim: int = 1, weight:
     return fake_quantize(view, scale, zero_point, spec).reshape(x.shape)
 
 
-def fake_quantize_grouped(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, *, channel_dim: int = 1, weight: bool = False) -> Tensor:
+def fake_quantize_grouped(
+    x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, *, channel_dim: int = 1, weight: bool = False
+) -> Tensor:
     """`fake_quantize` with parameters shaped like a keepdim statistic of `stats_view(x)`."""
     view, _ = stats_view(x, spec.granularity, channel_dim=channel_dim, weight=weight)
     return fake_quantize(view, scale, zero_point, spec).reshape(x.shape)

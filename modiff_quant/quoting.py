@@ -46,4 +46,3 @@ def clip(text: str, limit: int = 80) -> str:
 def excerpt(value: object, limit: int = 160) -> str:
     """A string as it is, anything else as its bounded repr, cut to `limit` characters."""
     return clip(value, limit) if isinstance(value, str) else shown(value, limit)
-

@@ -59,14 +59,18 @@ class Registry(Generic[T]):
         target = f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', '')}"
         for ep in entry_points(group=self.group, name=name):
             if known is None and ep.value != target:
-                raise ValueError(f"{self.kind} name {name!r} belongs to the plugin {ep.value} (entry point group {self.group})")
+                raise ValueError(
+                    f"{self.kind} name {name!r} belongs to the plugin {ep.value} (entry point group {self.group})"
+                )
         self._items[name] = obj
 
     def get(self, name: str) -> T:
         if name not in self._items:
             self._load_plugin(name)
         if name not in self._items:
-            raise UnknownNameError(f"unknown {self.kind} {shown(name)}{did_you_mean(name, self.names())} (known: {', '.join(self.names())})")
+            raise UnknownNameError(
+                f"unknown {self.kind} {shown(name)}{did_you_mean(name, self.names())} (known: {', '.join(self.names())})"
+            )
         return self._items[name]
 
     def __contains__(self, name: str) -> bool:
@@ -85,7 +89,11 @@ class Registry(Generic[T]):
             try:
                 obj = ep.load()
             except Exception as exc:  # a third-party plugin may fail in any way; it must not break us
-                warnings.warn(f"modiff_quant: {self.kind} plugin {name!r} ({ep.value}) failed to load: {exc!r}", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"modiff_quant: {self.kind} plugin {name!r} ({ep.value}) failed to load: {exc!r}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 continue
             self.add(name, obj)
             return

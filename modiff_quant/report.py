@@ -36,7 +36,14 @@ def _tile(images: Tensor) -> np.ndarray:
     return strip.repeat(SCALE, axis=0).repeat(SCALE, axis=1)
 
 
-def write_report(path: Path, title: str, settings: dict[str, Any], rows: list[dict[str, Any]], grid: str, figures: dict[str, str] | None = None) -> None:
+def write_report(
+    path: Path,
+    title: str,
+    settings: dict[str, Any],
+    rows: list[dict[str, Any]],
+    grid: str,
+    figures: dict[str, str] | None = None,
+) -> None:
     """A Markdown page: the settings, one metrics row per setting, the grid, and `figures`
     (caption -> image file next to the report)."""
     columns = [key for key in rows[0] if key != "recipe"]
@@ -47,7 +54,12 @@ def write_report(path: Path, title: str, settings: dict[str, Any], rows: list[di
     if figures:
         lines += ["## Plots", ""]
         for caption, image in figures.items():
-            lines += [f"**{caption}** (`{image}`; data: `{Path(image).with_suffix('.json')}`)", "", f"![{caption}]({image})", ""]
+            lines += [
+                f"**{caption}** (`{image}`; data: `{Path(image).with_suffix('.json')}`)",
+                "",
+                f"![{caption}]({image})",
+                "",
+            ]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 

@@ -29,20 +29,28 @@ def _quad_ddim_class() -> type:
         repeated t values kept. diffusers' DDIM assumes uniform spacing, so steps go by index."""
 
         def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-            sequence = (np.linspace(0, np.sqrt(0.8 * self.config.num_train_timesteps), num_inference_steps) ** 2).astype(np.int64)[::-1]
+            sequence = (
+                np.linspace(0, np.sqrt(0.8 * self.config.num_train_timesteps), num_inference_steps) ** 2
+            ).astype(np.int64)[::-1]
             self.num_inference_steps = num_inference_steps
             self.timesteps = torch.from_numpy(sequence.copy()).to(device)
             self._previous = [*sequence[1:].tolist(), -1]
             self._index = 0
 
-        def step(self, model_output: Tensor, timestep: Tensor | int, sample: Tensor, return_dict: bool = True, **_: Any) -> DDIMSchedulerOutput | tuple[Tensor, Tensor]:
+        def step(
+            self, model_output: Tensor, timestep: Tensor | int, sample: Tensor, return_dict: bool = True, **_: Any
+        ) -> DDIMSchedulerOutput | tuple[Tensor, Tensor]:
             previous = self._previous[self._index]
             self._index += 1
             alpha = self.alphas_cumprod[int(timestep)]
             alpha_prev = self.alphas_cumprod[previous] if previous >= 0 else torch.tensor(1.0)
             x0 = (sample - (1 - alpha).sqrt() * model_output) / alpha.sqrt()  # not clipped, as in the reference loop
             prev_sample = alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * model_output
-            return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0) if return_dict else (prev_sample, x0)
+            return (
+                DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+                if return_dict
+                else (prev_sample, x0)
+            )
 
     return QuadDDIMScheduler
 
@@ -60,7 +68,12 @@ def make_scheduler(name: str, training: dict[str, Any] | None = None) -> Any:
         raise ValueError(f"unknown sampler {name!r}{did_you_mean(name, list(classes))} (known: {', '.join(classes)})")
     try:
         return classes[name].from_config({**DDPM_TRAINING, **(training or {})})
-    except (ValueError, TypeError, NotImplementedError, RuntimeError) as exc:  # a model folder's scheduler_config.json is data from anywhere
+    except (
+        ValueError,
+        TypeError,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:  # a model folder's scheduler_config.json is data from anywhere
         first = next(iter(str(exc).splitlines()), "")
         raise ValueError(f"the {name} sampler cannot use the noise schedule {shown(training)}: {first}") from exc
 

@@ -89,14 +89,26 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
             "from the float weights on load, but these were packed before modiff_quant prepared the model (torchao quantize_); "
             "apply the recipe with modiff_quant.prepare to a float model instead"
         )
-    tensors = {f"{_LAYER_PREFIX}{name}/{key}": value for name, layer in layers.items() for key, value in layer.calibration_state().items() if key != "weight"}
+    tensors = {
+        f"{_LAYER_PREFIX}{name}/{key}": value
+        for name, layer in layers.items()
+        for key, value in layer.calibration_state().items()
+        if key != "weight"
+    }
     own = _own_state(model, layers)
-    coded = {name: found for name, layer in layers.items() if not layer.packed and (found := encode(layer.weight, layer.plan.settings.w_bits)) is not None}
+    coded = {
+        name: found
+        for name, layer in layers.items()
+        if not layer.packed and (found := encode(layer.weight, layer.plan.settings.w_bits)) is not None
+    }
     for name, (codes, table) in coded.items():
         del own[f"{name}.weight"]
         tensors.update({f"{_CODES_PREFIX}{name}/codes": codes, f"{_CODES_PREFIX}{name}/table": table})
     tensors.update(own)
-    payload = save_safetensors({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, metadata={"format": f"modiff-quant/{FORMAT}"})
+    payload = save_safetensors(
+        {key: value.detach().cpu().contiguous() for key, value in tensors.items()},
+        metadata={"format": f"modiff-quant/{FORMAT}"},
+    )
     plan = plan_of(model)
     recipe_text = yaml.safe_dump(recipe_document(plan.recipe), sort_keys=False, allow_unicode=True).encode()
     manifest = {
@@ -144,7 +156,9 @@ class _Saved:
 def _read(folder: Path) -> _Saved:
     manifest = _read_manifest(folder / PLAN)
     contents = {name: _read_checked(folder / name, manifest["files"][name]) for name in (TENSORS, RECIPE)}
-    return _Saved(manifest, _parse_recipe(folder / RECIPE, contents[RECIPE]), _parse_tensors(folder / TENSORS, contents[TENSORS]))
+    return _Saved(
+        manifest, _parse_recipe(folder / RECIPE, contents[RECIPE]), _parse_tensors(folder / TENSORS, contents[TENSORS])
+    )
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -154,29 +168,47 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise LoadError(f"{path} not found: {path.parent} is not a model written by save_quantized()")
     content = _read_at_most(path, MAX_PLAN_BYTES)
     if len(content) > MAX_PLAN_BYTES:
-        raise LoadError(f"{path} is larger than the {MAX_PLAN_BYTES} bytes of any plan save_quantized() writes: not a saved model")
+        raise LoadError(
+            f"{path} is larger than the {MAX_PLAN_BYTES} bytes of any plan save_quantized() writes: not a saved model"
+        )
     try:
         manifest = json.loads(content.decode("utf-8"), parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise LoadError(f"{path} is damaged or truncated ({excerpt(str(exc))}); save the model again") from None
     if _depth(manifest) > MAX_DEPTH:
-        raise LoadError(f"{path} is damaged: nested deeper than the {MAX_DEPTH} levels save_quantized() writes; save the model again")
+        raise LoadError(
+            f"{path} is damaged: nested deeper than the {MAX_DEPTH} levels save_quantized() writes; save the model again"
+        )
     absent = [key for key in _MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest]
     if not absent:
         files = manifest["files"]
-        absent = [f"the checksum of {name}" for name in (TENSORS, RECIPE) if not (isinstance(files, dict) and isinstance(files.get(name), dict) and {"bytes", "sha256"} <= files[name].keys())]
+        absent = [
+            f"the checksum of {name}"
+            for name in (TENSORS, RECIPE)
+            if not (
+                isinstance(files, dict)
+                and isinstance(files.get(name), dict)
+                and {"bytes", "sha256"} <= files[name].keys()
+            )
+        ]
     if absent:
         raise LoadError(f"{path} is damaged: it lacks {', '.join(absent)}; save the model again")
     if manifest["format"] != FORMAT:
         versions = manifest["versions"]
         saved_by = versions.get("modiff_quant", "?") if isinstance(versions, dict) else "?"
-        raise LoadError(f"{path}: format {excerpt(manifest['format'])} (written by modiff-quant {excerpt(saved_by)}); modiff-quant {__version__} reads format {FORMAT}")
+        raise LoadError(
+            f"{path}: format {excerpt(manifest['format'])} (written by modiff-quant {excerpt(saved_by)}); modiff-quant {__version__} reads format {FORMAT}"
+        )
     for key in _MANIFEST_KEYS:
         bad = _MANIFEST[key](manifest[key])
         if bad is not None:
-            raise LoadError(f"{path} is damaged: '{excerpt(key + bad)}' is not as save_quantized() writes it; save the model again")
+            raise LoadError(
+                f"{path} is damaged: '{excerpt(key + bad)}' is not as save_quantized() writes it; save the model again"
+            )
     if len(manifest) > len(_MANIFEST_KEYS):
-        raise LoadError(f"{path} is damaged: unknown fields {excerpt(', '.join(sorted(set(manifest) - set(_MANIFEST_KEYS))))}; save the model again")
+        raise LoadError(
+            f"{path} is damaged: unknown fields {excerpt(', '.join(sorted(set(manifest) - set(_MANIFEST_KEYS))))}; save the model again"
+        )
     return manifest
 
 
@@ -254,8 +286,25 @@ _MANIFEST: dict[str, _Check] = {
     "coded_weights": _names,
     "plan": _fields(
         {
-            "layers": _mapping(_fields({"type": _kind(str), "settings": _kind(dict), "zero_bit_steps": _kind(list), "adopted_from": _kind(str, type(None))})),
-            "blocks": _mapping(_fields({"type": _kind(str), "steps": _kind(str, list, dict), "skip_threshold": _kind(int, float, type(None))})),
+            "layers": _mapping(
+                _fields(
+                    {
+                        "type": _kind(str),
+                        "settings": _kind(dict),
+                        "zero_bit_steps": _kind(list),
+                        "adopted_from": _kind(str, type(None)),
+                    }
+                )
+            ),
+            "blocks": _mapping(
+                _fields(
+                    {
+                        "type": _kind(str),
+                        "steps": _kind(str, list, dict),
+                        "skip_threshold": _kind(int, float, type(None)),
+                    }
+                )
+            ),
         }
     ),
 }
@@ -275,11 +324,15 @@ def _read_checked(path: Path, facts: dict[str, Any]) -> bytes:
     if not path.is_file():
         raise LoadError(f"{path} not found (part of the saved model)")
     if path.name == RECIPE and facts["bytes"] > MAX_RECIPE_BYTES:
-        raise LoadError(f"{path}: {PLAN} says it has {facts['bytes']} bytes, more than the {MAX_RECIPE_BYTES} of any recipe save_quantized() writes")
+        raise LoadError(
+            f"{path}: {PLAN} says it has {facts['bytes']} bytes, more than the {MAX_RECIPE_BYTES} of any recipe save_quantized() writes"
+        )
     size = path.stat().st_size
     content = _read_at_most(path, size) if size == facts["bytes"] else b""
     if len(content) != facts["bytes"]:
-        raise LoadError(f"{path} is truncated or was replaced: {size if size != facts['bytes'] else len(content)} bytes, {facts['bytes']} were saved")
+        raise LoadError(
+            f"{path} is truncated or was replaced: {size if size != facts['bytes'] else len(content)} bytes, {facts['bytes']} were saved"
+        )
     if hashlib.sha256(content).hexdigest() != facts["sha256"]:
         raise LoadError(f"{path} is corrupt: its SHA-256 differs from the one saved in {PLAN}")
     return content
@@ -299,7 +352,9 @@ def _parse_recipe(path: Path, content: bytes) -> Recipe:
 def _parse_tensors(path: Path, content: bytes) -> dict[str, Tensor]:
     header = int.from_bytes(content[:8], "little")
     if header > MAX_HEADER_BYTES:
-        raise LoadError(f"{path}: its header claims {header} bytes, more than the {MAX_HEADER_BYTES} of any model save_quantized() writes")
+        raise LoadError(
+            f"{path}: its header claims {header} bytes, more than the {MAX_HEADER_BYTES} of any model save_quantized() writes"
+        )
     try:
         return load_safetensors(content)
     except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:
@@ -324,9 +379,13 @@ def _check_plan(saved: _Saved, plan: dict[str, Any]) -> None:
                 raise LoadError(f"{kind[:-1]} '{excerpt(name)}' of the saved model is not in this model{hint}")
         for name in found:
             if name not in expected:
-                raise LoadError(f"this model has {kind[:-1]} '{name}', which the saved {excerpt(saved.manifest['model_class'])} does not: a different architecture")
+                raise LoadError(
+                    f"this model has {kind[:-1]} '{name}', which the saved {excerpt(saved.manifest['model_class'])} does not: a different architecture"
+                )
             if found[name] != expected[name]:
-                raise LoadError(f"{kind[:-1]} '{name}': the saved recipe resolves differently on this model ({_differences(expected[name], found[name])})")
+                raise LoadError(
+                    f"{kind[:-1]} '{name}': the saved recipe resolves differently on this model ({_differences(expected[name], found[name])})"
+                )
 
 
 def _differences(saved: dict[str, Any], found: dict[str, Any]) -> str:
@@ -372,18 +431,26 @@ def _check_tensors(saved: _Saved, own: dict[str, Tensor], model: nn.Module, plan
     packed = {f"{name}.weight" for name in saved.packed}
     extra = sorted(set(state) - set(own) - packed)
     if extra:
-        raise LoadError(f"this model has tensors the saved {excerpt(saved.manifest['model_class'])} does not: {', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}")
+        raise LoadError(
+            f"this model has tensors the saved {excerpt(saved.manifest['model_class'])} does not: {', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}"
+        )
     for key, value in own.items():
         if key not in state:
             raise LoadError(f"tensor '{excerpt(key)}' of the saved model is not in this model")
         if state[key].shape != value.shape or state[key].dtype != value.dtype:
-            raise LoadError(f"tensor '{key}': saved as {excerpt(list(value.shape))} {value.dtype}, this model has {list(state[key].shape)} {state[key].dtype}")
+            raise LoadError(
+                f"tensor '{key}': saved as {excerpt(list(value.shape))} {value.dtype}, this model has {list(state[key].shape)} {state[key].dtype}"
+            )
         if value.is_floating_point() and not bool(value.isfinite().all()) and bool(state[key].isfinite().all()):
-            raise LoadError(f"tensor '{key}' holds non-finite values, where this model's has none: {TENSORS} is damaged")
+            raise LoadError(
+                f"tensor '{key}' holds non-finite values, where this model's has none: {TENSORS} is damaged"
+            )
     installed = _installed(plan)
     for name, digest in saved.packed.items():
         if name not in installed or f"{name}.weight" in own or weight_digest(state[f"{name}.weight"]) != digest:
-            raise LoadError(f"layer '{excerpt(name)}': its weight was packed by {installed[name].settings.base_quantizer if name in installed else 'a base quantizer'} and is re-made on load from the float weight, but this model's float weight is not the one it was made from")
+            raise LoadError(
+                f"layer '{excerpt(name)}': its weight was packed by {installed[name].settings.base_quantizer if name in installed else 'a base quantizer'} and is re-made on load from the float weight, but this model's float weight is not the one it was made from"
+            )
 
 
 def _layer_states(saved: _Saved, own: dict[str, Tensor], model: nn.Module, plan: Plan) -> dict[str, dict[str, Tensor]]:
@@ -393,16 +460,26 @@ def _layer_states(saved: _Saved, own: dict[str, Tensor], model: nn.Module, plan:
         if key.startswith(_LAYER_PREFIX):
             name, _, part = key.removeprefix(_LAYER_PREFIX).partition("/")
             if name not in states or not part or part == "weight":
-                raise LoadError(f"tensor '{excerpt(key)}' of {TENSORS} belongs to no quantizer of a quantized layer of the saved recipe")
+                raise LoadError(
+                    f"tensor '{excerpt(key)}' of {TENSORS} belongs to no quantizer of a quantized layer of the saved recipe"
+                )
             states[name][part] = value
     modules = dict(model.named_modules())
     for name, state in states.items():
         try:
-            check_calibration_state(plan.layers[name].settings, plan.layers[name].module_type, modules[name], state, f"{_LAYER_PREFIX}{name}/")
+            check_calibration_state(
+                plan.layers[name].settings,
+                plan.layers[name].module_type,
+                modules[name],
+                state,
+                f"{_LAYER_PREFIX}{name}/",
+            )
         except ValueError as exc:
             raise LoadError(f"layer '{name}': {exc}") from None
         if name not in saved.packed:
-            state["weight"] = own[f"{name}.weight"]  # as quantized: load_calibration_state would re-quantize without it
+            state["weight"] = own[
+                f"{name}.weight"
+            ]  # as quantized: load_calibration_state would re-quantize without it
     return states
 
 

@@ -268,7 +268,9 @@ class Tracker:
         if self.mode is Mode.CALIBRATING and self.record is not None:
             self.record.add(lane.trajectory, lane.position, t, args, kwargs)
 
-    def on_model_return(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def on_model_return(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
         """Forward hook of the prepared model: the call finished; a non-finite output must not
         poison the steps after it through the state, so the next step starts afresh."""
         lane = self.lane()
@@ -291,7 +293,9 @@ class Tracker:
                     stacklevel=5,  # this method <- the hook <- torch Module call internals (2 frames) <- the caller
                 )
             # a trajectory of one call says nothing about its schedule: keep what the one before handed on
-            lane.restart(carried_fall=lane.carried_fall if not lane.falls else lane.largest_fall if lane.broken_off else 0.0)
+            lane.restart(
+                carried_fall=lane.carried_fall if not lane.falls else lane.largest_fall if lane.broken_off else 0.0
+            )
         elif signature != lane.signature:
             warnings.warn(
                 f"modiff_quant: model input changed from {_describe(lane.signature)} to {_describe(signature)} "
@@ -303,7 +307,13 @@ class Tracker:
             lane.restart()
         elif t is not None and lane.last_t is not None and lane.jumps_to(t):
             lane.restart(carried_fall=lane.reference_fall)
-        elif lane.branch is None and lane.branches is not None and lane.calls % lane.branches and t is not None and t != lane.step_t:
+        elif (
+            lane.branch is None
+            and lane.branches is not None
+            and lane.calls % lane.branches
+            and t is not None
+            and t != lane.step_t
+        ):
             warnings.warn(
                 f"modiff_quant: the model was called {lane.branches} times per step (classifier-free guidance branches), but the "
                 f"call expected for branch {lane.calls % lane.branches} came at t={t:g}, not at this step's t={lane.step_t:g}: guidance "

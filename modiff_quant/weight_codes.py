@@ -13,7 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_BIT_VIEWS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+_BIT_VIEWS = {
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float64: torch.int64,
+}
 MAX_BITS = 8
 
 
@@ -32,7 +37,9 @@ def encode(weight: Tensor, bits: int) -> tuple[Tensor, Tensor] | None:
     if width > 1 << bits:
         return None
     codes = torch.empty_like(ranks).scatter_(1, order, ranks)
-    table = torch.zeros(weight.shape[0], width, dtype=patterns.dtype, device=patterns.device).scatter_(1, ranks, ordered)
+    table = torch.zeros(weight.shape[0], width, dtype=patterns.dtype, device=patterns.device).scatter_(
+        1, ranks, ordered
+    )
     return codes.to(torch.uint8).reshape(weight.shape), table.view(weight.dtype)
 
 
@@ -41,8 +48,15 @@ def decode(codes: Tensor, table: Tensor) -> Tensor:
     cannot have made (they may come from a damaged or crafted file)."""
     if codes.dtype != torch.uint8 or codes.dim() == 0:
         raise ValueError(f"codes must be uint8 with a row per output channel, got {codes.dtype} {list(codes.shape)}")
-    if table.dtype not in _BIT_VIEWS or table.dim() != 2 or table.shape[0] != codes.shape[0] or not 0 < table.shape[1] <= 1 << MAX_BITS:
-        raise ValueError(f"the table must be float with {codes.shape[0]} rows of 1 to {1 << MAX_BITS} values, got {table.dtype} {list(table.shape)}")
+    if (
+        table.dtype not in _BIT_VIEWS
+        or table.dim() != 2
+        or table.shape[0] != codes.shape[0]
+        or not 0 < table.shape[1] <= 1 << MAX_BITS
+    ):
+        raise ValueError(
+            f"the table must be float with {codes.shape[0]} rows of 1 to {1 << MAX_BITS} values, got {table.dtype} {list(table.shape)}"
+        )
     if not bool(table.isfinite().all()):
         raise ValueError("the table holds non-finite values")
     if codes.numel() and int(codes.max()) >= table.shape[1]:

@@ -76,7 +76,9 @@ def allowed_top_level() -> frozenset[str]:
     """Top-level module names a call may import: the stdlib and installed distributions' packages."""
     global _ALLOWED_TOP_LEVEL
     if _ALLOWED_TOP_LEVEL is None:
-        _ALLOWED_TOP_LEVEL = frozenset(sys.stdlib_module_names) | frozenset(importlib.metadata.packages_distributions())
+        _ALLOWED_TOP_LEVEL = frozenset(sys.stdlib_module_names) | frozenset(
+            importlib.metadata.packages_distributions()
+        )
     return _ALLOWED_TOP_LEVEL
 
 
@@ -141,7 +143,12 @@ class Outcome:
         if self.overran:
             problems.append(("overran", f"{self.what} ran {self.seconds:.2f} s, past its bound of {self.limit:g} s"))
         if self.unlisted_imports:
-            problems.append(("unlisted import", f"{self.what} imported modules that are neither stdlib nor installed: {', '.join(self.unlisted_imports)}"))
+            problems.append(
+                (
+                    "unlisted import",
+                    f"{self.what} imported modules that are neither stdlib nor installed: {', '.join(self.unlisted_imports)}",
+                )
+            )
         if self.payload_ran:
             problems.append(("payload ran", f"{self.what} ran the planted payload module"))
         if self.rss_growth_mb > RSS_GROWTH_LIMIT_MB:
@@ -162,7 +169,11 @@ def _raise_overran(signum: int, frame: Any) -> None:
 
 def _where(error: BaseException) -> str:
     frames = traceback.extract_tb(error.__traceback__)
-    ours = [f for f in frames if f.filename.startswith(str(REPO)) and "/tests/" not in f.filename and "/.venv/" not in f.filename]
+    ours = [
+        f
+        for f in frames
+        if f.filename.startswith(str(REPO)) and "/tests/" not in f.filename and "/.venv/" not in f.filename
+    ]
     frame = (ours or frames or [None])[-1]
     if frame is None:
         return "?"
@@ -199,7 +210,11 @@ def guarded(what: str, call: Callable[[], Any], limit: float, payload: Payload |
         sys.meta_path.remove(recorder)
         signal.signal(signal.SIGALRM, previous)
     allowed = allowed_top_level()
-    imported = [name for name in dict.fromkeys(recorder.names) if name not in before and (name in sys.modules or name.startswith(PAYLOAD_PREFIX))]
+    imported = [
+        name
+        for name in dict.fromkeys(recorder.names)
+        if name not in before and (name in sys.modules or name.startswith(PAYLOAD_PREFIX))
+    ]
     outcome.unlisted_imports = tuple(name for name in imported if name.partition(".")[0] not in allowed)
     outcome.payload_ran = payload is not None and payload.ran()
     outcome.rss_growth_mb = _peak_rss_mb() - rss
@@ -211,7 +226,16 @@ def guarded(what: str, call: Callable[[], Any], limit: float, payload: Payload |
 
 
 def _hook_counts(module: nn.Module) -> tuple[int, ...]:
-    return tuple(len(getattr(module, name, {})) for name in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"))
+    return tuple(
+        len(getattr(module, name, {}))
+        for name in (
+            "_forward_pre_hooks",
+            "_forward_hooks",
+            "_backward_hooks",
+            "_state_dict_hooks",
+            "_load_state_dict_pre_hooks",
+        )
+    )
 
 
 def _global_hook_counts() -> tuple[int, int]:
@@ -243,7 +267,12 @@ class ModelSnapshot(Terse):
             classes={name: type(module) for name, module in modules.items()},
             hooks={name: _hook_counts(module) for name, module in modules.items()},
             forwards=frozenset(name for name, module in modules.items() if "forward" in vars(module)),
-            attributes=frozenset(f"{name}.{attr}" for name, module in modules.items() for attr in vars(module) if attr.startswith("_modiff")),
+            attributes=frozenset(
+                f"{name}.{attr}"
+                for name, module in modules.items()
+                for attr in vars(module)
+                if attr.startswith("_modiff")
+            ),
             global_hooks=_global_hook_counts(),
         )
 
@@ -252,13 +281,23 @@ class ModelSnapshot(Terse):
         now = ModelSnapshot.take(model)
         found = []
         if set(now.tensors) != set(self.tensors):
-            found.append(f"state_dict keys changed: +{sorted(set(now.tensors) - set(self.tensors))[:3]} -{sorted(set(self.tensors) - set(now.tensors))[:3]}")
-        changed = [k for k in self.tensors.keys() & now.tensors.keys() if not _same_tensor(self.tensors[k], now.tensors[k])]
+            found.append(
+                f"state_dict keys changed: +{sorted(set(now.tensors) - set(self.tensors))[:3]} -{sorted(set(self.tensors) - set(now.tensors))[:3]}"
+            )
+        changed = [
+            k for k in self.tensors.keys() & now.tensors.keys() if not _same_tensor(self.tensors[k], now.tensors[k])
+        ]
         if changed:
             found.append(f"{len(changed)} tensors changed, e.g. {sorted(changed)[:3]}")
-        reclassed = [f"{n} {self.classes[n].__name__}->{now.classes[n].__name__}" for n in self.classes.keys() & now.classes.keys() if self.classes[n] is not now.classes[n]]
+        reclassed = [
+            f"{n} {self.classes[n].__name__}->{now.classes[n].__name__}"
+            for n in self.classes.keys() & now.classes.keys()
+            if self.classes[n] is not now.classes[n]
+        ]
         if reclassed or set(now.classes) != set(self.classes):
-            found.append(f"modules re-classed or added/removed: {sorted(reclassed)[:3]} {sorted(set(now.classes) ^ set(self.classes))[:3]}")
+            found.append(
+                f"modules re-classed or added/removed: {sorted(reclassed)[:3]} {sorted(set(now.classes) ^ set(self.classes))[:3]}"
+            )
         hooked = sorted(n for n in self.hooks.keys() & now.hooks.keys() if self.hooks[n] != now.hooks[n])
         if hooked:
             found.append(f"hooks changed on {hooked[:3]}")
@@ -272,7 +311,9 @@ class ModelSnapshot(Terse):
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a.detach(), b.detach()))
+    return (
+        type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a.detach(), b.detach()))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +440,9 @@ class FuzzEnv(Terse):
             folder = self.root / f"chain{length}"
             folder.mkdir()
             for i in range(length):
-                (folder / f"c{i}.yaml").write_text(f"version: 1\nextends: c{i + 1}.yaml\n" if i + 1 < length else "version: 1\n", encoding="utf-8")
+                (folder / f"c{i}.yaml").write_text(
+                    f"version: 1\nextends: c{i + 1}.yaml\n" if i + 1 < length else "version: 1\n", encoding="utf-8"
+                )
             self.chains[length] = [folder / f"c{i}.yaml" for i in range(length)]
         return self.chains[length]
 

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import nn
 
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -25,7 +24,13 @@ def readme_example(marker: str) -> str:
     return block
 
 
-TINY_UNET_SIZES = {"sample_size": 8, "block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 8}
+TINY_UNET_SIZES = {
+    "sample_size": 8,
+    "block_out_channels": (16, 32),
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "attention_head_dim": 8,
+}
 
 
 def tiny_unet(seed: int = 0) -> nn.Module:
@@ -34,17 +39,29 @@ def tiny_unet(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     return UNet2DModel(
-        **TINY_UNET_SIZES, in_channels=1, out_channels=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D")
+        **TINY_UNET_SIZES,
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
     ).eval()
 
 
-def ddim_inputs(model: nn.Module, steps: int, batch: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def ddim_inputs(
+    model: nn.Module, steps: int, batch: int = 2, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The (x_t, t) a 100-step-style DDIM run of the float model feeds it: a real trajectory."""
     from modiff_quant.samplers import make_scheduler
 
     scheduler = make_scheduler("ddim")
     scheduler.set_timesteps(steps)
-    x = torch.randn(batch, model.config.in_channels, model.config.sample_size, model.config.sample_size, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(
+        batch,
+        model.config.in_channels,
+        model.config.sample_size,
+        model.config.sample_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
     inputs = []
     with torch.no_grad():
         for t in scheduler.timesteps:
@@ -102,7 +119,15 @@ def tiny_sd_pipeline(folder: Path, seed: int = 0) -> Any:
         cross_attention_dim=32,
     ).eval()
     text_config = CLIPTextConfig(
-        vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16, bos_token_id=512, eos_token_id=513, pad_token_id=513
+        vocab_size=514,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
     )
     pipe = StableDiffusionPipeline(
         vae=tiny_vae(),
@@ -124,8 +149,21 @@ def tiny_dit_pipeline(seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
     transformer = DiTTransformer2DModel(
-        sample_size=4, patch_size=2, in_channels=4, out_channels=8, num_layers=1, attention_head_dim=8, num_attention_heads=2, num_embeds_ada_norm=1000, norm_num_groups=8
+        sample_size=4,
+        patch_size=2,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        num_embeds_ada_norm=1000,
+        norm_num_groups=8,
     ).eval()
-    pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler(clip_sample=False), id2label={0: "zero", 1: "one"})
+    pipe = DiTPipeline(
+        transformer=transformer,
+        vae=tiny_vae(),
+        scheduler=DDIMScheduler(clip_sample=False),
+        id2label={0: "zero", 1: "one"},
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -76,7 +76,10 @@ def test_ndtc_timesteps_follow_their_normal_distribution():
         return 0.5 * (1 + math.erf((x / total - mean) / (std * math.sqrt(2))))
 
     edges = [0.0, *[100.0 * i for i in range(1, 10)], math.inf]
-    expected = torch.tensor([cdf(hi) - (0.0 if i == 0 else cdf(lo)) for i, (lo, hi) in enumerate(zip(edges, edges[1:]))], dtype=torch.float64)
+    expected = torch.tensor(
+        [cdf(hi) - (0.0 if i == 0 else cdf(lo)) for i, (lo, hi) in enumerate(zip(edges, edges[1:]))],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(histogram, expected, atol=0.006, rtol=0)
 
 
@@ -90,7 +93,9 @@ def test_ndtc_picks_nearest_steps_with_their_true_timesteps():
     draws = draw_ndtc_timesteps(600, 0.3, 0.2, 1000, seed=0).tolist()
     nearest = sorted(min(grid, key=lambda g: (abs(g - t), -g)) for t in draws)  # ties: the earlier step
     assert sorted(p.call.timestep for p in picks for _ in p.rows) == nearest
-    assert {(p.call.trajectory, int(r)) for p in picks for r in p.rows} == {(tr, r) for tr in range(2) for r in range(3)}
+    assert {(p.call.trajectory, int(r)) for p in picks for r in p.rows} == {
+        (tr, r) for tr in range(2) for r in range(3)
+    }
 
 
 def test_shortcut_split_finds_the_concatenating_convolutions_of_the_cifar10_unet():
@@ -112,8 +117,16 @@ def test_qdiffusion_splits_by_default_and_a_rule_turns_it_off(write_recipe):
     expected = set(detect_concat_inputs(model, inputs[0]))
     assert expected
     split = quantize(model, write_recipe(recipe_text(FAST_QDIFFUSION)), inputs)
-    assert {m.plan.name for m in split.modules() if isinstance(m, QuantizedLayer) and m.split_at is not None} == expected
-    off = quantize(model, write_recipe(recipe_text(FAST_QDIFFUSION, extra="rules:\n  - match: re:.*conv_shortcut\n    split: false\n"), "off.yaml"), inputs)
+    assert {
+        m.plan.name for m in split.modules() if isinstance(m, QuantizedLayer) and m.split_at is not None
+    } == expected
+    off = quantize(
+        model,
+        write_recipe(
+            recipe_text(FAST_QDIFFUSION, extra="rules:\n  - match: re:.*conv_shortcut\n    split: false\n"), "off.yaml"
+        ),
+        inputs,
+    )
     assert all(m.split_at is None for m in off.modules() if isinstance(m, QuantizedLayer))
 
 
@@ -135,9 +148,15 @@ def test_adaround_rounding_converges_and_beats_nearest(write_recipe):
     reconstructs each unit at least as well as rounding to nearest."""
     model = tiny_unet()
     inputs = ddim_inputs(model, steps=6)
-    recipe = write_recipe(recipe_text("{name: qdiffusion, weight_iters: 300, act_iters: 0, calibration_steps: 3, samples_per_step: 8}", a_bits=8))
+    recipe = write_recipe(
+        recipe_text(
+            "{name: qdiffusion, weight_iters: 300, act_iters: 0, calibration_steps: 3, samples_per_step: 8}", a_bits=8
+        )
+    )
     quantized = quantize(model, recipe, inputs)
-    log = next(m.base_quantizer.log for m in quantized.modules() if isinstance(m, QuantizedLayer) and m.base_quantizer.log)
+    log = next(
+        m.base_quantizer.log for m in quantized.modules() if isinstance(m, QuantizedLayer) and m.base_quantizer.log
+    )
     weights = [entry for entry in log if entry["phase"] == "weights"]
     assert len(weights) >= 5
     assert max(entry["undecided"] for entry in weights) < 0.1  # of h(V), within 1e-3 of neither 0 nor 1
@@ -151,13 +170,20 @@ def test_modiff_improves_the_base_quantizer_at_a4(write_recipe, base):
     """On the bundled model's 50-step DDIM trajectories, MoDiff over each base quantizer tracks
     the float model's ε predictions far better than the base quantizer alone at W8A4."""
     model = load_model("digits16")
-    calibration, held_out = ddim_inputs(model, steps=50, batch=4, seed=1), ddim_inputs(model, steps=50, batch=4, seed=2)
+    calibration, held_out = (
+        ddim_inputs(model, steps=50, batch=4, seed=1),
+        ddim_inputs(model, steps=50, batch=4, seed=2),
+    )
     reference = sample_outputs_float(model, held_out)
     errors = {}
     for scheme in ("plain", "modiff"):
-        quantized = quantize(model, write_recipe(recipe_text(base, scheme=scheme, w_bits=8), f"{scheme}.yaml"), calibration)
+        quantized = quantize(
+            model, write_recipe(recipe_text(base, scheme=scheme, w_bits=8), f"{scheme}.yaml"), calibration
+        )
         outputs = sample_outputs(quantized, held_out)
-        errors[scheme] = sum(float((o - r).norm() / r.norm()) for o, r in zip(outputs[1:], reference[1:])) / (len(outputs) - 1)
+        errors[scheme] = sum(float((o - r).norm() / r.norm()) for o, r in zip(outputs[1:], reference[1:])) / (
+            len(outputs) - 1
+        )
     assert errors["modiff"] * 2 < errors["plain"], errors
 
 
@@ -210,7 +236,9 @@ def test_a_damaged_calibration_cache_is_a_warned_miss(write_recipe, tmp_path):
 
 
 def test_base_quantizer_options_are_validated_at_load(write_recipe):
-    with pytest.raises(mq.RecipeError, match=r"recipe.yaml:3: base quantizer 'qdiffusion' rejects its options .*weight_iterz"):
+    with pytest.raises(
+        mq.RecipeError, match=r"recipe.yaml:3: base quantizer 'qdiffusion' rejects its options .*weight_iterz"
+    ):
         mq.load_recipe(write_recipe(recipe_text("{name: qdiffusion, weight_iterz: 5}")))
     with pytest.raises(mq.RecipeError, match=r"ptq4dm.yaml:3: base quantizer 'ptq4dm' rejects its options .*std > 0"):
         mq.load_recipe(write_recipe(recipe_text("{name: ptq4dm, std: 0}"), "ptq4dm.yaml"))
@@ -220,7 +248,10 @@ def test_dynamic_split_needs_calibration(write_recipe):
     """A split requested for a base quantizer without calibration still needs one recorded call
     to find the concatenations: convert() says so instead of silently not splitting."""
     quantized = mq.prepare(tiny_unet(), write_recipe(recipe_text("dynamic", extra="  split: true\n")))
-    with pytest.raises(RuntimeError, match=r"needs? calibration data \(static scales, a reconstruction or a shortcut split to detect\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"needs? calibration data \(static scales, a reconstruction or a shortcut split to detect\)",
+    ):
         mq.convert(quantized)
 
 
@@ -228,9 +259,16 @@ def test_adaround_runs_with_float_activations(write_recipe):
     """Weight-only Q-Diffusion (float activations, no static scale anywhere) still needs and
     uses calibration data: its weights are reconstructed."""
     model = tiny_unet()
-    recipe = write_recipe(recipe_text("{name: qdiffusion, weight_iters: 5, act_iters: 5, calibration_steps: 2, samples_per_step: 2}", a_bits="float"))
+    recipe = write_recipe(
+        recipe_text(
+            "{name: qdiffusion, weight_iters: 5, act_iters: 5, calibration_steps: 2, samples_per_step: 2}",
+            a_bits="float",
+        )
+    )
     with pytest.raises(RuntimeError, match="needs? calibration data"):
         mq.convert(mq.prepare(copy.deepcopy(model), recipe))
     quantized = quantize(model, recipe, ddim_inputs(model, steps=4))
-    log = next(m.base_quantizer.log for m in quantized.modules() if isinstance(m, QuantizedLayer) and m.base_quantizer.log)
+    log = next(
+        m.base_quantizer.log for m in quantized.modules() if isinstance(m, QuantizedLayer) and m.base_quantizer.log
+    )
     assert {entry["phase"] for entry in log} == {"weights"}

@@ -24,7 +24,9 @@ def count_calls(module: torch.nn.Module) -> list[int]:
 
 def test_block_is_skipped_on_its_steps_and_returns_the_cached_output(write_recipe):
     model = tiny_unet()
-    recipe = write_recipe("version: 1\nstrict: true\nrules:\n  - match: re:up_blocks\\.0|mid_block\n    a_bits: 0\n    steps: {start: 1, every: 2}\n")
+    recipe = write_recipe(
+        "version: 1\nstrict: true\nrules:\n  - match: re:up_blocks\\.0|mid_block\n    a_bits: 0\n    steps: {start: 1, every: 2}\n"
+    )
     mq.convert(mq.prepare(model, recipe))
     up0 = model.up_blocks[0]
     calls = count_calls(up0)
@@ -53,7 +55,9 @@ def test_shipped_caching_recipe_skips_deep_cifar_blocks_on_odd_steps():
 
 
 def test_block_rules_are_listed_by_explain(write_recipe):
-    recipe = mq.load_recipe(write_recipe("version: 1\nrules:\n  - match: mid_block\n    a_bits: 0\n    steps: [1, 2]\n"))
+    recipe = mq.load_recipe(
+        write_recipe("version: 1\nrules:\n  - match: mid_block\n    a_bits: 0\n    steps: [1, 2]\n")
+    )
     text = recipe.explain(tiny_unet())
     assert "cached blocks" in text
     row = next(line for line in text.splitlines() if line.startswith("mid_block "))
@@ -64,7 +68,11 @@ def test_block_rules_are_listed_by_explain(write_recipe):
 def test_first_step_always_runs_the_block(write_recipe, steps, runs):
     """There is nothing to reuse on a trajectory's first call, so a block always runs then."""
     model = tiny_unet()
-    mq.convert(mq.prepare(model, write_recipe(f"version: 1\nrules:\n  - match: mid_block\n    a_bits: 0\n    steps: {steps}\n")))
+    mq.convert(
+        mq.prepare(
+            model, write_recipe(f"version: 1\nrules:\n  - match: mid_block\n    a_bits: 0\n    steps: {steps}\n")
+        )
+    )
     calls = count_calls(model.mid_block)
     with mq.sampling(model):
         for x, t in ddim_inputs(tiny_unet(), steps=3):
@@ -75,7 +83,12 @@ def test_first_step_always_runs_the_block(write_recipe, steps, runs):
 def test_refresh_every_runs_the_block_on_every_nth_step_only(write_recipe):
     """DeepCache's cache interval: `refresh_every: 3` computes steps 0, 3, 6 and skips the rest."""
     model = tiny_unet()
-    mq.convert(mq.prepare(model, write_recipe("version: 1\nrules:\n  - match: mid_block\n    a_bits: 0\n    steps: {refresh_every: 3}\n")))
+    mq.convert(
+        mq.prepare(
+            model,
+            write_recipe("version: 1\nrules:\n  - match: mid_block\n    a_bits: 0\n    steps: {refresh_every: 3}\n"),
+        )
+    )
     calls = count_calls(model.mid_block)
     ran = []
     with mq.sampling(model):
@@ -90,7 +103,11 @@ def test_adaptive_skip_follows_the_relative_input_change(write_recipe):
     """`skip_threshold`: the block is skipped while its input moved less than the threshold since
     the call that computed its cache, and runs as soon as it moved more."""
     model = tiny_unet()
-    mq.convert(mq.prepare(model, write_recipe("version: 1\nrules:\n  - match: mid_block\n    a_bits: 0\n    skip_threshold: 0.1\n")))
+    mq.convert(
+        mq.prepare(
+            model, write_recipe("version: 1\nrules:\n  - match: mid_block\n    a_bits: 0\n    skip_threshold: 0.1\n")
+        )
+    )
     calls = count_calls(model.mid_block)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     ran = []
@@ -120,10 +137,16 @@ def test_shipped_caching_recipes_leave_layers_untouched_and_skip_deep_blocks():
 @pytest.mark.parametrize(
     ("rule", "message"),
     [
-        ("  - match: mid_block\n    a_bits: 0\n    skip_threshold: -1\n", "skip_threshold: expected a positive number"),
+        (
+            "  - match: mid_block\n    a_bits: 0\n    skip_threshold: -1\n",
+            "skip_threshold: expected a positive number",
+        ),
         ("  - match: mid_block\n    a_bits: 4\n    skip_threshold: 0.1\n", "may only set a_bits: 0"),
         ("  - match: conv_in\n    a_bits: 0\n    skip_threshold: 0.1\n", "applies to blocks"),
-        ("  - match: mid_block\n    a_bits: 0\n    steps: {refresh_every: 1}\n", r"refresh_every \(N >= 2\), got {.refresh_every.: 1}"),
+        (
+            "  - match: mid_block\n    a_bits: 0\n    steps: {refresh_every: 1}\n",
+            r"refresh_every \(N >= 2\), got {.refresh_every.: 1}",
+        ),
         ("  - match: mid_block\n    a_bits: 0\n    steps: {every: 2, refresh_every: 3}\n", "every or refresh_every"),
     ],
 )

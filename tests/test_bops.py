@@ -13,7 +13,14 @@ from modiff_quant.bops import BopsConventions, count_bops, count_macs
 from modiff_quant.cli import main
 from modiff_quant.models import load_model
 
-PAPER_TABLE_1 = {(8, 32): 1636, (8, 8): 409, (8, 6): 307, (8, 4): 205, (8, 3): 153, (4, 8): 204}  # GBops per image-step
+PAPER_TABLE_1 = {
+    (8, 32): 1636,
+    (8, 8): 409,
+    (8, 6): 307,
+    (8, 4): 205,
+    (8, 3): 153,
+    (4, 8): 204,
+}  # GBops per image-step
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +59,23 @@ def test_conventions_are_explicit(cifar):
     floated = count_bops(entries, plan, 100, BopsConventions(attention="float"))
     assert excluded.gbops_per_step == pytest.approx(387.5, abs=0.1)  # the 113-layer count
     assert floated.gbops_per_step == pytest.approx(387.5 + 0.168 * 32 * 32, abs=0.2)
-    assert count_bops(entries, None, 10, BopsConventions(float_bits=16)).gbops_per_step == pytest.approx(6.222 * 256, rel=1e-3)
+    assert count_bops(entries, None, 10, BopsConventions(float_bits=16)).gbops_per_step == pytest.approx(
+        6.222 * 256, rel=1e-3
+    )
 
 
 def test_amortized_counts_the_first_step_and_zero_bit_steps(cifar):
     model, entries = cifar
     w8a8 = count_bops(entries, mq.load_recipe("w8a8-modiff").resolve(model), steps=100)
     assert w8a8.per_step[0] == pytest.approx(6.222 * 8 * 32, rel=1e-3)  # full-precision first step: A32
-    assert w8a8.gbops_per_step_amortized == pytest.approx((w8a8.per_step[0] + 99 * w8a8.gbops_per_step) / 100, rel=1e-6)
+    assert w8a8.gbops_per_step_amortized == pytest.approx(
+        (w8a8.per_step[0] + 99 * w8a8.gbops_per_step) / 100, rel=1e-6
+    )
     cached = count_bops(entries, mq.load_recipe("w8a8-modiff-deepcache").resolve(model), steps=100)
     assert cached.gbops_per_step == w8a8.gbops_per_step  # nominal: every layer at its bits
-    assert cached.per_step[1] < cached.per_step[2] == pytest.approx(w8a8.gbops_per_step)  # deep blocks skipped on odd steps
+    assert (
+        cached.per_step[1] < cached.per_step[2] == pytest.approx(w8a8.gbops_per_step)
+    )  # deep blocks skipped on odd steps
     skipped = {row["name"] for row in cached.per_entry if row["zero_steps"] == 50}
     assert "mid_block.attentions.0" in skipped and "conv_in" not in skipped
 
@@ -82,7 +95,24 @@ def test_attention_matmuls_are_counted_with_the_older_bmm_processor(cifar):
 
 def test_bops_command_writes_per_layer_and_per_step_json(tmp_path):
     out = tmp_path / "bops.json"
-    assert main(["bops", "--model", "digits16", "--recipe", "w8a4-modiff", "--steps", "20", "--bops-attention", "float", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bops",
+                "--model",
+                "digits16",
+                "--recipe",
+                "w8a4-modiff",
+                "--steps",
+                "20",
+                "--bops-attention",
+                "float",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["conventions"] == {"attention": "float", "float_bits": 32}
     assert len(result["per_step"]) == 20 and result["per_step"][0] > result["per_step"][1]

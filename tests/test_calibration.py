@@ -74,23 +74,32 @@ def test_calibrated_modiff_beats_calibrated_plain(write_recipe, observer):
     A4 far more accurate than plain A4 on a held-out trajectory of the same kind."""
     errors = {}
     for scheme in ("plain", "modiff"):
-        model = calibrated(write_recipe(STATIC.format(observer=observer, scheme=scheme)), [trajectory(seed=s) for s in range(3)])
+        model = calibrated(
+            write_recipe(STATIC.format(observer=observer, scheme=scheme)), [trajectory(seed=s) for s in range(3)]
+        )
         mq.convert(model)
         test = trajectory(seed=7)
         reference = [nn.functional.linear(a, model[0].weight, model[0].bias) for a in test]
         with mq.sampling(model):
             outputs = [model(a) for a in test]
-        errors[scheme] = sum(float((o - r).norm() / r.norm()) for o, r in zip(outputs[1:], reference[1:])) / (len(test) - 1)
+        errors[scheme] = sum(float((o - r).norm() / r.norm()) for o, r in zip(outputs[1:], reference[1:])) / (
+            len(test) - 1
+        )
     assert errors["modiff"] * 5 < errors["plain"], errors
 
 
 def test_convert_without_calibration_names_the_layer(write_recipe):
     """A calibrated base quantizer that saw no data cannot be converted: the error names the layer
     and what to do."""
-    model = mq.prepare(nn.Sequential(nn.Linear(16, 8)), write_recipe(STATIC.format(observer="minmax", scheme="modiff")))
+    model = mq.prepare(
+        nn.Sequential(nn.Linear(16, 8)), write_recipe(STATIC.format(observer="minmax", scheme="modiff"))
+    )
     with mq.calibrate(model):
         pass
-    with pytest.raises(RuntimeError, match=r"^1 layer \(0\) needs calibration data .*run the sampling loop inside modiff_quant.calibrate\(model\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^1 layer \(0\) needs calibration data .*run the sampling loop inside modiff_quant.calibrate\(model\)",
+    ):
         mq.convert(model)
 
 
@@ -107,7 +116,9 @@ def test_calibrating_a_unet_with_cfg_like_calls(write_recipe):
             quantized(-x, t)
     delta_quantizers = [m.act_quantizers["delta"][0] for m in quantized.modules() if hasattr(m, "act_quantizers")]
     mq.convert(quantized)
-    assert delta_quantizers and all(q.observer is None and q.scale is not None for q in delta_quantizers)  # statistics released
+    assert delta_quantizers and all(
+        q.observer is None and q.scale is not None for q in delta_quantizers
+    )  # statistics released
     with mq.sampling(quantized):
         assert all(torch.isfinite(quantized(x, t).sample).all() for x, t in inputs)
 
@@ -141,7 +152,9 @@ def test_timestep_groups_follow_shifting_ranges(write_recipe):
     calibrating on 20 steps (groups are keyed by timestep value, not step index)."""
     errors = {}
     for groups in (1, 4):
-        recipe = write_recipe(STATIC.format(observer="minmax", scheme="plain") + f"  timestep_groups: {groups}\n", f"g{groups}.yaml")
+        recipe = write_recipe(
+            STATIC.format(observer="minmax", scheme="plain") + f"  timestep_groups: {groups}\n", f"g{groups}.yaml"
+        )
         model = mq.prepare(TimeScaled(), recipe)
         with mq.calibrate(model):
             run_time_scaled(model, list(range(999, 0, -50)), seed=0)
@@ -159,13 +172,18 @@ def test_timestep_group_without_calibration_data_names_the_group(write_recipe):
     model = mq.prepare(TimeScaled(), recipe)
     with mq.calibrate(model):
         run_time_scaled(model, [400, 300, 200, 100], seed=0)
-    with pytest.raises(RuntimeError, match=r"fc: raw quantizer, timestep group 2 \(t in \[500, 750\)\): no data observed"):
+    with pytest.raises(
+        RuntimeError, match=r"fc: raw quantizer, timestep group 2 \(t in \[500, 750\)\): no data observed"
+    ):
         mq.convert(model)
 
 
 def test_timestep_groups_need_calibrated_scales(write_recipe):
     recipe = write_recipe("version: 1\ndefaults:\n  base_quantizer: dynamic\n  timestep_groups: 4\n")
-    with pytest.raises(mq.RecipeError, match=r"recipe.yaml:4: layer 'fc' \(Linear\): base quantizer 'dynamic' computes scales per call"):
+    with pytest.raises(
+        mq.RecipeError,
+        match=r"recipe.yaml:4: layer 'fc' \(Linear\): base quantizer 'dynamic' computes scales per call",
+    ):
         mq.prepare(TimeScaled(), recipe)
 
 
@@ -217,7 +235,9 @@ def test_uniform_steps_of_a_short_trajectory_are_all_its_steps():
 def test_qdiffusion_modiff_calibrates_on_a_few_steps(write_recipe, steps):
     """MoDiff learns from temporal differences, so calibration needs picks after the first step;
     a 2- or 4-step trajectory has them (it used to fail in convert with 'no data observed')."""
-    recipe = write_recipe("version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n")
+    recipe = write_recipe(
+        "version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n"
+    )
     model = tiny_unet()
     inputs = ddim_inputs(model, steps)
     quantized = mq.prepare(copy.deepcopy(model), recipe)
@@ -233,10 +253,15 @@ def test_qdiffusion_modiff_calibrates_on_a_few_steps(write_recipe, steps):
 def test_modiff_calibration_on_one_step_says_what_it_needs(write_recipe):
     """A one-step calibration has no temporal difference to observe: a clear error before the
     replay, not 'no data observed' after it."""
-    recipe = write_recipe("version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n")
+    recipe = write_recipe(
+        "version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n"
+    )
     model = tiny_unet()
     quantized = mq.prepare(copy.deepcopy(model), recipe)
     with mq.calibrate(quantized):
         quantized(*ddim_inputs(model, 1)[0])
-    with pytest.raises(ValueError, match=r"qdiffusion: MoDiff calibrates on temporal differences .* only steps \[0\]: record trajectories of 2 or more steps"):
+    with pytest.raises(
+        ValueError,
+        match=r"qdiffusion: MoDiff calibrates on temporal differences .* only steps \[0\]: record trajectories of 2 or more steps",
+    ):
         mq.convert(quantized)

@@ -106,7 +106,10 @@ def write(folder: Path, files: dict[str, bytes]) -> Path:
     (when plan.json still parses): damage that gets past the checksums."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    facts = {name: {"bytes": len(files[name]), "sha256": hashlib.sha256(files[name]).hexdigest()} for name in (TENSORS, RECIPE)}
+    facts = {
+        name: {"bytes": len(files[name]), "sha256": hashlib.sha256(files[name]).hexdigest()}
+        for name in (TENSORS, RECIPE)
+    }
     try:
         manifest = json.loads(files[PLAN])
         if manifest["files"] != facts:
@@ -122,7 +125,12 @@ def write(folder: Path, files: dict[str, bytes]) -> Path:
 def edit_tensors(files: dict[str, bytes], edit: Callable[[dict[str, torch.Tensor]], None]) -> dict[str, bytes]:
     tensors = load(files[TENSORS])
     edit(tensors)
-    return {**files, TENSORS: save({key: value.contiguous() for key, value in tensors.items()}, metadata={"format": "modiff-quant/1"})}
+    return {
+        **files,
+        TENSORS: save(
+            {key: value.contiguous() for key, value in tensors.items()}, metadata={"format": "modiff-quant/1"}
+        ),
+    }
 
 
 def edit_plan(files: dict[str, bytes], edit: Callable[[dict[str, Any]], None]) -> dict[str, bytes]:
@@ -134,7 +142,18 @@ def edit_plan(files: dict[str, bytes], edit: Callable[[dict[str, Any]], None]) -
 def snapshot(model: nn.Module) -> tuple[list[Any], dict[str, torch.Tensor]]:
     """Everything a load changes: classes, attributes (a forward replaced by a block cache
     included), hooks, and every tensor."""
-    modules = [(name, type(m), sorted(vars(m)), list(m._forward_pre_hooks), list(m._forward_hooks), sorted(m._buffers), sorted(m._parameters)) for name, m in model.named_modules()]
+    modules = [
+        (
+            name,
+            type(m),
+            sorted(vars(m)),
+            list(m._forward_pre_hooks),
+            list(m._forward_hooks),
+            sorted(m._buffers),
+            sorted(m._parameters),
+        )
+        for name, m in model.named_modules()
+    ]
     return modules, {key: value.clone() for key, value in model.state_dict().items()}
 
 
@@ -179,39 +198,107 @@ def setting(key: str, value: Callable[[torch.Tensor], torch.Tensor]) -> Callable
 # at the first call), left the model half-changed, or raised another exception than LoadError;
 # the others were refused with a vaguer message.
 TENSOR_CASES = {
-    "scale of another shape": (setting(scale_of(SPLIT), lambda s: torch.ones(1, 3, 1, 1)), rf"layer '{SPLIT}': tensors 'modiff/{SPLIT}/delta.0.\*' \(its delta quantizer 0\) cannot be used: scale and zero_point must be float tensors of one shape"),
+    "scale of another shape": (
+        setting(scale_of(SPLIT), lambda s: torch.ones(1, 3, 1, 1)),
+        rf"layer '{SPLIT}': tensors 'modiff/{SPLIT}/delta.0.\*' \(its delta quantizer 0\) cannot be used: scale and zero_point must be float tensors of one shape",
+    ),
     "scale and zero point of another width": (
-        lambda t: t.update({key: torch.cat([t[key], t[key]], dim=1) for key in (scale_of(SPLIT, "raw.0."), scale_of(SPLIT, "raw.0.").replace("scale", "zero_point"))}),
+        lambda t: t.update(
+            {
+                key: torch.cat([t[key], t[key]], dim=1)
+                for key in (scale_of(SPLIT, "raw.0."), scale_of(SPLIT, "raw.0.").replace("scale", "zero_point"))
+            }
+        ),
         rf"tensors 'modiff/{SPLIT}/raw.0.\*' .* cannot be used: The size of tensor",
     ),
-    "NaN scale": (setting(scale_of(GROUPS, "delta.1."), lambda s: torch.full_like(s, float("nan"))), rf"'modiff/{GROUPS}/delta.1.\*' .* scale must be finite and > 0"),
+    "NaN scale": (
+        setting(scale_of(GROUPS, "delta.1."), lambda s: torch.full_like(s, float("nan"))),
+        rf"'modiff/{GROUPS}/delta.1.\*' .* scale must be finite and > 0",
+    ),
     "negative scale": (setting(scale_of(GROUPS), torch.neg), r"scale must be finite and > 0"),
-    "zero point out of range": (setting(scale_of(GROUPS).replace("scale", "zero_point"), lambda z: z + 64), r"zero_point must hold integers in \[0, 63\]"),
-    "fractional zero point": (setting(scale_of(GROUPS).replace("scale", "zero_point"), lambda z: z + 0.5), r"zero_point must hold integers"),
-    "symmetric zero point not 0": (setting(f"modiff/{SYMMETRIC}/raw.0.zero_point", lambda z: z + 1), r"zero_point must hold integers in \[0, 0\]"),
-    "split point past the input": (setting(f"modiff/{SPLIT}/split_at", lambda s: torch.tensor(48)), rf"tensor 'modiff/{SPLIT}/split_at' must be one int64 in 1..47 of a layer that splits its input, got torch.int64 \[\] 48"),
-    "split point of two values": (setting(f"modiff/{SPLIT}/split_at", lambda s: torch.tensor([32, 16])), r"split_at' must be one int64 in 1..47 of a layer that splits its input, got torch.int64 \[2\]$"),
-    "zero point lost": (lambda t: t.pop(scale_of(GROUPS).replace("scale", "zero_point")), rf"tensors 'modiff/{GROUPS}/delta.0.\*' \(its delta quantizer 0\) cannot be used: expected scale and zero_point, got scale$"),
-    "split point as float": (setting(f"modiff/{SPLIT}/split_at", lambda s: s.double()), r"split_at' must be one int64"),
-    "quantizer of no group": (lambda t: t.update({f"modiff/{GROUPS}/delta.2.scale": torch.ones(1)}), rf"tensor 'modiff/{GROUPS}/delta.2.scale' belongs to no quantizer of this layer"),
-    "second half of an unsplit input": (lambda t: t.pop(f"modiff/{SPLIT}/split_at"), rf"tensors 'modiff/{SPLIT}/raw.0.\*' \(its raw quantizer 0\) cannot be used: unexpected second\.\w+, second\.\w+ \(the input is not split\)"),
-    "state of a float layer": (lambda t: t.update({"modiff/conv_in/delta.0.scale": torch.ones(1)}), r"tensor 'modiff/conv_in/delta.0.scale' of model.safetensors belongs to no quantizer of a quantized layer"),
-    "a weight among the quantizers": (lambda t: t.update({f"modiff/{GROUPS}/weight": torch.zeros(16, 16, 3, 3)}), r"belongs to no quantizer of a quantized layer"),
+    "zero point out of range": (
+        setting(scale_of(GROUPS).replace("scale", "zero_point"), lambda z: z + 64),
+        r"zero_point must hold integers in \[0, 63\]",
+    ),
+    "fractional zero point": (
+        setting(scale_of(GROUPS).replace("scale", "zero_point"), lambda z: z + 0.5),
+        r"zero_point must hold integers",
+    ),
+    "symmetric zero point not 0": (
+        setting(f"modiff/{SYMMETRIC}/raw.0.zero_point", lambda z: z + 1),
+        r"zero_point must hold integers in \[0, 0\]",
+    ),
+    "split point past the input": (
+        setting(f"modiff/{SPLIT}/split_at", lambda s: torch.tensor(48)),
+        rf"tensor 'modiff/{SPLIT}/split_at' must be one int64 in 1..47 of a layer that splits its input, got torch.int64 \[\] 48",
+    ),
+    "split point of two values": (
+        setting(f"modiff/{SPLIT}/split_at", lambda s: torch.tensor([32, 16])),
+        r"split_at' must be one int64 in 1..47 of a layer that splits its input, got torch.int64 \[2\]$",
+    ),
+    "zero point lost": (
+        lambda t: t.pop(scale_of(GROUPS).replace("scale", "zero_point")),
+        rf"tensors 'modiff/{GROUPS}/delta.0.\*' \(its delta quantizer 0\) cannot be used: expected scale and zero_point, got scale$",
+    ),
+    "split point as float": (
+        setting(f"modiff/{SPLIT}/split_at", lambda s: s.double()),
+        r"split_at' must be one int64",
+    ),
+    "quantizer of no group": (
+        lambda t: t.update({f"modiff/{GROUPS}/delta.2.scale": torch.ones(1)}),
+        rf"tensor 'modiff/{GROUPS}/delta.2.scale' belongs to no quantizer of this layer",
+    ),
+    "second half of an unsplit input": (
+        lambda t: t.pop(f"modiff/{SPLIT}/split_at"),
+        rf"tensors 'modiff/{SPLIT}/raw.0.\*' \(its raw quantizer 0\) cannot be used: unexpected second\.\w+, second\.\w+ \(the input is not split\)",
+    ),
+    "state of a float layer": (
+        lambda t: t.update({"modiff/conv_in/delta.0.scale": torch.ones(1)}),
+        r"tensor 'modiff/conv_in/delta.0.scale' of model.safetensors belongs to no quantizer of a quantized layer",
+    ),
+    "a weight among the quantizers": (
+        lambda t: t.update({f"modiff/{GROUPS}/weight": torch.zeros(16, 16, 3, 3)}),
+        r"belongs to no quantizer of a quantized layer",
+    ),
     "non-finite Brevitas scale": (
-        lambda t: t.update({key: torch.full_like(value, float("inf")) for key, value in list(t.items()) if key.startswith(f"modiff/{BREVITAS}/") and "scaling_impl" in key}),
+        lambda t: t.update(
+            {
+                key: torch.full_like(value, float("inf"))
+                for key, value in list(t.items())
+                if key.startswith(f"modiff/{BREVITAS}/") and "scaling_impl" in key
+            }
+        ),
         rf"'modiff/{BREVITAS}/delta.0.\*' .* non-finite values in act_quant",
     ),
-    "code past its table": (setting(f"codes/{GROUPS}/codes", lambda c: torch.full_like(c, 255)), rf"layer '{GROUPS}': its coded weight \(codes/{GROUPS}/\) is damaged: code 255 is past the \d+ values of the table"),
-    "NaN in a weight table": (setting(f"codes/{GROUPS}/table", lambda t: torch.full_like(t, float("nan"))), r"is damaged: the table holds non-finite values"),
+    "code past its table": (
+        setting(f"codes/{GROUPS}/codes", lambda c: torch.full_like(c, 255)),
+        rf"layer '{GROUPS}': its coded weight \(codes/{GROUPS}/\) is damaged: code 255 is past the \d+ values of the table",
+    ),
+    "NaN in a weight table": (
+        setting(f"codes/{GROUPS}/table", lambda t: torch.full_like(t, float("nan"))),
+        r"is damaged: the table holds non-finite values",
+    ),
     "codes of another dtype": (setting(f"codes/{GROUPS}/codes", lambda c: c.long()), r"codes must be uint8"),
-    "codes lost": (lambda t: t.pop(f"codes/{GROUPS}/codes"), rf"plan.json lists the weight of '{GROUPS}' as coded, but model.safetensors lacks its codes or table"),
-    "coded weight also as floats": (lambda t: t.update({f"{GROUPS}.weight": torch.zeros(16, 16, 3, 3)}), rf"lists the weight of '{GROUPS}' as coded, but also as floats"),
-    "NaN in a float tensor": (setting("conv_in.bias", lambda b: torch.full_like(b, float("nan"))), r"tensor 'conv_in.bias' holds non-finite values"),
+    "codes lost": (
+        lambda t: t.pop(f"codes/{GROUPS}/codes"),
+        rf"plan.json lists the weight of '{GROUPS}' as coded, but model.safetensors lacks its codes or table",
+    ),
+    "coded weight also as floats": (
+        lambda t: t.update({f"{GROUPS}.weight": torch.zeros(16, 16, 3, 3)}),
+        rf"lists the weight of '{GROUPS}' as coded, but also as floats",
+    ),
+    "NaN in a float tensor": (
+        setting("conv_in.bias", lambda b: torch.full_like(b, float("nan"))),
+        r"tensor 'conv_in.bias' holds non-finite values",
+    ),
 }
 
 
 def nested(depth: int) -> Callable[[dict[str, bytes]], dict[str, bytes]]:
-    return lambda files: {**files, PLAN: files[PLAN].replace(b'"zero_bit_steps": []', b'"zero_bit_steps": ' + b"[" * depth + b"]" * depth, 1)}
+    return lambda files: {
+        **files,
+        PLAN: files[PLAN].replace(b'"zero_bit_steps": []', b'"zero_bit_steps": ' + b"[" * depth + b"]" * depth, 1),
+    }
 
 
 def padded_header(files: dict[str, bytes]) -> dict[str, bytes]:
@@ -237,26 +324,61 @@ def plan_setting(*path: Any, value: Any) -> Callable[[dict[str, bytes]], dict[st
 
 
 FILE_CASES = {
-    "coded weights as a string": (plan_setting("coded_weights", value=GROUPS), r"plan.json is damaged: 'coded_weights' is not as save_quantized\(\) writes it; save the model again"),
-    "packed weights as a list": (plan_setting("packed_weights", value=[]), r"'packed_weights' is not as save_quantized\(\) writes it"),
-    "digest not hexadecimal": (plan_setting("packed_weights", PACKED, value="x"), rf"'packed_weights.{PACKED}' is not as"),
-    "newer format, versions not a mapping": (lambda f: plan_setting("versions", value=5)(plan_setting("format", value=2)(f)), r"plan.json: format 2 \(written by modiff-quant \?\); modiff-quant [\d.]+ reads format 1"),
+    "coded weights as a string": (
+        plan_setting("coded_weights", value=GROUPS),
+        r"plan.json is damaged: 'coded_weights' is not as save_quantized\(\) writes it; save the model again",
+    ),
+    "packed weights as a list": (
+        plan_setting("packed_weights", value=[]),
+        r"'packed_weights' is not as save_quantized\(\) writes it",
+    ),
+    "digest not hexadecimal": (
+        plan_setting("packed_weights", PACKED, value="x"),
+        rf"'packed_weights.{PACKED}' is not as",
+    ),
+    "newer format, versions not a mapping": (
+        lambda f: plan_setting("versions", value=5)(plan_setting("format", value=2)(f)),
+        r"plan.json: format 2 \(written by modiff-quant \?\); modiff-quant [\d.]+ reads format 1",
+    ),
     "format true": (plan_setting("format", value=True), r"'format' is not as"),
     "layer entry as a list": (plan_setting("plan", "layers", GROUPS, value=[]), rf"'plan.layers.{GROUPS}' is not as"),
-    "settings as a string": (plan_setting("plan", "layers", GROUPS, "settings", value="x"), rf"'plan.layers.{GROUPS}.settings' is not as"),
+    "settings as a string": (
+        plan_setting("plan", "layers", GROUPS, "settings", value="x"),
+        rf"'plan.layers.{GROUPS}.settings' is not as",
+    ),
     "unknown field": (plan_setting("signed_by", value="me"), r"plan.json is damaged: unknown fields signed_by"),
-    "NaN": (plan_setting("versions", "torch", value=float("nan")), r"plan.json is damaged or truncated \(NaN is not a number save_quantized\(\) writes"),
+    "NaN": (
+        plan_setting("versions", "torch", value=float("nan")),
+        r"plan.json is damaged or truncated \(NaN is not a number save_quantized\(\) writes",
+    ),
     "nested past the recursion limit": (nested(100_000), r"plan.json is damaged or truncated \(.*recursion"),
     "nested deeper than a plan": (nested(200), r"plan.json is damaged: nested deeper than the 32 levels"),
-    "plan over the size bound": (lambda f: {**f, PLAN: f[PLAN] + b" " * (17 << 20)}, r"plan.json is larger than the 16777216 bytes of any plan"),
-    "header over the size bound": (padded_header, r"model.safetensors: its header claims \d+ bytes, more than the 16777216"),
-    "recipe extends another file": (extending, r"recipe.yaml:\d+: a saved recipe is flat \(save_quantized\(\) merges the extends chain\), but this one extends another"),
-    "recipe not UTF-8": (lambda f: {**f, RECIPE: f[RECIPE] + b"# \xff\n"}, r"recipe.yaml is not UTF-8 text \(invalid start byte at byte \d+\)"),
-    "recipe over the size bound": (lambda f: {**f, RECIPE: f[RECIPE] + b"#" * (1 << 20)}, r"recipe.yaml: plan.json says it has \d+ bytes, more than the 1048576"),
+    "plan over the size bound": (
+        lambda f: {**f, PLAN: f[PLAN] + b" " * (17 << 20)},
+        r"plan.json is larger than the 16777216 bytes of any plan",
+    ),
+    "header over the size bound": (
+        padded_header,
+        r"model.safetensors: its header claims \d+ bytes, more than the 16777216",
+    ),
+    "recipe extends another file": (
+        extending,
+        r"recipe.yaml:\d+: a saved recipe is flat \(save_quantized\(\) merges the extends chain\), but this one extends another",
+    ),
+    "recipe not UTF-8": (
+        lambda f: {**f, RECIPE: f[RECIPE] + b"# \xff\n"},
+        r"recipe.yaml is not UTF-8 text \(invalid start byte at byte \d+\)",
+    ),
+    "recipe over the size bound": (
+        lambda f: {**f, RECIPE: f[RECIPE] + b"#" * (1 << 20)},
+        r"recipe.yaml: plan.json says it has \d+ bytes, more than the 1048576",
+    ),
 }
 
 
-@pytest.mark.parametrize(("kind", "case"), [("tensors", c) for c in sorted(TENSOR_CASES)] + [("files", c) for c in sorted(FILE_CASES)])
+@pytest.mark.parametrize(
+    ("kind", "case"), [("tensors", c) for c in sorted(TENSOR_CASES)] + [("files", c) for c in sorted(FILE_CASES)]
+)
 def test_tampered_checkpoint_is_refused_by_name_and_changes_nothing(saved, float_model, tmp_path, kind, case):
     edit, message = TENSOR_CASES[case] if kind == "tensors" else FILE_CASES[case]
     files = edit_tensors(saved, edit) if kind == "tensors" else edit(saved)
@@ -279,7 +401,12 @@ count, random; otherwise 80 derandomized examples (about 15 s on 2 cores)."""
 FILLS = (float("nan"), float("inf"), float("-inf"), 0.0, -1.0, 1e38, 1e-45, 0.5, 3.0, 255.0)
 DTYPES = (torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool)
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6) | st.sampled_from([GROUPS, "Conv2d", "static", "a" * 64]),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=6)
+    | st.sampled_from([GROUPS, "Conv2d", "static", "a" * 64]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=6,
 )
@@ -316,7 +443,9 @@ def tamper_plan(draw: Callable[[Any], Any], files: dict[str, bytes]) -> dict[str
     def edit(node: Any) -> None:
         parent, key = None, None
         while isinstance(node, (dict, list)) and node and (parent is None or draw(st.integers(0, 3))):
-            key = draw(st.sampled_from(sorted(node))) if isinstance(node, dict) else draw(st.integers(0, len(node) - 1))
+            key = (
+                draw(st.sampled_from(sorted(node))) if isinstance(node, dict) else draw(st.integers(0, len(node) - 1))
+            )
             parent, node = node, node[key]
         operation = draw(st.sampled_from(["set", "set", "delete", "add"]))
         if operation == "set":
@@ -349,10 +478,31 @@ def tamper_tensors(draw: Callable[[Any], Any], files: dict[str, bytes]) -> dict[
         elif operation == "dtype":
             tensors[key] = value.to(draw(st.sampled_from(DTYPES)))
         elif operation == "shape":
-            tensors[key] = draw(st.sampled_from([value.flatten(), value.unsqueeze(0), value.flatten()[:-1], torch.cat([value.flatten()] * 2), value.flatten()[:1].reshape(())]))
+            tensors[key] = draw(
+                st.sampled_from(
+                    [
+                        value.flatten(),
+                        value.unsqueeze(0),
+                        value.flatten()[:-1],
+                        torch.cat([value.flatten()] * 2),
+                        value.flatten()[:1].reshape(()),
+                    ]
+                )
+            )
         elif operation in ("rename", "copy"):
             other = draw(st.sampled_from(sorted(tensors)))
-            name = draw(st.sampled_from([other, other + "x", key.replace(".0.", ".1."), key.replace("delta", "raw"), key.replace("codes/", "modiff/"), key.rsplit("/", 1)[0] + "/" + other.rsplit("/", 1)[-1]]))
+            name = draw(
+                st.sampled_from(
+                    [
+                        other,
+                        other + "x",
+                        key.replace(".0.", ".1."),
+                        key.replace("delta", "raw"),
+                        key.replace("codes/", "modiff/"),
+                        key.rsplit("/", 1)[0] + "/" + other.rsplit("/", 1)[-1],
+                    ]
+                )
+            )
             tensors[name] = tensors.pop(key) if operation == "rename" else value.clone()
         elif operation == "drop":
             del tensors[key]
@@ -386,13 +536,19 @@ TAMPERINGS = {"bytes": tamper_bytes, "plan": tamper_plan, "tensors": tamper_tens
 def test_tampered_checkpoints_load_or_fail_cleanly(saved, float_model, inputs, tmp_path, data):
     """Whatever the edit: a LoadError within the time bound, the model unchanged; or a load, after
     which a checkpoint whose quantizer state alone was edited still computes finite values."""
-    kind = data.draw(st.sampled_from(["tensors", "tensors", "tensors", "plan", "plan", "bytes", "recipe"]), label="kind")
+    kind = data.draw(
+        st.sampled_from(["tensors", "tensors", "tensors", "plan", "plan", "bytes", "recipe"]), label="kind"
+    )
     files = TAMPERINGS[kind](data.draw, saved)
     model = copy.deepcopy(float_model)
     error = load_or_refuse(model, write(tmp_path / "case", files))
     event(f"{kind}: {'refused' if error else 'loaded'}")
     if error is None and kind == "tensors":
         before, after = load(saved[TENSORS]), load(files[TENSORS])
-        changed = {key for key in before.keys() | after.keys() if key not in before or key not in after or not torch.equal(before[key], after[key])}
+        changed = {
+            key
+            for key in before.keys() | after.keys()
+            if key not in before or key not in after or not torch.equal(before[key], after[key])
+        }
         if all(key.startswith("modiff/") for key in changed):
             assert first_steps_are_finite(model, inputs), sorted(changed)

@@ -49,7 +49,23 @@ def test_console_script_reports_a_bad_option_in_one_line(tmp_path):
     """The installed command: exit 2 and exactly one stderr line (argparse's own would print a
     usage block; --bops-float-bits -8 used to be accepted)."""
     executable = Path(sys.executable).parent / "modiff-quant"
-    result = subprocess.run([str(executable), "bops", "--model", "digits16", "--json", str(tmp_path / "b.json"), "--bops-float-bits", "-8"], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [
+            str(executable),
+            "bops",
+            "--model",
+            "digits16",
+            "--json",
+            str(tmp_path / "b.json"),
+            "--bops-float-bits",
+            "-8",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 2
-    assert result.stderr.splitlines() == ["modiff-quant: error: argument --bops-float-bits: expected an integer from 1 to 64, got -8 (see 'modiff-quant bops --help')"]
+    assert result.stderr.splitlines() == [
+        "modiff-quant: error: argument --bops-float-bits: expected an integer from 1 to 64, got -8 (see 'modiff-quant bops --help')"
+    ]
     assert not (tmp_path / "b.json").exists()

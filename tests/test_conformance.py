@@ -90,14 +90,22 @@ class TestBaseQuantizerConformance:
         quantized = quantize(model, write_recipe(recipe(base, w_bits=4, a_bits=4)), inputs)
         for layer in layers(quantized):
             weight = dequantized_weight(layer)
-            parts = [weight] if layer.split_at is None else weight.split([layer.split_at, weight.shape[1] - layer.split_at], dim=1)
-            levels = max(len(torch.unique(row)) for part in parts for row in part.flatten(1))  # split parts have scales of their own
+            parts = (
+                [weight]
+                if layer.split_at is None
+                else weight.split([layer.split_at, weight.shape[1] - layer.split_at], dim=1)
+            )
+            levels = max(
+                len(torch.unique(row)) for part in parts for row in part.flatten(1)
+            )  # split parts have scales of their own
             assert levels <= 16, f"{layer.plan.name}: {levels} weight levels in one output channel at w_bits 4"
             quantizer = layer.all_quantizers()[0]
             width = layer.in_features if isinstance(layer, torch.nn.Linear) else layer.in_channels
             shape = (4, width) if isinstance(layer, torch.nn.Linear) else (2, width, 3, 3)
             values = quantizer(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
-            parts = [values] if layer.split_at is None else values.split([layer.split_at, width - layer.split_at], dim=1)
+            parts = (
+                [values] if layer.split_at is None else values.split([layer.split_at, width - layer.split_at], dim=1)
+            )
             counts = [len(torch.unique(part)) for part in parts]
             assert max(counts) <= 16, f"{layer.plan.name}: activation quantizer gives {counts} values at a_bits 4"
 

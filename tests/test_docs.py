@@ -65,7 +65,9 @@ def is_recipe(block: str) -> bool:
 
 
 def shipped_base_quantizers() -> list[str]:
-    return sorted(ep.name for ep in entry_points(group="modiff_quant.base_quantizers") if ep.value.startswith("modiff_quant."))
+    return sorted(
+        ep.name for ep in entry_points(group="modiff_quant.base_quantizers") if ep.value.startswith("modiff_quant.")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,11 +93,19 @@ def test_every_base_quantizer_option_observer_and_scheme_is_named():
     text = prose(RECIPES_MD)
     missing = []
     for name in shipped_base_quantizers():
-        missing += [f"{name}: {option}" for option in inspect.signature(BASE_QUANTIZERS.get(name)).parameters if f"`{option}`" not in text]
+        missing += [
+            f"{name}: {option}"
+            for option in inspect.signature(BASE_QUANTIZERS.get(name)).parameters
+            if f"`{option}`" not in text
+        ]
     for name in OBSERVERS.names():
         observer = inspect.signature(OBSERVERS.get(name)).parameters
         missing += [f"observer {name}"] if f"`{name}`" not in text else []
-        missing += [f"observer {name}: {option}" for option in observer if option not in ("spec", "channel_dim", "weight") and f"`{option}`" not in text]
+        missing += [
+            f"observer {name}: {option}"
+            for option in observer
+            if option not in ("spec", "channel_dim", "weight") and f"`{option}`" not in text
+        ]
     missing += [f"scheme {name}" for name in SCHEMES.names() if f"`{name}`" not in text]
     assert not missing, f"docs/recipes.md does not name: {', '.join(missing)}"
 
@@ -119,7 +129,11 @@ def models():
 
 
 def yaml_blocks() -> list:
-    return [pytest.param(path, body, id=f"{path.name}:{line}") for path in (RECIPES_MD, PLUGINS_MD) for line, body in fenced(path, "yaml")]
+    return [
+        pytest.param(path, body, id=f"{path.name}:{line}")
+        for path in (RECIPES_MD, PLUGINS_MD)
+        for line, body in fenced(path, "yaml")
+    ]
 
 
 def test_the_pages_have_yaml_examples():
@@ -195,7 +209,10 @@ def installed_plugin(plugin_on_path):
     info = plugin_on_path / "modiff_pow2-0.1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: modiff-pow2\nVersion: 0.1.0\n", encoding="utf-8")
-    sections = [f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in names.items()) for group, names in plugin_entry_points().items()]
+    sections = [
+        f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in names.items())
+        for group, names in plugin_entry_points().items()
+    ]
     (info / "entry_points.txt").write_text("\n".join(sections), encoding="utf-8")
     return plugin_on_path
 
@@ -219,7 +236,9 @@ def run(recipe: mq.Recipe | Path, trajectory) -> tuple[torch.nn.Module, float]:
         with mq.sampling(quantized):
             outputs = torch.stack([quantized(x, t).sample for x, t in inputs])
     assert torch.isfinite(outputs).all()
-    return quantized, 10 * math.log10(reference.pow(2).sum().item() / (reference - outputs).pow(2).sum().clamp_min(1e-30).item())
+    return quantized, 10 * math.log10(
+        reference.pow(2).sum().item() / (reference - outputs).pow(2).sum().clamp_min(1e-30).item()
+    )
 
 
 def at_w8a8(recipe: mq.Recipe) -> mq.Recipe:
@@ -254,10 +273,16 @@ def test_plugin_through_its_entry_points_runs_the_documented_recipes(installed_p
 
 
 def test_plugin_errors_name_the_recipe_line(installed_plugin, write_recipe):
-    with pytest.raises(mq.RecipeError, match=r"recipe.yaml:3: base quantizer 'pow2' rejects its options \(activations must be 'dynamic' or 'static', got 'dynamc'\); it accepts: activations"):
+    with pytest.raises(
+        mq.RecipeError,
+        match=r"recipe.yaml:3: base quantizer 'pow2' rejects its options \(activations must be 'dynamic' or 'static', got 'dynamc'\); it accepts: activations",
+    ):
         mq.load_recipe(write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: pow2, activations: dynamc}\n"))
     path = write_recipe("version: 1\ndefaults:\n  base_quantizer: pow2\n  w_granularity: channel\n  w_bits: 12\n")
-    with pytest.raises(mq.RecipeError, match=r"recipe.yaml:5: layer 'conv_in' \(Conv2d\): base quantizer 'pow2': stores weights as int8: w_bits 2-8 or float, got w_bits 12"):
+    with pytest.raises(
+        mq.RecipeError,
+        match=r"recipe.yaml:5: layer 'conv_in' \(Conv2d\): base quantizer 'pow2': stores weights as int8: w_bits 2-8 or float, got w_bits 12",
+    ):
         mq.load_recipe(path).resolve(tiny_unet())
 
 

@@ -52,14 +52,18 @@ def test_failed_prepare_leaves_the_model_untouched(write_recipe):
     fails with the recipe line before any layer is changed."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     recipe = write_recipe("version: 1\ndefaults:\n  base_quantizer: static\n  a_granularity: sample\n")
-    with pytest.raises(mq.RecipeError, match=r"recipe.yaml:3: layer '0' \(Linear\): granularity 'sample' has no static scale"):
+    with pytest.raises(
+        mq.RecipeError, match=r"recipe.yaml:3: layer '0' \(Linear\): granularity 'sample' has no static scale"
+    ):
         mq.prepare(model, recipe)
     assert [type(m) for m in model] == [nn.Linear, nn.Linear] and not hasattr(model, "_modiff_tracker")
     mq.prepare(model, "w8a4-modiff")  # still preparable
 
 
 def test_bad_observer_options_fail_at_recipe_load(write_recipe):
-    recipe = write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: static, observer: mse, observer_options: {p: -1}}\n")
+    recipe = write_recipe(
+        "version: 1\ndefaults:\n  base_quantizer: {name: static, observer: mse, observer_options: {p: -1}}\n"
+    )
     with pytest.raises(mq.RecipeError, match=r"recipe.yaml:3: .*invalid L_p search options: p=-1"):
         mq.load_recipe(recipe)
 
@@ -67,7 +71,9 @@ def test_bad_observer_options_fail_at_recipe_load(write_recipe):
 def test_warmup_with_calibrated_scales_is_rejected(write_recipe):
     """A static delta scale sized for temporal differences rounds the warm-up residual to zero."""
     recipe = write_recipe("version: 1\ndefaults:\n  base_quantizer: static\n  first_step: warmup:3\n")
-    with pytest.raises(mq.RecipeError, match=r"recipe.yaml:4: .*warm-up with the calibrated base quantizer 'static' would be a no-op"):
+    with pytest.raises(
+        mq.RecipeError, match=r"recipe.yaml:4: .*warm-up with the calibrated base quantizer 'static' would be a no-op"
+    ):
         mq.prepare(nn.Sequential(nn.Linear(4, 4)), recipe)
 
 
@@ -93,7 +99,9 @@ def test_layer_subclasses_are_left_float_unless_a_rule_names_them(write_recipe):
     assert type(model.attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear"
     with mq.sampling(model):
         assert torch.isfinite(model(torch.randn(2, 5, 8))).all()
-    with pytest.raises(mq.RecipeError, match=r"matches attn.out_proj, subclasses of Linear/Conv that cannot be wrapped"):
+    with pytest.raises(
+        mq.RecipeError, match=r"matches attn.out_proj, subclasses of Linear/Conv that cannot be wrapped"
+    ):
         mq.prepare(WithAttention(), write_recipe("version: 1\nrules:\n  - match: re:.*proj\n    a_bits: 4\n"))
 
 
@@ -156,7 +164,9 @@ def test_input_shape_change_inside_a_layer_names_the_layer():
     model = mq.convert(mq.prepare(Context(), "w8a4-modiff"))
     x = torch.randn(2, 4)
     model(x, torch.randn(2, 7, 4))
-    with pytest.raises(RuntimeError, match=r"to_k: input shape changed from \[2, 7, 4\] to \[2, 9, 4\] within a trajectory"):
+    with pytest.raises(
+        RuntimeError, match=r"to_k: input shape changed from \[2, 7, 4\] to \[2, 9, 4\] within a trajectory"
+    ):
         model(x, torch.randn(2, 9, 4))
 
 
@@ -165,7 +175,9 @@ def test_empty_batches_and_unbatched_conv_inputs(write_recipe):
     """An empty batch passes through; an unbatched (C, H, W) conv input is quantized per channel
     exactly as the same input with a batch dim of one."""
     assert quantize_minmax(torch.empty(0, 3), QuantSpec(4, False, mq.Granularity("tensor"))).shape == (0, 3)
-    recipe = write_recipe("version: 1\ndefaults:\n  w_bits: float\n  a_bits: 4\n  a_granularity: channel\n  scheme: plain\n")
+    recipe = write_recipe(
+        "version: 1\ndefaults:\n  w_bits: float\n  a_bits: 4\n  a_granularity: channel\n  scheme: plain\n"
+    )
     batched = mq.convert(mq.prepare(nn.Sequential(nn.Conv2d(3, 4, 3)), recipe))
     unbatched = copy.deepcopy(batched)
     x = torch.randn(3, 6, 6)

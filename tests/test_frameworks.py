@@ -60,9 +60,14 @@ def test_torchao_int4_packs_linear_weights_and_reports_every_storage(digits, wri
     """Asymmetric group-32 Linear weights become torchao's Int4OpaqueTensor (its CPU int4
     kernel); convs are int4 IntxUnpackedToInt8Tensor groups, dequantized; conv_in (9 inputs) falls
     back to one group per channel, and explain says so for every layer."""
-    path = write_recipe("version: 1\ndefaults:\n  base_quantizer: torchao_int4\n  w_bits: 4\n  w_granularity: group:32\n  w_symmetric: false\n  a_bits: 8\n")
+    path = write_recipe(
+        "version: 1\ndefaults:\n  base_quantizer: torchao_int4\n  w_bits: 4\n  w_granularity: group:32\n  w_symmetric: false\n  a_bits: 8\n"
+    )
     explained = mq.load_recipe(path).explain(digits)
-    assert re.search(r"conv_in +IntxUnpackedToInt8Tensor int4 asymmetric, group 9, dequantized \(fallback: channel; flattened input 9 is not a multiple of 32\)", explained)
+    assert re.search(
+        r"conv_in +IntxUnpackedToInt8Tensor int4 asymmetric, group 9, dequantized \(fallback: channel; flattened input 9 is not a multiple of 32\)",
+        explained,
+    )
     assert re.search(r"time_embedding\.linear_1 +Int4OpaqueTensor \(CPU int4 kernel\), group 32", explained)
     model = mq.convert(mq.prepare(copy.deepcopy(digits), path))
     quantized = layers(model)
@@ -89,20 +94,36 @@ def test_packed_weights_round_trip_through_the_calibration_cache(digits, write_r
 
 
 def test_torchao_int4_float_fallback_and_bit_errors(digits, write_recipe):
-    path = write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: torchao_int4, fallback: float}\n  w_bits: 4\n  w_granularity: group:32\n")
-    assert re.search(r"conv_in +float: flattened input 9 is not a multiple of group 32 \(fallback: float\)", mq.load_recipe(path).explain(digits))
+    path = write_recipe(
+        "version: 1\ndefaults:\n  base_quantizer: {name: torchao_int4, fallback: float}\n  w_bits: 4\n  w_granularity: group:32\n"
+    )
+    assert re.search(
+        r"conv_in +float: flattened input 9 is not a multiple of group 32 \(fallback: float\)",
+        mq.load_recipe(path).explain(digits),
+    )
     path = write_recipe("version: 1\ndefaults:\n  base_quantizer: torchao_int4\n  w_bits: 12\n", name="w12.yaml")
-    with pytest.raises(mq.RecipeError, match=r"w12.yaml:4: layer 'conv_in' \(Conv2d\): base quantizer 'torchao_int4': quantizes weights to 2-8 bits"):
+    with pytest.raises(
+        mq.RecipeError,
+        match=r"w12.yaml:4: layer 'conv_in' \(Conv2d\): base quantizer 'torchao_int4': quantizes weights to 2-8 bits",
+    ):
         mq.load_recipe(path).resolve(digits)
-    with pytest.raises(mq.RecipeError, match=r"bad.yaml:3: .*option 'fallback': expected one of 'channel', 'float', got 'zero'"):
-        mq.load_recipe(write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: torchao_int4, fallback: zero}\n", name="bad.yaml"))
+    with pytest.raises(
+        mq.RecipeError, match=r"bad.yaml:3: .*option 'fallback': expected one of 'channel', 'float', got 'zero'"
+    ):
+        mq.load_recipe(
+            write_recipe(
+                "version: 1\ndefaults:\n  base_quantizer: {name: torchao_int4, fallback: zero}\n", name="bad.yaml"
+            )
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torchao's CUDA int4 kernel needs a GPU")
 def test_torchao_int4_uses_the_cuda_int4_tensor_on_gpu(write_recipe):
     """On CUDA the packed path is torchao's Int4Tensor (as the stable Int4WeightOnlyConfig, bf16)."""
     layer = torch.nn.Sequential(torch.nn.Linear(128, 64)).cuda().to(torch.bfloat16)
-    path = write_recipe("version: 1\ndefaults:\n  base_quantizer: torchao_int4\n  w_bits: 4\n  w_granularity: group:32\n  w_symmetric: false\n  a_bits: float\n  scheme: plain\n")
+    path = write_recipe(
+        "version: 1\ndefaults:\n  base_quantizer: torchao_int4\n  w_bits: 4\n  w_granularity: group:32\n  w_symmetric: false\n  a_bits: float\n  scheme: plain\n"
+    )
     model = mq.convert(mq.prepare(copy.deepcopy(layer), path))
     assert isinstance(model[0].weight.data, ao.quantization.Int4Tensor)
     x = torch.randn(4, 128, device="cuda", dtype=torch.bfloat16)
@@ -148,11 +169,16 @@ def test_modiff_config_in_quantize_computes_as_the_equivalent_recipe(digits, wri
     assert not mq.api.is_prepared(by_torchao)
     outputs = trajectory(by_torchao)
     assert mq.api.is_prepared(by_torchao)
-    assert re.search(r"time_embedding\.linear_1 +Int4OpaqueTensor \(quantized before prepare\)", mq.plan_of(by_torchao).explain())
+    assert re.search(
+        r"time_embedding\.linear_1 +Int4OpaqueTensor \(quantized before prepare\)", mq.plan_of(by_torchao).explain()
+    )
     by_recipe = mq.convert(mq.prepare(copy.deepcopy(digits), write_recipe(ONE_LINE_EQUIVALENT)))
     assert relative(outputs, trajectory(by_recipe)) <= EQUIVALENCE
     assert relative(outputs, trajectory(digits)) > 1e-3  # it did quantize
-    with pytest.raises(RuntimeError, match=r"save_quantized\(\) cannot store time_embedding\.linear_1, .*packed before modiff_quant prepared the model"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"save_quantized\(\) cannot store time_embedding\.linear_1, .*packed before modiff_quant prepared the model",
+    ):
         mq.save_quantized(by_torchao, tmp_path)
 
 
@@ -168,29 +194,48 @@ def test_recipe_as_fqn_to_config_computes_as_prepare(digits):
 def test_modiff_config_binds_through_modiff_quant_functions_and_calibrates(digits):
     """A calibrated base quantizer: quantize_ marks, calibrate() binds, convert() calibrates."""
     model = copy.deepcopy(digits)
-    quantize_(model, MoDiffConfig(a_bits=6, options={"base_quantizer": "static", "w_bits": 8}), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Conv2d))
+    quantize_(
+        model,
+        MoDiffConfig(a_bits=6, options={"base_quantizer": "static", "w_bits": 8}),
+        filter_fn=lambda m, fqn: isinstance(m, torch.nn.Conv2d),
+    )
     with mq.calibrate(model):
         trajectory(model)
     mq.convert(model)
     assert mq.plan_of(model).layers["conv_in"].settings.base_quantizer == "static"
-    assert 15 < 10 * torch.log10(trajectory(digits).pow(2).sum() / (trajectory(model) - trajectory(digits)).pow(2).sum()) < 80
+    assert (
+        15
+        < 10 * torch.log10(trajectory(digits).pow(2).sum() / (trajectory(model) - trajectory(digits)).pow(2).sum())
+        < 80
+    )
 
 
 def test_modiff_config_errors_name_what_is_wrong(digits, write_recipe):
     with pytest.raises(ValueError, match=r"unknown option 'a_granularty'; did you mean 'a_granularity'"):
         quantize_(copy.deepcopy(digits), MoDiffConfig(options={"a_granularty": "tensor"}))
     with pytest.raises(ValueError, match=r"base_config quantizes the weight, so options cannot set w_bits"):
-        quantize_(copy.deepcopy(digits), MoDiffConfig(PrototypeInt4WeightOnlyConfig(group_size=32), options={"w_bits": 4}))
+        quantize_(
+            copy.deepcopy(digits), MoDiffConfig(PrototypeInt4WeightOnlyConfig(group_size=32), options={"w_bits": 4})
+        )
     packed = copy.deepcopy(digits)
     quantize_(packed, PrototypeInt4WeightOnlyConfig(group_size=32))
-    with pytest.raises(mq.RecipeError, match=r"layer 'time_embedding.linear_1' \(Linear\): its weight is already quantized \(Int4OpaqueTensor\); set w_bits: float"):
+    with pytest.raises(
+        mq.RecipeError,
+        match=r"layer 'time_embedding.linear_1' \(Linear\): its weight is already quantized \(Int4OpaqueTensor\); set w_bits: float",
+    ):
         mq.prepare(packed, "w8a8-modiff")
-    with pytest.raises(TypeError, match=r"MoDiffConfig applies to exact Linear, Conv1d, Conv2d modules, got GroupNorm"):
+    with pytest.raises(
+        TypeError, match=r"MoDiffConfig applies to exact Linear, Conv1d, Conv2d modules, got GroupNorm"
+    ):
         quantize_(copy.deepcopy(digits), MoDiffConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.GroupNorm))
-    with pytest.raises(ValueError, match=r"cached blocks \(down_blocks\.2, .*\) have no torchao per-module equivalent"):
+    with pytest.raises(
+        ValueError, match=r"cached blocks \(down_blocks\.2, .*\) have no torchao per-module equivalent"
+    ):
         recipe_to_fqn_config("w8a8-modiff-deepcache", load_model("cifar10-ddpm"))
     steps = write_recipe("version: 1\nrules:\n  - match: conv_in\n    a_bits: 0\n    steps: [1, 3]\n")
-    with pytest.raises(ValueError, match=r"layer conv_in has 0-bit steps \(\[1, 3\]\), which torchao configs cannot express"):
+    with pytest.raises(
+        ValueError, match=r"layer conv_in has 0-bit steps \(\[1, 3\]\), which torchao configs cannot express"
+    ):
         recipe_to_fqn_config(mq.load_recipe(steps), digits)
 
 
@@ -204,13 +249,20 @@ def test_brevitas_calibration_modes(write_recipe):
     inputs = ddim_inputs(model, steps=8)
     errors = {}
     for mode in ("range", "per_call"):
-        path = write_recipe(f"version: 1\ndefaults:\n  base_quantizer: {{name: brevitas, calibration: {mode}}}\n  w_bits: float\n  a_bits: 16\n  a_granularity: tensor\n", name=f"{mode}.yaml")
+        path = write_recipe(
+            f"version: 1\ndefaults:\n  base_quantizer: {{name: brevitas, calibration: {mode}}}\n  w_bits: float\n  a_bits: 16\n  a_granularity: tensor\n",
+            name=f"{mode}.yaml",
+        )
         quantized = mq.prepare(copy.deepcopy(model), path)
         with mq.calibrate(quantized), torch.no_grad():
             for x, t in inputs:
                 quantized(x, t)
         mq.convert(quantized)
-        assert all(isinstance(q, BrevitasActivationQuantizer) and q.per_call == (mode == "per_call") for layer in layers(quantized).values() for q in layer.all_quantizers())
+        assert all(
+            isinstance(q, BrevitasActivationQuantizer) and q.per_call == (mode == "per_call")
+            for layer in layers(quantized).values()
+            for q in layer.all_quantizers()
+        )
         with mq.sampling(quantized), torch.no_grad():
             out = torch.stack([quantized(x, t).sample for x, t in inputs])
         with torch.no_grad():
@@ -220,14 +272,30 @@ def test_brevitas_calibration_modes(write_recipe):
 
 
 def test_brevitas_injector_names_are_checked_at_the_recipe_line(write_recipe):
-    path = write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: brevitas, weight_quant: Int8WeightPerChanelFloat}\n")
-    with pytest.raises(mq.RecipeError, match=r"recipe.yaml:3: base quantizer 'brevitas' rejects its options \(no Brevitas quantizer injector 'Int8WeightPerChanelFloat'.*did you mean 'Int8WeightPerChannelFloat'"):
+    path = write_recipe(
+        "version: 1\ndefaults:\n  base_quantizer: {name: brevitas, weight_quant: Int8WeightPerChanelFloat}\n"
+    )
+    with pytest.raises(
+        mq.RecipeError,
+        match=r"recipe.yaml:3: base quantizer 'brevitas' rejects its options \(no Brevitas quantizer injector 'Int8WeightPerChanelFloat'.*did you mean 'Int8WeightPerChannelFloat'",
+    ):
         mq.load_recipe(path)
-    path = write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: brevitas, act_quant: 'brevitas.no_such_module:Act'}\n", name="module.yaml")
-    with pytest.raises(mq.RecipeError, match=r"module.yaml:3: .*cannot import the module of Brevitas injector 'brevitas.no_such_module:Act'"):
+    path = write_recipe(
+        "version: 1\ndefaults:\n  base_quantizer: {name: brevitas, act_quant: 'brevitas.no_such_module:Act'}\n",
+        name="module.yaml",
+    )
+    with pytest.raises(
+        mq.RecipeError,
+        match=r"module.yaml:3: .*cannot import the module of Brevitas injector 'brevitas.no_such_module:Act'",
+    ):
         mq.load_recipe(path)
-    path = write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: brevitas, act_quant: 'brevitas.quant:torch'}\n", name="not-injector.yaml")
-    with pytest.raises(mq.RecipeError, match=r"not-injector.yaml:3: .*'brevitas.quant:torch' is not a Brevitas quantizer injector"):
+    path = write_recipe(
+        "version: 1\ndefaults:\n  base_quantizer: {name: brevitas, act_quant: 'brevitas.quant:torch'}\n",
+        name="not-injector.yaml",
+    )
+    with pytest.raises(
+        mq.RecipeError, match=r"not-injector.yaml:3: .*'brevitas.quant:torch' is not a Brevitas quantizer injector"
+    ):
         mq.load_recipe(path)
 
 
@@ -235,11 +303,18 @@ def test_a_recipe_never_imports_a_module_outside_brevitas(tmp_path, monkeypatch)
     """Issue 14: `module:Class` used to import any module while the recipe loaded, so a module file
     next to a recipe or checkpoint ran. Now only Brevitas' own modules and injectors registered in
     code are reachable; the payload is neither imported nor run, and the error names the line."""
-    (tmp_path / "payload.py").write_text("import pathlib\npathlib.Path('PWNED').write_text('ran')\nclass X:\n    pass\n", encoding="utf-8")
-    (tmp_path / "recipe.yaml").write_text("version: 1\ndefaults:\n  base_quantizer: {name: brevitas, weight_quant: 'payload:X'}\n  a_granularity: tensor\n", encoding="utf-8")
+    (tmp_path / "payload.py").write_text(
+        "import pathlib\npathlib.Path('PWNED').write_text('ran')\nclass X:\n    pass\n", encoding="utf-8"
+    )
+    (tmp_path / "recipe.yaml").write_text(
+        "version: 1\ndefaults:\n  base_quantizer: {name: brevitas, weight_quant: 'payload:X'}\n  a_granularity: tensor\n",
+        encoding="utf-8",
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(mq.RecipeError, match=r"recipe.yaml:3: .*a recipe may not import module 'payload'.*register_injector"):
+    with pytest.raises(
+        mq.RecipeError, match=r"recipe.yaml:3: .*a recipe may not import module 'payload'.*register_injector"
+    ):
         mq.load_recipe("recipe.yaml")
     assert "payload" not in sys.modules and not (tmp_path / "PWNED").exists()
 
@@ -257,7 +332,9 @@ def test_registered_injectors_are_found_by_name_and_by_path(write_recipe):
     try:
         assert injector("MyWeightQuant") is MyWeightQuant
         assert injector(f"{MyWeightQuant.__module__}:{MyWeightQuant.__qualname__}") is MyWeightQuant
-        recipe = mq.load_recipe(write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: brevitas, weight_quant: MyWeightQuant}\n"))
+        recipe = mq.load_recipe(
+            write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: brevitas, weight_quant: MyWeightQuant}\n")
+        )
         assert recipe.defaults.base_quantizer_options["weight_quant"] == "MyWeightQuant"
     finally:
         INJECTORS._items.pop("MyWeightQuant")
@@ -277,7 +354,10 @@ def test_brevitas_converted_model_is_adopted(digits, write_recipe):
     plan = mq.load_recipe(write_recipe(recipe.format(scheme="modiff"))).resolve(brevitas_model)
     assert plan.layers["conv_in"].adopted_from == "brevitas QuantConv2d (not applied: bias_quant Int32Bias)"
     assert (plan.layers["conv_in"].settings.a_bits, plan.layers["conv_out"].settings.a_bits) == (8, 4)
-    assert dict(plan.layers["conv_in"].settings.base_quantizer_options)["weight_quant"] is brevitas_model.conv_in.weight_quant.quant_injector
+    assert (
+        dict(plan.layers["conv_in"].settings.base_quantizer_options)["weight_quant"]
+        is brevitas_model.conv_in.weight_quant.quant_injector
+    )
     errors = {}
     for scheme in ("plain", "modiff"):
         four_bit = f"version: 1\ndefaults:\n  scheme: {scheme}\nrules:\n  - match: [QuantConv2d, QuantLinear]\n    a_bits: 4\n"

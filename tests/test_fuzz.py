@@ -130,7 +130,10 @@ class Report:
         error = outcome.error
         if isinstance(error, Overran):  # reported by `bounds`
             return
-        self.add(f"{outcome.what} raised {type(error).__name__} at {outcome.where}", f"{outcome.what} raised {outcome.describe_error()} (documented: {expected})")
+        self.add(
+            f"{outcome.what} raised {type(error).__name__} at {outcome.where}",
+            f"{outcome.what} raised {outcome.describe_error()} (documented: {expected})",
+        )
 
     def changed(self, what: str, model: torch.nn.Module, snapshot: ModelSnapshot) -> None:
         differences = snapshot.differences(model)
@@ -159,12 +162,30 @@ def _ending(outcome: Outcome) -> str:
 # =============================================================================================
 # 1. recipes: text and structure
 
-LAYERS = ("conv_in", "conv_out", "time_embedding.linear_1", "down_blocks.1.attentions.0.to_q", "up_blocks.0.resnets.1.conv_shortcut", "mid_block.attentions.0.to_out.0", "down_blocks.0.downsamplers.0.conv")
+LAYERS = (
+    "conv_in",
+    "conv_out",
+    "time_embedding.linear_1",
+    "down_blocks.1.attentions.0.to_q",
+    "up_blocks.0.resnets.1.conv_shortcut",
+    "mid_block.attentions.0.to_out.0",
+    "down_blocks.0.downsamplers.0.conv",
+)
 BLOCKS = ("up_blocks.0", "up_blocks.1", "mid_block", "down_blocks.1", "down_blocks.0.resnets.0")
 CLASSES = ("Conv2d", "Linear", "UpBlock2D", "ResnetBlock2D", "Attention", "GroupNorm", "UNet2DModel")
 SHIPPED = ("w8a4-modiff", "w8a8-modiff-deepcache", "w8a4-modiff-brevitas", "w8a4-modiff-torchao", "adaptive-cache")
 
-REGEXES_VALID = (".*", r"up_blocks\.0\..*", r".*attentions\.\d+\.to_[qkv]", "conv_(in|out)", "mid_block", r".*resnets\.[01]\.conv1", "(?i)CONV_IN", r"(up|down)_blocks\.\d+", r".*\.to_out\.0")
+REGEXES_VALID = (
+    ".*",
+    r"up_blocks\.0\..*",
+    r".*attentions\.\d+\.to_[qkv]",
+    "conv_(in|out)",
+    "mid_block",
+    r".*resnets\.[01]\.conv1",
+    "(?i)CONV_IN",
+    r"(up|down)_blocks\.\d+",
+    r".*\.to_out\.0",
+)
 REGEXES_PATHOLOGICAL = (
     "(.|.)*Z",
     "(a+)+$",
@@ -179,7 +200,21 @@ REGEXES_PATHOLOGICAL = (
     "a{4294967296}",
     "a{1000}{1000}{1000}",
 )
-REGEXES_INVALID = ("(", "[", "*a", "a{2,1}", "(?P<x", "\\", r"(?<=a+)b", r"(a)\2", "[z-a]", "(?", "a**", "(?P<a>x)(?P<a>y)", r"\p{Foo}")
+REGEXES_INVALID = (
+    "(",
+    "[",
+    "*a",
+    "a{2,1}",
+    "(?P<x",
+    "\\",
+    r"(?<=a+)b",
+    r"(a)\2",
+    "[z-a]",
+    "(?",
+    "a**",
+    "(?P<a>x)(?P<a>y)",
+    r"\p{Foo}",
+)
 REGEX_ATOMS = ("conv_in", "up_blocks", r"\.", ".", ".*", r"\d+", "[0-9]", r"\w+", "_", "to_", "(a|b)", "$", "^")
 
 BRACKETS = 1000  # nesting depth of the deepest generated structures
@@ -208,7 +243,24 @@ TAGS = (
     "!!merge x",
     "!!value x",
 )
-PLAIN_SCALARS = ("yes", "on", "~", "1:30", "190:20:30", "0x1F", "0o17", "017", "1_000", ".NaN", "-.inf", "2001-12-14", "=", "<<", "1.0e400", "0b101")
+PLAIN_SCALARS = (
+    "yes",
+    "on",
+    "~",
+    "1:30",
+    "190:20:30",
+    "0x1F",
+    "0o17",
+    "017",
+    "1_000",
+    ".NaN",
+    "-.inf",
+    "2001-12-14",
+    "=",
+    "<<",
+    "1.0e400",
+    "0b101",
+)
 
 
 def _alias_bomb(levels: int, fan: int, tag: int) -> Raw:
@@ -219,19 +271,48 @@ def _alias_bomb(levels: int, fan: int, tag: int) -> Raw:
 
 
 def _yaml_specials() -> st.SearchStrategy[Raw]:
-    bombs = st.tuples(st.integers(2, 9), st.integers(2, 9), st.integers(0, 9)).filter(lambda p: p[1] ** p[0] <= 10**6).map(lambda p: _alias_bomb(*p))
-    huge_ints = st.tuples(st.sampled_from(["", "-", "0x", "+"]), st.sampled_from([20, 400, 4300, 4301, 5000, 20_000])).map(lambda p: Raw(p[0] + ("f" if p[0] == "0x" else "9") * p[1]))
-    deep = st.tuples(st.sampled_from(["[", "{a: "]), st.sampled_from([50, 300, BRACKETS, 5 * BRACKETS])).map(lambda p: Raw(p[0] * p[1] + "1" + ("]" if p[0] == "[" else "}") * p[1]))
+    bombs = (
+        st.tuples(st.integers(2, 9), st.integers(2, 9), st.integers(0, 9))
+        .filter(lambda p: p[1] ** p[0] <= 10**6)
+        .map(lambda p: _alias_bomb(*p))
+    )
+    huge_ints = st.tuples(
+        st.sampled_from(["", "-", "0x", "+"]), st.sampled_from([20, 400, 4300, 4301, 5000, 20_000])
+    ).map(lambda p: Raw(p[0] + ("f" if p[0] == "0x" else "9") * p[1]))
+    deep = st.tuples(st.sampled_from(["[", "{a: "]), st.sampled_from([50, 300, BRACKETS, 5 * BRACKETS])).map(
+        lambda p: Raw(p[0] * p[1] + "1" + ("]" if p[0] == "[" else "}") * p[1])
+    )
     return st.one_of(st.sampled_from(TAGS).map(Raw), st.sampled_from(PLAIN_SCALARS).map(Raw), bombs, huge_ints, deep)
 
 
 _PRINTABLE = st.text(st.characters(codec="ascii", categories=("L", "N", "P", "Zs")), max_size=12)
-TEXT = st.one_of(_PRINTABLE, _PRINTABLE, _PRINTABLE, st.text(max_size=12))  # printable, or anything (control characters, NEL, ...)
+TEXT = st.one_of(
+    _PRINTABLE, _PRINTABLE, _PRINTABLE, st.text(max_size=12)
+)  # printable, or anything (control characters, NEL, ...)
 _SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.floats(), TEXT)
 JUNK: st.SearchStrategy[Any] = st.one_of(
     _SCALAR,
     st.sampled_from([-1, 0, 1, 2**31, 2**63, 2**64, 10**30, 1e308, float("inf"), float("nan"), -0.0]),
-    st.sampled_from(["", " ", "float", "none", "8", "4.0", "group:", "group:0", "group:-4", "group:x", "warmup:", "warmup:0", "warmup:-1", "all", PAYLOAD, f"{PAYLOAD}:X"]),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "float",
+            "none",
+            "8",
+            "4.0",
+            "group:",
+            "group:0",
+            "group:-4",
+            "group:x",
+            "warmup:",
+            "warmup:0",
+            "warmup:-1",
+            "all",
+            PAYLOAD,
+            f"{PAYLOAD}:X",
+        ]
+    ),
     st.sampled_from([300, 5000, 100_000]).map(lambda n: "x" * n),
     st.lists(_SCALAR, max_size=3),
     st.dictionaries(TEXT, _SCALAR, max_size=3),
@@ -261,13 +342,24 @@ def _regexes() -> st.SearchStrategy[str]:
         ),
         max_leaves=8,
     )
-    return st.one_of(st.sampled_from(REGEXES_VALID), st.sampled_from(REGEXES_PATHOLOGICAL), st.sampled_from(REGEXES_INVALID), composed)
+    return st.one_of(
+        st.sampled_from(REGEXES_VALID),
+        st.sampled_from(REGEXES_PATHOLOGICAL),
+        st.sampled_from(REGEXES_INVALID),
+        composed,
+    )
 
 
-PATTERN = st.one_of(st.sampled_from(LAYERS + BLOCKS + CLASSES), _regexes().map(lambda r: f"re:{r}"), st.sampled_from(["re:", "", PAYLOAD]))
+PATTERN = st.one_of(
+    st.sampled_from(LAYERS + BLOCKS + CLASSES),
+    _regexes().map(lambda r: f"re:{r}"),
+    st.sampled_from(["re:", "", PAYLOAD]),
+)
 MATCH = mostly(st.one_of(PATTERN, PATTERN, st.lists(PATTERN, min_size=1, max_size=3)))
 
-GROUP = st.one_of(st.sampled_from([1, 2, 3, 4, 8, 16]), st.sampled_from([10**6, 2**31, 2**63, 10**40, 10**400])).map(lambda n: f"group:{n}")
+GROUP = st.one_of(st.sampled_from([1, 2, 3, 4, 8, 16]), st.sampled_from([10**6, 2**31, 2**63, 10**40, 10**400])).map(
+    lambda n: f"group:{n}"
+)
 INJECTORS = (
     "Int8WeightPerChannelFloat",
     "Int8WeightPerTensorFloat",
@@ -288,21 +380,64 @@ INJECTORS = (
     "Int8Nonexistent",
 )
 OBSERVERS = st.sampled_from(["minmax", "ema_minmax", "mse", "msee", PAYLOAD, f"{PAYLOAD}:X"])
-OBSERVER_OPTIONS = st.one_of(st.just({}), st.sampled_from([{"p": 2.4}, {"momentum": 0.95}, {"momentum": 2}, {"grid": 10**9}, {"max_values": 0}, {"p": -1}, {"bogus": 1}]), JUNK)
+OBSERVER_OPTIONS = st.one_of(
+    st.just({}),
+    st.sampled_from(
+        [{"p": 2.4}, {"momentum": 0.95}, {"momentum": 2}, {"grid": 10**9}, {"max_values": 0}, {"p": -1}, {"bogus": 1}]
+    ),
+    JUNK,
+)
 SMALL_INT = st.one_of(st.integers(-2, 40), st.sampled_from([10**12, 2**63]))
 
 
 def _base(name: str, **options: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries({"name": st.just(name)}, optional={key: mostly(value) for key, value in options.items()})
+    return st.fixed_dictionaries(
+        {"name": st.just(name)}, optional={key: mostly(value) for key, value in options.items()}
+    )
 
 
 BASE_QUANTIZER = st.one_of(
-    st.sampled_from(["dynamic", "static", "ptq4dm", "qdiffusion", "torchao_int4", "brevitas", "dynamc", PAYLOAD, f"{PAYLOAD}:X", ""]),
+    st.sampled_from(
+        [
+            "dynamic",
+            "static",
+            "ptq4dm",
+            "qdiffusion",
+            "torchao_int4",
+            "brevitas",
+            "dynamc",
+            PAYLOAD,
+            f"{PAYLOAD}:X",
+            "",
+        ]
+    ),
     _base("static", observer=OBSERVERS, observer_options=OBSERVER_OPTIONS),
-    _base("ptq4dm", observer=OBSERVERS, samples=SMALL_INT, mean=st.floats(), std=st.floats(), seed=SMALL_INT, num_train_timesteps=SMALL_INT),
-    _base("qdiffusion", beta=st.sampled_from([[20, 2], [1], [], "x"]), weight_iters=SMALL_INT, calibration_steps=SMALL_INT, warmup=st.floats(), p=st.floats(), blocks=st.lists(st.sampled_from(CLASSES), max_size=2), observer=OBSERVERS),
+    _base(
+        "ptq4dm",
+        observer=OBSERVERS,
+        samples=SMALL_INT,
+        mean=st.floats(),
+        std=st.floats(),
+        seed=SMALL_INT,
+        num_train_timesteps=SMALL_INT,
+    ),
+    _base(
+        "qdiffusion",
+        beta=st.sampled_from([[20, 2], [1], [], "x"]),
+        weight_iters=SMALL_INT,
+        calibration_steps=SMALL_INT,
+        warmup=st.floats(),
+        p=st.floats(),
+        blocks=st.lists(st.sampled_from(CLASSES), max_size=2),
+        observer=OBSERVERS,
+    ),
     _base("torchao_int4", fallback=st.sampled_from(["channel", "float", "int8"])),
-    _base("brevitas", weight_quant=st.sampled_from(INJECTORS), act_quant=st.sampled_from(INJECTORS), calibration=st.sampled_from(["range", "per_call", "sometimes"])),
+    _base(
+        "brevitas",
+        weight_quant=st.sampled_from(INJECTORS),
+        act_quant=st.sampled_from(INJECTORS),
+        calibration=st.sampled_from(["range", "per_call", "sometimes"]),
+    ),
     st.fixed_dictionaries({"name": JUNK}),
     st.fixed_dictionaries({"name": st.just("dynamic"), "bogus": _SCALAR}),
 )
@@ -311,12 +446,19 @@ STEP_INT = st.one_of(st.integers(-1, 12), st.sampled_from([10**9, 10**30]))
 STEPS = st.one_of(
     st.just("all"),
     st.lists(STEP_INT, max_size=4),
-    st.fixed_dictionaries({}, optional={"start": STEP_INT, "stop": STEP_INT, "every": STEP_INT, "refresh_every": STEP_INT}),
+    st.fixed_dictionaries(
+        {}, optional={"start": STEP_INT, "stop": STEP_INT, "every": STEP_INT, "refresh_every": STEP_INT}
+    ),
 )
 TIMESTEP_GROUPS = st.one_of(
     st.integers(1, 4),
     st.sampled_from([1000, 100_000, 10**9, 10**30]),
-    st.fixed_dictionaries({"count": st.one_of(st.integers(1, 4), st.just(10**6)), "range": st.lists(st.one_of(st.floats(), st.integers(-10, 2000)), max_size=3)}),
+    st.fixed_dictionaries(
+        {
+            "count": st.one_of(st.integers(1, 4), st.just(10**6)),
+            "range": st.lists(st.one_of(st.floats(), st.integers(-10, 2000)), max_size=3),
+        }
+    ),
 )
 
 SETTINGS: dict[str, st.SearchStrategy[Any]] = {
@@ -328,7 +470,10 @@ SETTINGS: dict[str, st.SearchStrategy[Any]] = {
     "a_granularity": st.one_of(st.sampled_from(["tensor", "sample", "channel"]), GROUP),
     "w_symmetric": st.booleans(),
     "a_symmetric": st.booleans(),
-    "first_step": st.one_of(st.sampled_from(["fp", "quantized"]), st.sampled_from([1, 2, 3, 99_999_999, 10**12, 10**100]).map(lambda n: f"warmup:{n}")),
+    "first_step": st.one_of(
+        st.sampled_from(["fp", "quantized"]),
+        st.sampled_from([1, 2, 3, 99_999_999, 10**12, 10**100]).map(lambda n: f"warmup:{n}"),
+    ),
     "error_compensation": st.booleans(),
     "timestep_groups": TIMESTEP_GROUPS,
     "split": st.booleans(),
@@ -350,7 +495,10 @@ def settings_maps(draw: st.DrawFn, keys: tuple[str, ...] = tuple(SETTING_PARSERS
 @st.composite
 def rules(draw: st.DrawFn) -> Any:
     if not chance(draw, 75):  # a block rule: 0-bit skipping on a schedule
-        rule: dict[Any, Any] = {"match": draw(st.one_of(st.sampled_from(BLOCKS), MATCH)), "a_bits": draw(mostly(st.just(0)))}
+        rule: dict[Any, Any] = {
+            "match": draw(st.one_of(st.sampled_from(BLOCKS), MATCH)),
+            "a_bits": draw(mostly(st.just(0))),
+        }
         if draw(st.booleans()):
             rule["steps"] = draw(mostly(STEPS))
         if draw(st.booleans()):
@@ -359,11 +507,23 @@ def rules(draw: st.DrawFn) -> Any:
     if not chance(draw, 97):
         return draw(JUNK)
     rule = {"match": draw(MATCH)} if chance(draw, 97) else {}
-    rule.update(draw(settings_maps(tuple(key for key in RULE_KEYS if key not in ("match", "steps", "skip_threshold")))))
+    rule.update(
+        draw(settings_maps(tuple(key for key in RULE_KEYS if key not in ("match", "steps", "skip_threshold"))))
+    )
     return rule
 
 
-BASE_FILES = ("base.yaml", "sub/base2.yaml", "with space.yaml", "ünï/cödé.yaml", "#hash%.yaml", "q'uo\"te.yaml", "a" * 250 + ".yaml")
+BASE_FILES = (
+    "base.yaml",
+    "sub/base2.yaml",
+    "with space.yaml",
+    "ünï/cödé.yaml",
+    "#hash%.yaml",
+    "q'uo\"te.yaml",
+    "a" * 250 + ".yaml",
+)
+
+
 @st.composite
 def recipe_documents(draw: st.DrawFn, extends: st.SearchStrategy[Any]) -> Any:
     """A recipe as Python data (with `Raw` YAML where wanted), mostly well-formed."""
@@ -388,10 +548,53 @@ def recipe_documents(draw: st.DrawFn, extends: st.SearchStrategy[Any]) -> Any:
     return document
 
 
-BYTES = (b"\x00", b"\x07", b"\x1b[31m", b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xef\xbb\xbf", b"\r", "\x85".encode(), "\u2028".encode(), b"\t", b"\x7f", b"\xf4\x90\x80\x80", b"\xfe\xff")
-PREFIXES = (b"%YAML 1.1\n---\n", b"--- !!map\n", b"%TAG ! tag:yaml.org,2002:python/\n--- !object/apply:os.system ['true']\n", b"\xef\xbb\xbf", b"---\n...\n", b"%YAML 2.0\n---\n", b"--- !!seq\n")
-SUFFIXES = (b"\n---\nversion: 1\n", b"\n...\n", b"\n# comment", b"\nversion: 1\n", b"\n? [a, b]\n: 1\n", b"\n<<: {a_bits: 4}\n", b"\ndefaults: &d {a_bits: 4}\nrules:\n  - {match: conv_in, <<: *d}\n", b"\nrules: [*undefined]\n")
-WHOLE = (b"", b"~", b"[]", b"!!python/object/apply:os.system ['true']\n", b"--- !!seq {a: 1}\n", b"!!map [1]\n", b"*a\n", b"&a [*a]\n", b"version: 1\nversion: 1\n", b"\t\tversion: 1\n")
+BYTES = (
+    b"\x00",
+    b"\x07",
+    b"\x1b[31m",
+    b"\xff",
+    b"\xc3\x28",
+    b"\xed\xa0\x80",
+    b"\xef\xbb\xbf",
+    b"\r",
+    "\x85".encode(),
+    "\u2028".encode(),
+    b"\t",
+    b"\x7f",
+    b"\xf4\x90\x80\x80",
+    b"\xfe\xff",
+)
+PREFIXES = (
+    b"%YAML 1.1\n---\n",
+    b"--- !!map\n",
+    b"%TAG ! tag:yaml.org,2002:python/\n--- !object/apply:os.system ['true']\n",
+    b"\xef\xbb\xbf",
+    b"---\n...\n",
+    b"%YAML 2.0\n---\n",
+    b"--- !!seq\n",
+)
+SUFFIXES = (
+    b"\n---\nversion: 1\n",
+    b"\n...\n",
+    b"\n# comment",
+    b"\nversion: 1\n",
+    b"\n? [a, b]\n: 1\n",
+    b"\n<<: {a_bits: 4}\n",
+    b"\ndefaults: &d {a_bits: 4}\nrules:\n  - {match: conv_in, <<: *d}\n",
+    b"\nrules: [*undefined]\n",
+)
+WHOLE = (
+    b"",
+    b"~",
+    b"[]",
+    b"!!python/object/apply:os.system ['true']\n",
+    b"--- !!seq {a: 1}\n",
+    b"!!map [1]\n",
+    b"*a\n",
+    b"&a [*a]\n",
+    b"version: 1\nversion: 1\n",
+    b"\t\tversion: 1\n",
+)
 
 
 @st.composite
@@ -440,7 +643,10 @@ class RecipeCase(Terse):
     def write(self, folder: Path, env: FuzzEnv) -> list[Path]:
         """The files, recipe.yaml first, with the payload's name and the chain's path filled in."""
         chain = env.chain(self.chain) if self.chain and b"chain0.yaml" in self.entry else []
-        names = {PAYLOAD.encode(): env.payload.name.encode(), b"chain0.yaml": str(chain[0]).encode() if chain else b"chain0.yaml"}
+        names = {
+            PAYLOAD.encode(): env.payload.name.encode(),
+            b"chain0.yaml": str(chain[0]).encode() if chain else b"chain0.yaml",
+        }
         written = [_write(folder / "recipe.yaml", self.entry, names)]
         written += [_write(folder / name, content, names) for name, content in self.bases]
         return written + chain
@@ -451,7 +657,11 @@ class RecipeCase(Terse):
 
 
 def _short(content: bytes, limit: int = 1500) -> str:
-    return repr(content) if len(content) <= limit else f"{content[: limit // 2]!r} ... {content[-200:]!r} ({len(content)} bytes)"
+    return (
+        repr(content)
+        if len(content) <= limit
+        else f"{content[: limit // 2]!r} ... {content[-200:]!r} ({len(content)} bytes)"
+    )
 
 
 def _write(path: Path, content: bytes, names: dict[bytes, bytes]) -> Path:
@@ -463,10 +673,32 @@ def _write(path: Path, content: bytes, names: dict[bytes, bytes]) -> Path:
 
 
 def _recipe_bytes(draw: st.DrawFn, extends: st.SearchStrategy[Any]) -> bytes:
-    return mutate(recipe_yaml(draw(recipe_documents(extends))).encode("utf-8", errors="surrogatepass"), draw(text_mutations()))
+    return mutate(
+        recipe_yaml(draw(recipe_documents(extends))).encode("utf-8", errors="surrogatepass"), draw(text_mutations())
+    )
 
 
-ODD_EXTENDS = ("base", "./base.yaml", "sub/../base.yaml", "recipe.yaml", "recipe", "missing.yaml", "sub", ".", "/", "~", "/etc/hostname", "recipe.yaml/x", f"{PAYLOAD}.py", PAYLOAD, "a" * 300, "a/" * 200 + "x", "\x00", "*", "w8a4-modif")
+ODD_EXTENDS = (
+    "base",
+    "./base.yaml",
+    "sub/../base.yaml",
+    "recipe.yaml",
+    "recipe",
+    "missing.yaml",
+    "sub",
+    ".",
+    "/",
+    "~",
+    "/etc/hostname",
+    "recipe.yaml/x",
+    f"{PAYLOAD}.py",
+    PAYLOAD,
+    "a" * 300,
+    "a/" * 200 + "x",
+    "\x00",
+    "*",
+    "w8a4-modif",
+)
 
 
 @st.composite
@@ -489,7 +721,10 @@ def check_recipe_error(report: Report, outcome: Outcome, size: int) -> None:
         return
     located = location_problem(str(outcome.error))
     if located:
-        report.add(f"{outcome.what}: RecipeError without file:line at {outcome.where}", f"{outcome.what}: {located} (raised at {outcome.where})")
+        report.add(
+            f"{outcome.what}: RecipeError without file:line at {outcome.where}",
+            f"{outcome.what}: {located} (raised at {outcome.where})",
+        )
     too_long = message_problem(outcome.error, size)
     if too_long:
         report.add(f"{outcome.what}: message size", f"{outcome.what}: {too_long} (raised at {outcome.where})")
@@ -510,7 +745,11 @@ def check_recipe(env: FuzzEnv, float_unet: FloatModel, recipe_files: list[Path])
     else:
         recipe = loaded.value
         model = float_unet.fresh()
-        calls: tuple[tuple[str, Callable[[], Any]], ...] = (("resolve", lambda: recipe.resolve(model)), ("explain", lambda: recipe.explain(model)), ("prepare", lambda: mq.prepare(model, recipe)))
+        calls: tuple[tuple[str, Callable[[], Any]], ...] = (
+            ("resolve", lambda: recipe.resolve(model)),
+            ("explain", lambda: recipe.explain(model)),
+            ("prepare", lambda: mq.prepare(model, recipe)),
+        )
         for what, call in calls:
             outcome = env.guard(what, call, MODEL_LIMIT)
             event(f"{what}: {_ending(outcome)}")
@@ -660,22 +899,93 @@ RENAMES: dict[str, Callable[[str], str]] = {
     "parent": lambda k: "../" + k,
 }
 TENSOR_EDITS = st.one_of(
-    st.builds(TensorEdit, st.sampled_from(["modiff/", "codes/", ""]), st.integers(0, 10**6), st.just("rename"), st.sampled_from(sorted(RENAMES))),
+    st.builds(
+        TensorEdit,
+        st.sampled_from(["modiff/", "codes/", ""]),
+        st.integers(0, 10**6),
+        st.just("rename"),
+        st.sampled_from(sorted(RENAMES)),
+    ),
     st.builds(TensorEdit, st.sampled_from(["modiff/", "codes/", ""]), st.integers(0, 10**6), st.just("drop")),
-    st.builds(TensorEdit, st.sampled_from(["modiff/", "codes/", ""]), st.integers(0, 10**6), st.just("add"), st.sampled_from(["scale", "codes", "bogus", "weight"])),
-    st.builds(TensorEdit, st.sampled_from(["modiff/", "codes/", ""]), st.integers(0, 10**6), st.just("reshape"), st.sampled_from(["flatten", "unsqueeze", "slice", "empty", "scalar"])),
-    st.builds(TensorEdit, st.sampled_from(["modiff/", "codes/", ""]), st.integers(0, 10**6), st.just("dtype"), st.sampled_from(DTYPES)),
-    st.builds(TensorEdit, st.just("modiff/"), st.integers(0, 10**6), st.just("poison"), st.tuples(st.sampled_from(POISON_QUANTIZER), st.booleans())),
-    st.builds(TensorEdit, st.just("modiff/"), st.integers(0, 10**6), st.just("poison"), st.tuples(st.sampled_from(POISON_QUANTIZER[3:]), st.booleans())),  # finite: may load
-    st.builds(TensorEdit, st.sampled_from(["codes/", ""]), st.integers(0, 10**6), st.just("poison"), st.tuples(st.sampled_from(POISON), st.booleans())),
-    st.builds(TensorEdit, st.just(""), st.just(0), st.just("metadata"), st.sampled_from([{}, {"format": "modiff-quant/2"}, {"format": "x" * 10_000}, {"other": "1"}])),
+    st.builds(
+        TensorEdit,
+        st.sampled_from(["modiff/", "codes/", ""]),
+        st.integers(0, 10**6),
+        st.just("add"),
+        st.sampled_from(["scale", "codes", "bogus", "weight"]),
+    ),
+    st.builds(
+        TensorEdit,
+        st.sampled_from(["modiff/", "codes/", ""]),
+        st.integers(0, 10**6),
+        st.just("reshape"),
+        st.sampled_from(["flatten", "unsqueeze", "slice", "empty", "scalar"]),
+    ),
+    st.builds(
+        TensorEdit,
+        st.sampled_from(["modiff/", "codes/", ""]),
+        st.integers(0, 10**6),
+        st.just("dtype"),
+        st.sampled_from(DTYPES),
+    ),
+    st.builds(
+        TensorEdit,
+        st.just("modiff/"),
+        st.integers(0, 10**6),
+        st.just("poison"),
+        st.tuples(st.sampled_from(POISON_QUANTIZER), st.booleans()),
+    ),
+    st.builds(
+        TensorEdit,
+        st.just("modiff/"),
+        st.integers(0, 10**6),
+        st.just("poison"),
+        st.tuples(st.sampled_from(POISON_QUANTIZER[3:]), st.booleans()),
+    ),  # finite: may load
+    st.builds(
+        TensorEdit,
+        st.sampled_from(["codes/", ""]),
+        st.integers(0, 10**6),
+        st.just("poison"),
+        st.tuples(st.sampled_from(POISON), st.booleans()),
+    ),
+    st.builds(
+        TensorEdit,
+        st.just(""),
+        st.just(0),
+        st.just("metadata"),
+        st.sampled_from([{}, {"format": "modiff-quant/2"}, {"format": "x" * 10_000}, {"other": "1"}]),
+    ),
 )
 
 DEEP_JSON = "__DEEP_JSON__"
 JSON_JUNK = st.one_of(
     st.none(),
     st.booleans(),
-    st.sampled_from([0, -1, 1, 2, 2**70, 1.5, float("nan"), float("inf"), "", "x", "1", "conv_in", "../../etc/passwd", [], {}, [1], {"a": 1}, {"bytes": 0, "sha256": ""}, ["conv_in"], DEEP_JSON]),
+    st.sampled_from(
+        [
+            0,
+            -1,
+            1,
+            2,
+            2**70,
+            1.5,
+            float("nan"),
+            float("inf"),
+            "",
+            "x",
+            "1",
+            "conv_in",
+            "../../etc/passwd",
+            [],
+            {},
+            [1],
+            {"a": 1},
+            {"bytes": 0, "sha256": ""},
+            ["conv_in"],
+            DEEP_JSON,
+        ]
+    ),
     st.text(max_size=8),
 )
 
@@ -717,7 +1027,13 @@ def _json_paths(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any,
         yield from _json_paths(child, (*prefix, key))
 
 
-PLAN_EDITS = st.builds(PlanEdit, st.booleans(), st.integers(0, 10**6), st.sampled_from(["set", "set", "delete", "rename", "wrap"]), JSON_JUNK)
+PLAN_EDITS = st.builds(
+    PlanEdit,
+    st.booleans(),
+    st.integers(0, 10**6),
+    st.sampled_from(["set", "set", "delete", "rename", "wrap"]),
+    JSON_JUNK,
+)
 
 RECIPE_APPENDS = (
     b"extends: w8a8-modiff\n",
@@ -753,7 +1069,13 @@ def recipe_edits(draw: st.DrawFn) -> RecipeEdit:
 
 
 FILE_EDITS = st.one_of(
-    st.builds(FileEdit, st.sampled_from([TENSORS, RECIPE, PLAN]), st.sampled_from(["flip", "flip", "truncate"]), st.lists(st.integers(0, 10**7), min_size=1, max_size=4).map(tuple), st.lists(st.integers(1, 255), min_size=4, max_size=4).map(tuple)),
+    st.builds(
+        FileEdit,
+        st.sampled_from([TENSORS, RECIPE, PLAN]),
+        st.sampled_from(["flip", "flip", "truncate"]),
+        st.lists(st.integers(0, 10**7), min_size=1, max_size=4).map(tuple),
+        st.lists(st.integers(1, 255), min_size=4, max_size=4).map(tuple),
+    ),
     st.builds(FileEdit, st.sampled_from([TENSORS, RECIPE, PLAN]), st.sampled_from(["delete", "directory"])),
 )
 
@@ -806,7 +1128,10 @@ def _edit_plan(files: dict[str, Any], edits: list[PlanEdit], rehash: bool) -> by
     if rehash and isinstance(manifest, dict) and isinstance(manifest.get("files"), dict):
         for name in (TENSORS, RECIPE):
             if isinstance(files.get(name), bytes):
-                manifest["files"][name] = {"bytes": len(files[name]), "sha256": hashlib.sha256(files[name]).hexdigest()}
+                manifest["files"][name] = {
+                    "bytes": len(files[name]),
+                    "sha256": hashlib.sha256(files[name]).hexdigest(),
+                }
     for edit in edits:
         manifest = edit.apply(manifest)
     text = json.dumps(manifest, indent=1)
@@ -816,7 +1141,11 @@ def _edit_plan(files: dict[str, Any], edits: list[PlanEdit], rehash: bool) -> by
 @st.composite
 def checkpoint_cases(draw: st.DrawFn) -> CheckpointCase:
     edit = st.one_of(TENSOR_EDITS, TENSOR_EDITS, PLAN_EDITS, PLAN_EDITS, FILE_EDITS, recipe_edits())
-    return CheckpointCase(draw(st.sampled_from(sorted(CHECKPOINT_RECIPES))), tuple(draw(st.lists(edit, min_size=1, max_size=3))), draw(st.sampled_from([True, True, False])))
+    return CheckpointCase(
+        draw(st.sampled_from(sorted(CHECKPOINT_RECIPES))),
+        tuple(draw(st.lists(edit, min_size=1, max_size=3))),
+        draw(st.sampled_from([True, True, False])),
+    )
 
 
 def sampling_step(model: torch.nn.Module) -> torch.Tensor:
@@ -849,7 +1178,10 @@ def test_checkpoints_from_strangers(env, float_unet, checkpoints, case):
             if step.error is not None:
                 report.unexpected(step, "a finite output: the checkpoint loaded")
             elif not torch.isfinite(step.value).all():
-                report.add("non-finite output after load_quantized", f"load_quantized accepted the checkpoint, then one sampling step gave {int((~torch.isfinite(step.value)).sum())} non-finite values")
+                report.add(
+                    "non-finite output after load_quantized",
+                    f"load_quantized accepted the checkpoint, then one sampling step gave {int((~torch.isfinite(step.value)).sum())} non-finite values",
+                )
         report.check()
 
 
@@ -896,7 +1228,9 @@ def _count(flag: str, valid: range, either: Callable[[int], bool]) -> st.SearchS
     argparse's `int()` reads them."""
     hostile = st.one_of(
         st.integers(-3, 12).map(str),
-        st.sampled_from(["0", "-1", "1000", "1001", str(2**31), str(2**32), str(2**62), str(2**63), str(10**30), "10001"]),
+        st.sampled_from(
+            ["0", "-1", "1000", "1001", str(2**31), str(2**32), str(2**62), str(2**63), str(10**30), "10001"]
+        ),
         st.sampled_from(["abc", "1.5", "", "1e3", "0x10", " 5", "٣", "5_0", "-5", "nan", "inf", "²", "--"]),
     )
     texts = st.one_of(st.integers(valid.start, min(valid.start + 8, valid.stop - 1)).map(str), hostile)
@@ -928,11 +1262,34 @@ CALIBRATION_ARG = _count("--calibration-samples", range(1, 10**4 + 1), lambda v:
 BOPS_STEPS_ARG = _count("--steps", range(1, 10**4 + 1), lambda v: v > 10**4)
 W_BITS_ARG = _count("--w-bits", range(8, 9), lambda v: v >= 1)
 
-OUT_FOLDER = {"out": VALID, "dir": VALID, "dir/../out2": VALID, "": VALID, "file.txt": INVALID, "file.txt/sub": INVALID, "a" * 300: INVALID}
-OUT_FILE = {"out.json": VALID, "new/dir/out.json": VALID, "file.txt": VALID, "dir": INVALID, "": INVALID, "file.txt/out.json": INVALID, "a" * 300 + ".json": INVALID}
+OUT_FOLDER = {
+    "out": VALID,
+    "dir": VALID,
+    "dir/../out2": VALID,
+    "": VALID,
+    "file.txt": INVALID,
+    "file.txt/sub": INVALID,
+    "a" * 300: INVALID,
+}
+OUT_FILE = {
+    "out.json": VALID,
+    "new/dir/out.json": VALID,
+    "file.txt": VALID,
+    "dir": INVALID,
+    "": INVALID,
+    "file.txt/out.json": INVALID,
+    "a" * 300 + ".json": INVALID,
+}
 SAMPLERS_MENU = {"ddim": VALID, "ddpm": VALID, "ddim-quad": VALID, "dpm-solver": VALID, "bogus": INVALID, "": INVALID}
 ATTENTION_MENU = {"layer": VALID, "float": VALID, "exclude": VALID, "bogus": INVALID}
-BASE_MENU = {"dynamic": VALID, "ptq4dm": EITHER, "dynamc": INVALID, PAYLOAD: INVALID, f"{PAYLOAD}:X": INVALID, "": EITHER}  # ptq4dm: not with per-sample scales
+BASE_MENU = {
+    "dynamic": VALID,
+    "ptq4dm": EITHER,
+    "dynamc": INVALID,
+    PAYLOAD: INVALID,
+    f"{PAYLOAD}:X": INVALID,
+    "": EITHER,
+}  # ptq4dm: not with per-sample scales
 
 
 @dataclass(frozen=True, repr=False)
@@ -969,12 +1326,17 @@ def cli_files(tmp_path_factory, env) -> Iterator[CliFiles]:
     save_file(state, root / "cifar.safetensors")
     torch.save(state, root / "cifar.pt")
     cifar.save_pretrained(root / "cifar-folder")
-    save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}, root / "nan.safetensors")
+    save_file(
+        {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()},
+        root / "nan.safetensors",
+    )
     save_file(tiny_unet().state_dict(), root / "other-shapes.safetensors")
     (root / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + bytes(range(256)))
     (root / "garbage.pt").write_bytes(b"PK\x03\x04garbage")
     (root / "empty.pt").write_bytes(b"")
-    (root / "payload.pt").write_bytes(f"c{PAYLOAD}\nX\n)R.".replace(PAYLOAD, payload.name).encode())  # a pickle that imports the payload
+    (root / "payload.pt").write_bytes(
+        f"c{PAYLOAD}\nX\n)R.".replace(PAYLOAD, payload.name).encode()
+    )  # a pickle that imports the payload
     (root / "empty-folder").mkdir()
     tiny_unet().save_pretrained(root / "model-folder")
     (root / "bad-config").mkdir()
@@ -982,12 +1344,17 @@ def cli_files(tmp_path_factory, env) -> Iterator[CliFiles]:
     (root / "config-only").mkdir()
     shutil.copy(root / "model-folder" / "config.json", root / "config-only" / "config.json")
     (root / "evil-class").mkdir()
-    (root / "evil-class" / "config.json").write_text(json.dumps({"_class_name": payload.name, "_diffusers_version": "0.42.0"}), encoding="utf-8")
+    (root / "evil-class" / "config.json").write_text(
+        json.dumps({"_class_name": payload.name, "_diffusers_version": "0.42.0"}), encoding="utf-8"
+    )
     (root / "a-file").write_text("x", encoding="utf-8")
     recipes = {
         "good.yaml": ("version: 1\nextends: w8a4-modiff\n", VALID),
         "broken.yaml": ("version: 1\ndefaults: {a_bits: 4\n", INVALID),
-        "payload.yaml": (f"version: 1\ndefaults:\n  a_granularity: tensor\n  base_quantizer: {{name: brevitas, weight_quant: '{payload.name}:X'}}\n", INVALID),
+        "payload.yaml": (
+            f"version: 1\ndefaults:\n  a_granularity: tensor\n  base_quantizer: {{name: brevitas, weight_quant: '{payload.name}:X'}}\n",
+            INVALID,
+        ),
         "strict.yaml": ("version: 1\nstrict: true\nrules:\n  - {match: no_such_layer, a_bits: 8}\n", INVALID),
         "regex.yaml": ("version: 1\nrules:\n  - {match: 're:(.|.)*Z', a_bits: 8}\n", EITHER),
     }
@@ -995,13 +1362,32 @@ def cli_files(tmp_path_factory, env) -> Iterator[CliFiles]:
         (root / name).write_text(text, encoding="utf-8")
     (root / "latin1.yaml").write_bytes("version: 1\nname: caf\xe9\n".encode("latin-1"))
     results = {
-        "results.json": ({"rows": [{"base": "dynamic", "scheme": "modiff", "w_bits": 8, "a_bits": 4, "fd": 30.0}], "fp": {"fd": 20.0}, "settings": {"steps": 10}}, VALID),
+        "results.json": (
+            {
+                "rows": [{"base": "dynamic", "scheme": "modiff", "w_bits": 8, "a_bits": 4, "fd": 30.0}],
+                "fp": {"fd": 20.0},
+                "settings": {"steps": 10},
+            },
+            VALID,
+        ),
         "results-list.json": ([], INVALID),
         "results-rows.json": ({"rows": "x", "fp": {"fd": 1}}, INVALID),
         "results-row.json": ({"rows": [{"base": "dynamic"}], "fp": {"fd": 1}}, INVALID),
-        "results-nofp.json": ({"rows": [{"base": "dynamic", "scheme": "modiff", "w_bits": 8, "a_bits": 4, "fd": 30.0}]}, INVALID),
-        "results-fp.json": ({"rows": [{"base": "dynamic", "scheme": "modiff", "w_bits": 8, "a_bits": 4, "fd": 30.0}], "fp": 3}, INVALID),
-        "results-str.json": ({"rows": [{"base": "dynamic", "scheme": "modiff", "w_bits": 8, "a_bits": "4", "fd": "x"}], "fp": {"fd": 20.0}}, EITHER),
+        "results-nofp.json": (
+            {"rows": [{"base": "dynamic", "scheme": "modiff", "w_bits": 8, "a_bits": 4, "fd": 30.0}]},
+            INVALID,
+        ),
+        "results-fp.json": (
+            {"rows": [{"base": "dynamic", "scheme": "modiff", "w_bits": 8, "a_bits": 4, "fd": 30.0}], "fp": 3},
+            INVALID,
+        ),
+        "results-str.json": (
+            {
+                "rows": [{"base": "dynamic", "scheme": "modiff", "w_bits": 8, "a_bits": "4", "fd": "x"}],
+                "fp": {"fd": 20.0},
+            },
+            EITHER,
+        ),
     }
     for name, (data, _) in results.items():
         (root / name).write_text(json.dumps(data), encoding="utf-8")
@@ -1010,10 +1396,48 @@ def cli_files(tmp_path_factory, env) -> Iterator[CliFiles]:
     r = str(root)
     files = CliFiles(
         root,
-        models={"digits16": VALID, "cifar10-ddpm": VALID, "cifar10-dpm": INVALID, f"{r}/model-folder": VALID, f"{r}/bad-config": INVALID, f"{r}/config-only": INVALID, f"{r}/evil-class": INVALID, f"{r}/a-file": INVALID, f"{r}/missing": INVALID, "": INVALID},
-        weights={f"{r}/cifar.safetensors": VALID, f"{r}/cifar.pt": VALID, f"{r}/cifar-folder": VALID, f"{r}/nan.safetensors": EITHER, f"{r}/other-shapes.safetensors": INVALID, f"{r}/garbage.safetensors": INVALID, f"{r}/garbage.pt": INVALID, f"{r}/empty.pt": INVALID, f"{r}/payload.pt": INVALID, f"{r}/empty-folder": INVALID, f"{r}/missing.pt": INVALID, f"{r}/a-file": INVALID},
-        recipes={"w8a4-modiff": VALID, "w8a4-modiff-ptq4dm": VALID, "w8a4-modif": INVALID, f"{r}/missing.yaml": INVALID, f"{r}/empty-folder": INVALID, f"{r}/latin1.yaml": INVALID, **{f"{r}/{name}": verdict for name, (_, verdict) in recipes.items()}},
-        results={f"{r}/missing.json": INVALID, f"{r}/empty-folder": INVALID, f"{r}/results-deep.json": INVALID, f"{r}/results-bad.json": INVALID, **{f"{r}/{name}": verdict for name, (_, verdict) in results.items()}},
+        models={
+            "digits16": VALID,
+            "cifar10-ddpm": VALID,
+            "cifar10-dpm": INVALID,
+            f"{r}/model-folder": VALID,
+            f"{r}/bad-config": INVALID,
+            f"{r}/config-only": INVALID,
+            f"{r}/evil-class": INVALID,
+            f"{r}/a-file": INVALID,
+            f"{r}/missing": INVALID,
+            "": INVALID,
+        },
+        weights={
+            f"{r}/cifar.safetensors": VALID,
+            f"{r}/cifar.pt": VALID,
+            f"{r}/cifar-folder": VALID,
+            f"{r}/nan.safetensors": EITHER,
+            f"{r}/other-shapes.safetensors": INVALID,
+            f"{r}/garbage.safetensors": INVALID,
+            f"{r}/garbage.pt": INVALID,
+            f"{r}/empty.pt": INVALID,
+            f"{r}/payload.pt": INVALID,
+            f"{r}/empty-folder": INVALID,
+            f"{r}/missing.pt": INVALID,
+            f"{r}/a-file": INVALID,
+        },
+        recipes={
+            "w8a4-modiff": VALID,
+            "w8a4-modiff-ptq4dm": VALID,
+            "w8a4-modif": INVALID,
+            f"{r}/missing.yaml": INVALID,
+            f"{r}/empty-folder": INVALID,
+            f"{r}/latin1.yaml": INVALID,
+            **{f"{r}/{name}": verdict for name, (_, verdict) in recipes.items()},
+        },
+        results={
+            f"{r}/missing.json": INVALID,
+            f"{r}/empty-folder": INVALID,
+            f"{r}/results-deep.json": INVALID,
+            f"{r}/results-bad.json": INVALID,
+            **{f"{r}/{name}": verdict for name, (_, verdict) in results.items()},
+        },
     )
 
     def stop(*args: Any, **kwargs: Any) -> None:
@@ -1041,8 +1465,13 @@ def cli_files(tmp_path_factory, env) -> Iterator[CliFiles]:
                 patch.setattr(module, "sample", stop)
         patch.setattr(modiff_quant.evaluate.Harness, "_noise", noise)
         patch.setattr(modiff_quant.cli, "count_bops", count_bops)
-        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # warm-up: lazy imports (matplotlib) are not charged to a case
-            modiff_quant.cli.main(["plot", "fd-vs-bits", "--results", f"{r}/results.json", "--out", str(root / "warm")])
+        with (
+            redirect_stdout(io.StringIO()),
+            redirect_stderr(io.StringIO()),
+        ):  # warm-up: lazy imports (matplotlib) are not charged to a case
+            modiff_quant.cli.main(
+                ["plot", "fd-vs-bits", "--results", f"{r}/results.json", "--out", str(root / "warm")]
+            )
             modiff_quant.cli.main(["explain", "--model", "digits16", "--recipe", "w8a4-modiff"])
         yield files
 
@@ -1052,7 +1481,13 @@ GATE_BASE: dict[str, Any] = {
     "defaults": {"model": "digits16", "sampler": "ddim", "steps": 5, "samples": 4, "seed": 0},
     "settings": {
         "fp": {"recipe": None, "metrics": {"fd": {"value": 38.5, "tolerance": "15%"}}},
-        "w8a4": {"recipe": "w8a4-modiff", "metrics": {"fd_to_fp": {"value": 1.0, "tolerance": "15%"}, "psnr_vs_fp": {"value": 30.0, "tolerance": 1.0}}},
+        "w8a4": {
+            "recipe": "w8a4-modiff",
+            "metrics": {
+                "fd_to_fp": {"value": 1.0, "tolerance": "15%"},
+                "psnr_vs_fp": {"value": 30.0, "tolerance": 1.0},
+            },
+        },
     },
     "comparisons": [{"metric": "fd_to_fp", "worse": "fp", "better": "w8a4", "ratio": 1}],
 }
@@ -1080,7 +1515,10 @@ GATE_EDITS: dict[str, tuple[Callable[[dict[str, Any]], None], int]] = {
     "no comparisons": (_at(("comparisons",), _DELETE), VALID),
     "ptq4dm recipe": (_at(("settings", "w8a4", "recipe"), "w8a4-modiff-ptq4dm"), VALID),
     "base quantizer": (_at(("settings", "w8a4", "base_quantizer"), "dynamic"), VALID),
-    "base quantizer per-sample": (_at(("settings", "w8a4", "base_quantizer"), "ptq4dm"), INVALID),  # w8a4-modiff's per-sample scales are not static
+    "base quantizer per-sample": (
+        _at(("settings", "w8a4", "base_quantizer"), "ptq4dm"),
+        INVALID,
+    ),  # w8a4-modiff's per-sample scales are not static
     "ddpm": (_at(("defaults", "sampler"), "ddpm"), VALID),
     "batch 2": (_at(("defaults", "batch_size"), 2), VALID),
     "value abc": (_at((*_METRIC, "value"), "abc"), INVALID),
@@ -1164,7 +1602,9 @@ class CliCase(Terse):
         return f"CliCase(argv={list(self.argv)!r}, verdict={('VALID', 'EITHER', 'INVALID')[self.verdict]} ({self.why}), baseline={_short(self.baseline, 300)})"
 
 
-def _options(draw: st.DrawFn, required: list[st.SearchStrategy[Arg]], optional: list[st.SearchStrategy[Arg]]) -> list[Arg]:
+def _options(
+    draw: st.DrawFn, required: list[st.SearchStrategy[Arg]], optional: list[st.SearchStrategy[Arg]]
+) -> list[Arg]:
     args = [draw(option) for option in required if chance(draw, 95)]
     if len(args) < len(required):
         args.append(Arg((), INVALID, "a required option left out"))
@@ -1176,20 +1616,45 @@ def _options(draw: st.DrawFn, required: list[st.SearchStrategy[Arg]], optional: 
 def cli_cases(draw: st.DrawFn, files: CliFiles) -> CliCase:
     models = _menu("--model", files.models)
     recipes = _menu("--recipe", files.recipes)
-    command = draw(st.sampled_from(["explain", "bops", "eval", "demo", "plot distributions", "plot step-error", "plot fd-vs-bits", "gate"]))
-    sampling = [STEPS_ARG, SAMPLES_ARG, SEED_ARG, BATCH_ARG, _menu("--sampler", SAMPLERS_MENU), _menu("--calibration-cache", OUT_FOLDER), _menu("--bops-attention", ATTENTION_MENU), FLOAT_BITS_ARG]
+    command = draw(
+        st.sampled_from(
+            ["explain", "bops", "eval", "demo", "plot distributions", "plot step-error", "plot fd-vs-bits", "gate"]
+        )
+    )
+    sampling = [
+        STEPS_ARG,
+        SAMPLES_ARG,
+        SEED_ARG,
+        BATCH_ARG,
+        _menu("--sampler", SAMPLERS_MENU),
+        _menu("--calibration-cache", OUT_FOLDER),
+        _menu("--bops-attention", ATTENTION_MENU),
+        FLOAT_BITS_ARG,
+    ]
     baseline, args = b"", []
     if command == "explain":
         args = _options(draw, [models, recipes], [])
     elif command == "bops":
-        args = _options(draw, [models, _menu("--json", OUT_FILE)], [recipes, BOPS_STEPS_ARG, _menu("--bops-attention", ATTENTION_MENU), FLOAT_BITS_ARG])
+        args = _options(
+            draw,
+            [models, _menu("--json", OUT_FILE)],
+            [recipes, BOPS_STEPS_ARG, _menu("--bops-attention", ATTENTION_MENU), FLOAT_BITS_ARG],
+        )
     elif command == "eval":
-        args = _options(draw, [models, recipes, _menu("--json", OUT_FILE)], [*sampling, _menu("--base-quantizer", BASE_MENU), CALIBRATION_ARG, _menu("--out", OUT_FOLDER)])
+        args = _options(
+            draw,
+            [models, recipes, _menu("--json", OUT_FILE)],
+            [*sampling, _menu("--base-quantizer", BASE_MENU), CALIBRATION_ARG, _menu("--out", OUT_FOLDER)],
+        )
     elif command == "demo":
-        demo_recipes = st.lists(st.sampled_from(sorted(files.recipes)), min_size=1, max_size=3).map(lambda rs: Arg(("--recipes", *rs), max(files.recipes[r] for r in rs)))
+        demo_recipes = st.lists(st.sampled_from(sorted(files.recipes)), min_size=1, max_size=3).map(
+            lambda rs: Arg(("--recipes", *rs), max(files.recipes[r] for r in rs))
+        )
         args = _options(draw, [], [models, *sampling, demo_recipes, _menu("--out", OUT_FOLDER)])
     elif command == "plot distributions":
-        layers = st.lists(st.sampled_from(["conv_in", "mid_block.attentions.0.to_q", "no_such_layer", ""]), min_size=1, max_size=2).map(lambda ls: Arg(("--layers", *ls), EITHER))
+        layers = st.lists(
+            st.sampled_from(["conv_in", "mid_block.attentions.0.to_q", "no_such_layer", ""]), min_size=1, max_size=2
+        ).map(lambda ls: Arg(("--layers", *ls), EITHER))
         args = _options(draw, [_menu("--out", OUT_FOLDER)], [models, *sampling, layers])
     elif command == "plot step-error":
         args = _options(draw, [_menu("--out", OUT_FOLDER)], [models, *sampling, recipes])
@@ -1200,15 +1665,33 @@ def cli_cases(draw: st.DrawFn, files: CliFiles) -> CliCase:
             args.append(Arg((), INVALID, "no --results: the default file does not exist"))
     else:
         baseline, verdict, why = draw(gate_files())
-        args = [Arg(("--baseline", "baseline.yaml"), verdict, why)] + ([Arg(("--update",), VALID)] if draw(st.booleans()) else [])
-    if command in ("eval", "plot distributions", "plot step-error", "demo", "explain", "bops") and not chance(draw, 70):
+        args = [Arg(("--baseline", "baseline.yaml"), verdict, why)] + (
+            [Arg(("--update",), VALID)] if draw(st.booleans()) else []
+        )
+    if command in ("eval", "plot distributions", "plot step-error", "demo", "explain", "bops") and not chance(
+        draw, 70
+    ):
         args.append(draw(_menu("--weights", files.weights)))
     if not chance(draw, 95):
-        args.append(draw(st.sampled_from([Arg(("--bogus",), INVALID, "unknown option"), Arg(("stray",), INVALID, "stray word"), Arg(("--steps",), INVALID, "option without value")])))
+        args.append(
+            draw(
+                st.sampled_from(
+                    [
+                        Arg(("--bogus",), INVALID, "unknown option"),
+                        Arg(("stray",), INVALID, "stray word"),
+                        Arg(("--steps",), INVALID, "option without value"),
+                    ]
+                )
+            )
+        )
     args = draw(st.permutations(args)) if not chance(draw, 80) else args
     verdict = max([VALID, *(a.verdict for a in args)])
     verdict = max(verdict, _model_weights_verdict(files, args))
-    why = "; ".join(f"{' '.join(a.words)[:60]}: {('VALID', 'EITHER', 'INVALID')[a.verdict]}{' ' + a.what if a.what else ''}" for a in args if a.verdict)
+    why = "; ".join(
+        f"{' '.join(a.words)[:60]}: {('VALID', 'EITHER', 'INVALID')[a.verdict]}{' ' + a.what if a.what else ''}"
+        for a in args
+        if a.verdict
+    )
     return CliCase((*command.split(), *(w for a in args for w in a.words)), verdict, why, baseline)
 
 
@@ -1254,13 +1737,19 @@ def check_cli(env: FuzzEnv, case: CliCase, folder: Path) -> None:
     else:
         ending, code = f"exit {outcome.value}", outcome.value
         if code == 2 and (len(lines) != 1 or not lines[0].startswith("modiff-quant: error: ")):
-            report.add("exit 2 without one error line", f"exit 2, but stderr is not one 'modiff-quant: error:' line: {lines[:3]!r}")
+            report.add(
+                "exit 2 without one error line",
+                f"exit 2, but stderr is not one 'modiff-quant: error:' line: {lines[:3]!r}",
+            )
         elif code not in (0, 1, 2):
             report.add("exit code", f"main returned {code!r}")
     event(f"{command}: {ending}")
     verdict = ("VALID", "EITHER", "INVALID")[case.verdict]
     if case.verdict == INVALID and code != 2 and not report.problems:
-        report.add(f"invalid input accepted ({ending})", f"{verdict} command line ended in {ending}, not exit 2 before the expensive work ({case.why})")
+        report.add(
+            f"invalid input accepted ({ending})",
+            f"{verdict} command line ended in {ending}, not exit 2 before the expensive work ({case.why})",
+        )
     if case.verdict == VALID and code == 2:
         report.add("valid input refused", f"{verdict} command line refused: {lines[-1:]!r}")
     report.check()

@@ -44,7 +44,9 @@ def test_frechet_distance_properties():
     classifier = load_classifier()
     train, held_out = load_digits16()
     real = digit_features(classifier, held_out.images)
-    assert frechet_distance(digit_features(classifier, train.images[:HELD_OUT]), real) * 5 < frechet_distance(digit_features(classifier, torch.randn(HELD_OUT, 1, 16, 16)), real)
+    assert frechet_distance(digit_features(classifier, train.images[:HELD_OUT]), real) * 5 < frechet_distance(
+        digit_features(classifier, torch.randn(HELD_OUT, 1, 16, 16)), real
+    )
 
 
 def test_quad_ddim_follows_the_reference_sequence():
@@ -69,12 +71,47 @@ def test_eval_runs_on_the_cifar_architecture(tmp_path):
     """Acceptance: `eval --model cifar10-ddpm --recipe w8a3-modiff --samples 2 --steps 10` runs and
     writes the JSON contract (FD is null: no feature extractor for CIFAR here)."""
     out = tmp_path / "result.json"
-    assert main(["eval", "--model", "cifar10-ddpm", "--recipe", "w8a3-modiff", "--samples", "2", "--steps", "10", "--json", str(out), "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "cifar10-ddpm",
+                "--recipe",
+                "w8a3-modiff",
+                "--samples",
+                "2",
+                "--steps",
+                "10",
+                "--json",
+                str(out),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
-    for key in ("fd", "fd_fp", "fd_to_fp", "psnr_vs_fp", "eps_rel_error", "gbops_per_step", "gbops_per_step_amortized", "cache_bytes_per_image", "wall_seconds"):
+    for key in (
+        "fd",
+        "fd_fp",
+        "fd_to_fp",
+        "psnr_vs_fp",
+        "eps_rel_error",
+        "gbops_per_step",
+        "gbops_per_step_amortized",
+        "cache_bytes_per_image",
+        "wall_seconds",
+    ):
         assert key in result
-    assert result["fd"] is None and result["gbops_per_step"] == pytest.approx(6.222 * 8 * 3, rel=1e-3)  # layers and attention matmuls
-    assert result["cache_bytes_per_image"] > 0 and (tmp_path / "grid.png").is_file() and (tmp_path / "report.md").is_file()
+    assert result["fd"] is None and result["gbops_per_step"] == pytest.approx(
+        6.222 * 8 * 3, rel=1e-3
+    )  # layers and attention matmuls
+    assert (
+        result["cache_bytes_per_image"] > 0
+        and (tmp_path / "grid.png").is_file()
+        and (tmp_path / "report.md").is_file()
+    )
 
 
 def test_digits16_samples_are_as_close_to_real_digits_as_real_digits_are():

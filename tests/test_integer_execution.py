@@ -14,7 +14,10 @@ from modiff_quant.integer_kernels import unavailable_reason
 from modiff_quant.layers import QuantizedLayer
 from modiff_quant.models import load_model
 
-pytestmark = [pytest.mark.usefixtures("no_grad"), pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))]
+pytestmark = [
+    pytest.mark.usefixtures("no_grad"),
+    pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason())),
+]
 
 
 @pytest.mark.parametrize("recipe", ["w8a4-modiff", "w8a8-plain", "w4a4-modiff"])

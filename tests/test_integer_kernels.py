@@ -67,7 +67,9 @@ def test_matches_float_layer(no_grad: None, name: str, bits: int, codes: int, pe
     assert_close(kernel.run(x, scale, accumulate), expected + accumulate)
 
 
-@pytest.mark.parametrize("bounds", [(-40, 215), (0, 255), (-255, 0), (-255, 255)], ids=["shifted", "unsigned", "negative", "split"])
+@pytest.mark.parametrize(
+    "bounds", [(-40, 215), (0, 255), (-255, 0), (-255, 255)], ids=["shifted", "unsigned", "negative", "split"]
+)
 def test_code_ranges_and_given_bounds(no_grad: None, bounds: tuple[int, int]) -> None:
     """8-bit codes minus a zero point: one shifted call when they span ≤ 256 values (zero point 0
     included, which has its own weight packing), two otherwise."""

@@ -7,12 +7,11 @@ import copy
 
 import pytest
 import torch
+from helpers import ddim_inputs, tiny_unet
 from torch import nn
 
 import modiff_quant as mq
 from modiff_quant.trajectory import StaleCacheError
-
-from helpers import ddim_inputs, tiny_unet
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -53,7 +52,10 @@ def smooth_trajectory(steps: int, shape: tuple[int, ...], seed: int = 0) -> list
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=g) ** 3
     directions = torch.randn((3, *shape), generator=g)
-    return [base + sum(torch.sin(torch.tensor(0.05 * k * (i + 1))) * d for i, d in enumerate(directions)) * 0.3 for k in range(steps)]
+    return [
+        base + sum(torch.sin(torch.tensor(0.05 * k * (i + 1))) * d for i, d in enumerate(directions)) * 0.3
+        for k in range(steps)
+    ]
 
 
 def layer_errors(layer: nn.Module, trajectory: list[torch.Tensor], recipe_text: str, write_recipe) -> float:
@@ -101,7 +103,9 @@ def test_bias_is_added_once(write_recipe):
     model = single_linear()
     nn.init.constant_(model[0].bias, 5.0)
     x = torch.randn(4, 16)
-    quantized = mq.convert(mq.prepare(copy.deepcopy(model), write_recipe("version: 1\ndefaults:\n  a_bits: 4\n  w_bits: float\n")))
+    quantized = mq.convert(
+        mq.prepare(copy.deepcopy(model), write_recipe("version: 1\ndefaults:\n  a_bits: 4\n  w_bits: float\n"))
+    )
     with mq.sampling(quantized):
         outputs = [quantized(x) for _ in range(10)]
     assert all(torch.equal(o, outputs[0]) for o in outputs)
@@ -113,7 +117,9 @@ def test_zero_bit_step_skips_the_layer_and_returns_the_cached_output(write_recip
     """Acceptance: on a 0-bit step the wrapped layer's operation is not run and the output is
     exactly the cached ô; the step after it computes again."""
     model = single_linear()
-    recipe = write_recipe(f"version: 1\ndefaults:\n  scheme: {scheme}\n  a_bits: 4\nrules:\n  - match: '0'\n    a_bits: 0\n    steps: [2, 3]\n")
+    recipe = write_recipe(
+        f"version: 1\ndefaults:\n  scheme: {scheme}\n  a_bits: 4\nrules:\n  - match: '0'\n    a_bits: 0\n    steps: [2, 3]\n"
+    )
     quantized = mq.convert(mq.prepare(model, recipe))
     layer = quantized[0]
     calls = []
@@ -167,7 +173,12 @@ def test_first_step_policies(write_recipe):
 def test_quantized_first_step_uses_the_raw_quantizer(write_recipe):
     """`quantized` is exactly A(Q_raw(a)) + b with the base quantizer's raw activation quantizer."""
     model = single_linear()
-    quantized = mq.convert(mq.prepare(copy.deepcopy(model), write_recipe("version: 1\ndefaults:\n  w_bits: float\n  a_bits: 4\n  first_step: quantized\n")))
+    quantized = mq.convert(
+        mq.prepare(
+            copy.deepcopy(model),
+            write_recipe("version: 1\ndefaults:\n  w_bits: float\n  a_bits: 4\n  first_step: quantized\n"),
+        )
+    )
     layer = quantized[0]
     x = torch.randn(4, 16)
     with mq.sampling(quantized):

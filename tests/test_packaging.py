@@ -14,7 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_contains_recipes_backends_and_entry_points(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = tmp_path.glob("modiff_quant-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {f"modiff_quant/recipes/{name}.yaml" for name in mq.shipped_recipes()} <= set(names)

@@ -41,7 +41,10 @@ def test_stable_diffusion_with_cfg_through_attach_is_finite_and_repeatable(tmp_p
     assert not torch.equal(first, float_images)  # quantization is really on
 
 
-@pytest.mark.parametrize("scheduler", [DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler])
+@pytest.mark.parametrize(
+    "scheduler",
+    [DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler],
+)
 def test_swapping_the_scheduler_needs_nothing_else(tmp_path, scheduler):
     pipe = tiny_sd_pipeline(tmp_path)
     unet = mq.attach(pipe, "w8a4-modiff")
@@ -53,19 +56,26 @@ def test_swapping_the_scheduler_needs_nothing_else(tmp_path, scheduler):
         return kwargs
 
     first = sd_images(pipe, steps=6, callback_on_step_end=record_step)
-    assert len(steps_seen) >= 6 and steps_seen == list(range(len(steps_seen)))  # one trajectory, never restarted (Heun: 2 calls a step)
+    assert len(steps_seen) >= 6 and steps_seen == list(
+        range(len(steps_seen))
+    )  # one trajectory, never restarted (Heun: 2 calls a step)
     assert torch.isfinite(first).all() and torch.equal(first, sd_images(pipe, steps=6))
 
 
 def test_dit_pipeline_transformer_and_ddim_pipeline_unet(tmp_path):
     dit = tiny_dit_pipeline()
     mq.attach(dit, "w8a4-modiff")
-    run = lambda: dit([0, 1], num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="np").images  # noqa: E731
+    run = lambda: (
+        dit([0, 1], num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="np").images
+    )  # noqa: E731
     assert (run() == run()).all()
     ddim = DDIMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler(clip_sample=False))
     ddim.set_progress_bar_config(disable=True)
     mq.attach(ddim, "w8a4-modiff")
-    images = [ddim(batch_size=2, num_inference_steps=6, generator=torch.Generator().manual_seed(1), output_type="np").images for _ in range(2)]
+    images = [
+        ddim(batch_size=2, num_inference_steps=6, generator=torch.Generator().manual_seed(1), output_type="np").images
+        for _ in range(2)
+    ]
     assert (images[0] == images[1]).all()
 
 
@@ -117,7 +127,9 @@ def test_cfg_as_two_calls_keeps_one_state_per_branch(named, order):
 
 def test_attach_errors_name_the_components(tmp_path):
     pipe = tiny_sd_pipeline(tmp_path)
-    with pytest.raises(ValueError, match=r"no model component 'transformer' \(its model components: vae, text_encoder, unet\)"):
+    with pytest.raises(
+        ValueError, match=r"no model component 'transformer' \(its model components: vae, text_encoder, unet\)"
+    ):
         mq.attach(pipe, "w8a4-modiff", component="transformer")
     pipe.unet = None
     with pytest.raises(ValueError, match=r"neither a unet nor a transformer; name the denoiser with component="):

@@ -28,7 +28,9 @@ def test_project_quality_gate_passes(capsys):
 
 def test_gate_fails_on_a_planted_regression(tmp_path, capsys):
     """MoDiff without error compensation, checked against the MoDiff W8A4 baseline, must fail."""
-    (tmp_path / "no-ec.yaml").write_text("version: 1\nextends: w8a4-modiff\ndefaults:\n  error_compensation: false\n", encoding="utf-8")
+    (tmp_path / "no-ec.yaml").write_text(
+        "version: 1\nextends: w8a4-modiff\ndefaults:\n  error_compensation: false\n", encoding="utf-8"
+    )
     baselines = yaml.safe_load(BASELINE.read_text(encoding="utf-8"))
     planted = {**baselines["settings"]["w8a4-modiff"], "recipe": str(tmp_path / "no-ec.yaml")}
     data = {"version": 1, "defaults": baselines["defaults"], "settings": {"w8a4-modiff": planted}}
@@ -41,8 +43,15 @@ def test_gate_fails_on_a_planted_regression(tmp_path, capsys):
 
 def test_update_records_values_that_then_pass(tmp_path, capsys):
     path = tmp_path / "baseline.yaml"
-    settings = {"w8a4-modiff": {"recipe": "w8a4-modiff", "metrics": {"psnr_vs_fp": {"value": None}, "fd": {"value": None}}}}
-    path.write_text(yaml.safe_dump({"version": 1, "defaults": {"model": "digits16", "steps": 5, "samples": 8}, "settings": settings}), encoding="utf-8")
+    settings = {
+        "w8a4-modiff": {"recipe": "w8a4-modiff", "metrics": {"psnr_vs_fp": {"value": None}, "fd": {"value": None}}}
+    }
+    path.write_text(
+        yaml.safe_dump(
+            {"version": 1, "defaults": {"model": "digits16", "steps": 5, "samples": 8}, "settings": settings}
+        ),
+        encoding="utf-8",
+    )
     assert main(["gate", "--baseline", str(path), "--update"]) == 0
     recorded = yaml.safe_load(path.read_text(encoding="utf-8"))["settings"]["w8a4-modiff"]["metrics"]
     assert recorded["psnr_vs_fp"]["value"] > 0 and recorded["fd"]["tolerance"] == "15%"
@@ -54,12 +63,24 @@ def test_bad_baselines_files_are_clear_errors(tmp_path, capsys):
     """Typos and missing parts fail before anything is sampled, naming the file and line."""
     path = tmp_path / "baseline.yaml"
     cases = [
-        ("version: 1\nsettings:\n  a:\n    recipe: w8a4-modiff\n    sampels: 8\n    metrics: {fd: {value: 1}}\n", ":5: unknown key of setting 'a' 'sampels'"),
+        (
+            "version: 1\nsettings:\n  a:\n    recipe: w8a4-modiff\n    sampels: 8\n    metrics: {fd: {value: 1}}\n",
+            ":5: unknown key of setting 'a' 'sampels'",
+        ),
         ("version: 1\nsettings:\n  a:\n    recipe: w8a4-modiff\n", ":3: setting 'a' needs a mapping with 'metrics'"),
-        ("version: 1\nsettings:\n  a:\n    metrics: {fid: {value: 1}}\n", ":4: metric 'fid' needs {value: ..., tolerance: ...}"),
-        ("version: 1\nsettings:\n  a:\n    metrics: {fd: {value: 1, tolerance: 15 percent}}\n", ":4: tolerance must be a number >= 0 or 'N%'"),
+        (
+            "version: 1\nsettings:\n  a:\n    metrics: {fid: {value: 1}}\n",
+            ":4: metric 'fid' needs {value: ..., tolerance: ...}",
+        ),
+        (
+            "version: 1\nsettings:\n  a:\n    metrics: {fd: {value: 1, tolerance: 15 percent}}\n",
+            ":4: tolerance must be a number >= 0 or 'N%'",
+        ),
         ("version: 1\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n", ":3: setting 'a' names no model"),
-        ("version: 1\ndefaults: {model: digits16}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\ncomparisons:\n  - {metric: fd, worse: a, better: b, ratio: 2}\n", ":7: comparison names unknown setting 'b'"),
+        (
+            "version: 1\ndefaults: {model: digits16}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\ncomparisons:\n  - {metric: fd, worse: a, better: b, ratio: 2}\n",
+            ":7: comparison names unknown setting 'b'",
+        ),
     ]
     for text, message in cases:
         path.write_text(text, encoding="utf-8")
@@ -94,6 +115,12 @@ def test_a_setting_evaluated_twice_gives_bit_identical_images(tmp_path):
     from modiff_quant.evaluate import Harness
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n", encoding="utf-8")
-    first, second = (Harness("digits16", steps=3, samples=4).evaluate(str(recipe), calibration_samples=2)[1].images for _ in range(2))
+    recipe.write_text(
+        "version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n",
+        encoding="utf-8",
+    )
+    first, second = (
+        Harness("digits16", steps=3, samples=4).evaluate(str(recipe), calibration_samples=2)[1].images
+        for _ in range(2)
+    )
     assert torch.equal(first, second)

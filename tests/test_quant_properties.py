@@ -17,11 +17,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
 from modiff_quant.backends.static import StaticQuantizer
+
 from modiff_quant.base_quantizer import ObservedActivationQuantizer
 from modiff_quant.observers import LpSearchObserver, MinMaxObserver, MovingAverageMinMaxObserver
-from modiff_quant.quant import FLOAT_BITS, Granularity, QuantSpec, fake_quantize, qparams, quantize_minmax, round_ste, stats_view
+from modiff_quant.quant import (
+    FLOAT_BITS,
+    Granularity,
+    QuantSpec,
+    fake_quantize,
+    qparams,
+    quantize_minmax,
+    round_ste,
+    stats_view,
+)
 from modiff_quant.registry import OBSERVERS
 
 EPS = torch.finfo(torch.float32).eps
@@ -50,7 +59,9 @@ def float_slack(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return 4 * EPS * (x.abs() + q.abs())
 
 
-def check_half_scale_error(x_view, q_view, scale, zero_point, spec, *, all_inside: bool, within_half_step: bool = False):
+def check_half_scale_error(
+    x_view, q_view, scale, zero_point, spec, *, all_inside: bool, within_half_step: bool = False
+):
     """|x - Q(x)| <= scale/2 for every element inside [scale*(qmin-zp), scale*(qmax-zp)].
 
     `all_inside` additionally requires every element to lie inside that clipping range (up to float
@@ -163,7 +174,13 @@ def test_minmax_error_at_most_half_scale(layout, bits, symmetric, seed, distribu
 
 
 @PROPERTY_SETTINGS
-@given(layout=layouts(), bits=specs_bits, symmetric=st.booleans(), seed=st.integers(0, 2**31 - 1), exponent=st.integers(-20, 20))
+@given(
+    layout=layouts(),
+    bits=specs_bits,
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+    exponent=st.integers(-20, 20),
+)
 def test_distinct_levels_per_group_at_most_two_to_the_bits(layout, bits, symmetric, seed, exponent):
     """Each scale group uses at most 2**bits distinct values, all on the group's integer grid."""
     shape, channel_dim, weight, granularity = layout
@@ -190,8 +207,12 @@ def test_distinct_levels_saturate_at_low_bits():
 
 
 BIG = float(np.float32(1e30))
-finite_f32 = st.floats(min_value=-BIG, max_value=BIG, allow_nan=False, allow_infinity=False, allow_subnormal=True, width=32)
-special_f32 = st.sampled_from([float(np.float32(v)) for v in (0.0, -0.0, 1e30, -1e30, TINY, -TINY, 1e-45, -1e-45, 1e-40, 3e-39, 1.0)])
+finite_f32 = st.floats(
+    min_value=-BIG, max_value=BIG, allow_nan=False, allow_infinity=False, allow_subnormal=True, width=32
+)
+special_f32 = st.sampled_from(
+    [float(np.float32(v)) for v in (0.0, -0.0, 1e30, -1e30, TINY, -TINY, 1e-45, -1e-45, 1e-40, 3e-39, 1.0)]
+)
 
 
 @PROPERTY_SETTINGS
@@ -339,7 +360,14 @@ def test_group_size_must_divide_channels():
 # ---------------------------------------------------------------------------------------------
 # observers
 
-OBSERVER_GRANULARITIES = [("tensor", 1, False), ("channel", 1, False), ("group:2", 1, False), ("channel", -1, False), ("channel", 0, True), ("group:3", 0, True)]
+OBSERVER_GRANULARITIES = [
+    ("tensor", 1, False),
+    ("channel", 1, False),
+    ("group:2", 1, False),
+    ("channel", -1, False),
+    ("channel", 0, True),
+    ("group:3", 0, True),
+]
 
 
 def batches_for(channel_dim: int, weight: bool, seed: int = 0) -> list[torch.Tensor]:
@@ -347,7 +375,9 @@ def batches_for(channel_dim: int, weight: bool, seed: int = 0) -> list[torch.Ten
     if weight:
         return [torch.randn(4, 2, 3, 3, generator=g) * s for s in (1.0, 3.0, 0.5)]
     if channel_dim == 1:
-        return [torch.randn(n, 6, 4, 4, generator=g) * s + o for n, s, o in ((2, 1.0, 0.0), (3, 2.0, 0.5), (1, 0.5, -1.0))]
+        return [
+            torch.randn(n, 6, 4, 4, generator=g) * s + o for n, s, o in ((2, 1.0, 0.0), (3, 2.0, 0.5), (1, 0.5, -1.0))
+        ]
     return [torch.randn(n, 5, 6, generator=g) * s + o for n, s, o in ((2, 1.0, 0.0), (3, 2.0, 0.5), (1, 0.5, -1.0))]
 
 
@@ -381,7 +411,9 @@ def test_ema_observer_moves_by_one_minus_momentum(momentum, granularity):
     first = torch.randn(2, 6, 4, 4, generator=g)
     observer.observe(first)
     view, dims = stats_view(first, spec.granularity)
-    assert torch.equal(observer.lo, view.amin(dims, keepdim=True)) and torch.equal(observer.hi, view.amax(dims, keepdim=True))
+    assert torch.equal(observer.lo, view.amin(dims, keepdim=True)) and torch.equal(
+        observer.hi, view.amax(dims, keepdim=True)
+    )
     for scale in (5.0, 0.1):
         batch = torch.randn(3, 6, 4, 4, generator=g) * scale
         old_lo, old_hi = observer.lo.clone(), observer.hi.clone()
@@ -491,7 +523,9 @@ def test_observed_activation_quantizer_group_granularity(observer, symmetric, gr
         q = quantizer(x)
         assert q.shape == x.shape and torch.isfinite(q).all()
         view, _ = stats_view(x, spec.granularity, channel_dim=1)
-        inside = check_half_scale_error(view, q.reshape(view.shape), quantizer.scale, quantizer.zero_point, spec, all_inside=False)
+        inside = check_half_scale_error(
+            view, q.reshape(view.shape), quantizer.scale, quantizer.zero_point, spec, all_inside=False
+        )
         assert inside.any()
         if observer == "minmax" and x is calib[0]:
             err = (view - q.reshape(view.shape)).abs()
@@ -523,12 +557,16 @@ def test_observed_activation_quantizer_float_spec_passes_through():
 def test_static_quantizer_conv_weight(granularity, symmetric, bits):
     """`static` quantizes a conv weight per tensor / output channel / input group within s/2."""
     spec = spec_of(bits, symmetric, granularity)
-    w = torch.randn(8, 2, 3, 3, generator=torch.Generator().manual_seed(11)) * torch.logspace(-2, 1, 8).view(8, 1, 1, 1)
+    w = torch.randn(8, 2, 3, 3, generator=torch.Generator().manual_seed(11)) * torch.logspace(-2, 1, 8).view(
+        8, 1, 1, 1
+    )
     q = StaticQuantizer().quantize_weight(w, spec)
     assert q.shape == w.shape and torch.isfinite(q).all()
     view, dims, scale, zero_point = reference_qparams(w, spec, weight=True)
     assert torch.equal(q, quantize_minmax(w, spec, weight=True))
-    check_half_scale_error(view, q.reshape(view.shape), scale, zero_point, spec, all_inside=symmetric, within_half_step=True)
+    check_half_scale_error(
+        view, q.reshape(view.shape), scale, zero_point, spec, all_inside=symmetric, within_half_step=True
+    )
     for row in rows_per_group(q.reshape(view.shape), dims):
         assert torch.unique(row).numel() <= 2**bits
 

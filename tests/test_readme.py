@@ -22,7 +22,11 @@ def test_readme_recipe_resolves_on_the_cifar_unet(tmp_path):
 
 
 def test_readme_own_loop_quickstart_runs():
-    quickstart = readme_example("your own sampling loop").replace("UNet2DModel(...)", "tiny_unet()").replace("randn(4, 3, 32, 32)", "randn(4, 1, 8, 8)")
+    quickstart = (
+        readme_example("your own sampling loop")
+        .replace("UNet2DModel(...)", "tiny_unet()")
+        .replace("randn(4, 3, 32, 32)", "randn(4, 1, 8, 8)")
+    )
     from helpers import tiny_unet
 
     namespace = {"tiny_unet": tiny_unet}
@@ -36,15 +40,26 @@ def test_readme_diffusers_quickstart_runs(tmp_path, monkeypatch):
     tokenizer_folder.mkdir()
 
     def run(marker: str, namespace: dict) -> dict:
-        code = readme_example(marker).replace('StableDiffusionPipeline.from_pretrained("path/to/local/model")', "tiny_pipeline()")
-        code = code.replace("num_inference_steps=50", "num_inference_steps=8").replace("w8a4-modiff-qdiffusion", "w8a4-modiff-ptq4dm")  # the same flow, 10x faster to calibrate
+        code = readme_example(marker).replace(
+            'StableDiffusionPipeline.from_pretrained("path/to/local/model")', "tiny_pipeline()"
+        )
+        code = code.replace("num_inference_steps=50", "num_inference_steps=8").replace(
+            "w8a4-modiff-qdiffusion", "w8a4-modiff-ptq4dm"
+        )  # the same flow, 10x faster to calibrate
         exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - our own documentation
         return namespace
 
     def seeded(pipe) -> torch.Tensor:
-        return pipe("a watercolor fox", num_inference_steps=8, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        return pipe(
+            "a watercolor fox", num_inference_steps=8, generator=torch.Generator().manual_seed(0), output_type="pt"
+        ).images
 
-    base = {"tiny_pipeline": lambda: tiny_sd_pipeline(tokenizer_folder), "calibration_prompts": ["a cat", "a dog"], "mq": mq, "torch": torch}
+    base = {
+        "tiny_pipeline": lambda: tiny_sd_pipeline(tokenizer_folder),
+        "calibration_prompts": ["a cat", "a dog"],
+        "mq": mq,
+        "torch": torch,
+    }
     quantized = run("diffusers pipeline", dict(base))
     assert quantized["image"].size == (8, 8) and mq.api.is_converted(quantized["pipe"].unet)
     calibrated = run("calibrated pipeline", dict(base, pipe=tiny_sd_pipeline(tokenizer_folder)))

@@ -91,17 +91,52 @@ HOSTILE = [
     ("control-character", b"version: 1\n\ndescription: a\x07b\n", b"\x07", ["U+0007"]),
     ("seq-tag-on-mapping", b"version: 1\ndefaults: !!seq {a: 1}\n", b"!!seq", ["sequence"]),
     ("map-tag-on-list", b"version: 1\ndefaults: !!map [1]\n", b"!!map", ["needs a mapping"]),
-    ("nested-300-deep", b"version: 1\ndescription: " + b"[" * 300 + b"]" * 300 + b"\n", b"[[", ["nested deeper than 32 levels"]),
-    ("5000-digit-integer", b"version: 1\ndefaults:\n  a_bits: " + b"9" * 5000 + b"\n", b"99", ["a number of 5000 characters", "limit is 100"]),
-    ("5000-digit-group", b"version: 1\ndefaults:\n  a_granularity: group:" + b"9" * 5000 + b"\n", b"group:", ["a_granularity", "group:999"]),
-    ("1000-nested-groups", RULE % (b"'re:" + b"(" * 1000 + b"a" + b")" * 1000 + b"'"), b"re:", ["2,004 characters; the limit is 1,000"]),
+    (
+        "nested-300-deep",
+        b"version: 1\ndescription: " + b"[" * 300 + b"]" * 300 + b"\n",
+        b"[[",
+        ["nested deeper than 32 levels"],
+    ),
+    (
+        "5000-digit-integer",
+        b"version: 1\ndefaults:\n  a_bits: " + b"9" * 5000 + b"\n",
+        b"99",
+        ["a number of 5000 characters", "limit is 100"],
+    ),
+    (
+        "5000-digit-group",
+        b"version: 1\ndefaults:\n  a_granularity: group:" + b"9" * 5000 + b"\n",
+        b"group:",
+        ["a_granularity", "group:999"],
+    ),
+    (
+        "1000-nested-groups",
+        RULE % (b"'re:" + b"(" * 1000 + b"a" + b")" * 1000 + b"'"),
+        b"re:",
+        ["2,004 characters; the limit is 1,000"],
+    ),
     ("extends-300-characters", b"version: 1\nextends: " + b"x" * 300 + b"\n", b"extends", ["not a usable path"]),
     ("bad-int", b"version: 1\ndescription: !!int abc\n", b"!!int", ["invalid !!int value 'abc'"]),
     ("bad-bool", b"version: 1\ndescription: !!bool maybe\n", b"!!bool", ["invalid !!bool value 'maybe'"]),
-    ("empty-int", b"version: 1\ndescription: !!int ''\n", b"!!int", ["invalid !!int value ''"]),  # IndexError (found by the fuzz test)
-    ("bad-date", b"version: 1\n\ndescription: 2001-13-45\n", b"2001", ["invalid !!timestamp value", "month must be in 1..12"]),
+    (
+        "empty-int",
+        b"version: 1\ndescription: !!int ''\n",
+        b"!!int",
+        ["invalid !!int value ''"],
+    ),  # IndexError (found by the fuzz test)
+    (
+        "bad-date",
+        b"version: 1\n\ndescription: 2001-13-45\n",
+        b"2001",
+        ["invalid !!timestamp value", "month must be in 1..12"],
+    ),
     ("recursive-alias", b"version: 1\ndescription: &a [*a]\n", b"&a", ["recursive"]),
-    ("python-tag", b"version: 1\ndescription: !!python/object/apply:os.system [ls]\n", b"!!python", ["could not determine a constructor"]),
+    (
+        "python-tag",
+        b"version: 1\ndescription: !!python/object/apply:os.system [ls]\n",
+        b"!!python",
+        ["could not determine a constructor"],
+    ),
 ]
 
 
@@ -131,9 +166,16 @@ def test_a_file_that_cannot_be_read_is_a_recipe_error(tmp_path):
 def test_extends_chain_is_capped_at_its_extends_line(tmp_path):
     """A 1,200-file chain was a RecursionError; the 16th file's extends line now names the limit."""
     for i in range(1200):
-        write_bytes(tmp_path, b"version: 1\nextends: r%d.yaml\n" % (i + 1) if i < 1199 else b"version: 1\n", f"r{i}.yaml")
+        write_bytes(
+            tmp_path, b"version: 1\nextends: r%d.yaml\n" % (i + 1) if i < 1199 else b"version: 1\n", f"r{i}.yaml"
+        )
     error = timed_error(tmp_path / "r0.yaml")
-    assert_at(error, tmp_path / f"r{schema.MAX_EXTENDS - 1}.yaml", 2, f"extends chain longer than {schema.MAX_EXTENDS} recipes: r0.yaml -> r1.yaml -> r2.yaml -> ...")
+    assert_at(
+        error,
+        tmp_path / f"r{schema.MAX_EXTENDS - 1}.yaml",
+        2,
+        f"extends chain longer than {schema.MAX_EXTENDS} recipes: r0.yaml -> r1.yaml -> r2.yaml -> ...",
+    )
     assert load_recipe(tmp_path / f"r{1200 - schema.MAX_EXTENDS}.yaml").rules == ()  # 16 files: fine
 
 
@@ -167,11 +209,20 @@ def test_alias_bomb_is_refused_by_its_expanded_size(tmp_path):
 def test_values_in_messages_are_truncated(tmp_path):
     """Messages embedded `{value!r}`: an aliased list of 5,000 strings, or 500 KB of text, in a
     setting now gives a message of a few hundred characters."""
-    path = write_bytes(tmp_path, b"version: 1\ndefaults:\n  a_bits: &a [" + b", ".join([b"lol"] * 9) + b"]\n  w_bits: [" + b", ".join([b"*a"] * 500) + b"]\n")
+    path = write_bytes(
+        tmp_path,
+        b"version: 1\ndefaults:\n  a_bits: &a ["
+        + b", ".join([b"lol"] * 9)
+        + b"]\n  w_bits: ["
+        + b", ".join([b"*a"] * 500)
+        + b"]\n",
+    )
     error = timed_error(path)
     assert_at(error, path, 4, "w_bits: expected", "got [['lol', 'lol'")  # w_bits is checked first
     assert len(str(error)) < 300
-    path = write_bytes(tmp_path, b"version: 1\ndescription: [" + b", ".join([b"x" * 100_000] * 5) + b"]\n", "long.yaml")
+    path = write_bytes(
+        tmp_path, b"version: 1\ndescription: [" + b", ".join([b"x" * 100_000] * 5) + b"]\n", "long.yaml"
+    )
     error = timed_error(path)
     assert_at(error, path, 2, "description must be a string, got ['xxx")
     assert len(str(error)) < 300
@@ -179,7 +230,16 @@ def test_values_in_messages_are_truncated(tmp_path):
 
 def test_nesting_through_aliases_counts_what_they_stand_for(tmp_path):
     """Depth is checked on the expanded document: 20 levels aliased inside 20 levels is 40."""
-    data = b"version: 1\nx: &deep " + b"[" * 20 + b"]" * 20 + b"\ndescription: " + b"[" * 20 + b"*deep" + b"]" * 20 + b"\n"
+    data = (
+        b"version: 1\nx: &deep "
+        + b"[" * 20
+        + b"]" * 20
+        + b"\ndescription: "
+        + b"[" * 20
+        + b"*deep"
+        + b"]" * 20
+        + b"\n"
+    )
     path = write_bytes(tmp_path, data)
     assert_at(timed_error(path), path, 3, "nested deeper than 32 levels")
 
@@ -209,7 +269,10 @@ def test_documents_at_the_value_limit_load_fast(tmp_path):
     """The slowest documents within the limits (every value a separate rule, or a flat list) load
     in well under a second (about 0.25 s of CPU on a 2-core machine)."""
     rules = b"".join(b"  - {match: down_blocks.%d.conv1, a_bits: 4}\n" for i in range((source.MAX_VALUES - 10) // 5))
-    for name, data in (("rules", b"version: 1\nrules:\n" + rules), ("list", b"version: 1\ndescription: [" + b"1, " * (source.MAX_VALUES - 10) + b"]\n")):
+    for name, data in (
+        ("rules", b"version: 1\nrules:\n" + rules),
+        ("list", b"version: 1\ndescription: [" + b"1, " * (source.MAX_VALUES - 10) + b"]\n"),
+    ):
         path = write_bytes(tmp_path, data, f"{name}.yaml")
         with Bounded():
             try:
@@ -306,7 +369,9 @@ def test_regex_count_is_capped_across_the_chain(tmp_path):
     ],
 )
 def test_counts_and_ranges_are_bounded_at_load(tmp_path, setting, accepted):
-    path = write_bytes(tmp_path, f"version: 1\ndefaults:\n  base_quantizer: static\n  a_granularity: tensor\n  {setting}\n".encode())
+    path = write_bytes(
+        tmp_path, f"version: 1\ndefaults:\n  base_quantizer: static\n  a_granularity: tensor\n  {setting}\n".encode()
+    )
     if accepted:
         load_recipe(path)
     else:
@@ -324,19 +389,35 @@ OPTION_CASES = [
     ("{name: qdiffusion, weight_lr: 1}", True, []),  # an int is a float
     ("{name: qdiffusion, weight_lr: .nan}", False, ["NaN is never a valid option"]),
     ("{name: qdiffusion, beta: [20, x]}", False, ["option 'beta': expected Sequence[float], got [20, 'x']"]),
-    ("{name: qdiffusion, blocks: ResnetBlock2D}", False, ["option 'blocks': expected Sequence[str] | None"]),  # a str is no list of names
+    (
+        "{name: qdiffusion, blocks: ResnetBlock2D}",
+        False,
+        ["option 'blocks': expected Sequence[str] | None"],
+    ),  # a str is no list of names
     ("{name: qdiffusion, blocks: [ResnetBlock2D], beta: [20, 2]}", True, []),
-    ("{name: static, observer_options: [2.4]}", False, ["option 'observer_options': expected dict[str, Any] | None, got [2.4]"]),
+    (
+        "{name: static, observer_options: [2.4]}",
+        False,
+        ["option 'observer_options': expected dict[str, Any] | None, got [2.4]"],
+    ),
     ("{name: static, observer_options: {1: 2.4}}", False, ["expected dict[str, Any] | None"]),
-    ("{name: torchao_int4, fallback: zero}", False, ["option 'fallback': expected one of 'channel', 'float', got 'zero'"]),
+    (
+        "{name: torchao_int4, fallback: zero}",
+        False,
+        ["option 'fallback': expected one of 'channel', 'float', got 'zero'"],
+    ),
     ("{name: brevitas, calibration: 1}", False, ["option 'calibration': expected one of 'range', 'per_call', got 1"]),
 ]
 
 
-@pytest.mark.parametrize(("value", "accepted", "fragments"), [pytest.param(*case, id=case[0]) for case in OPTION_CASES])
+@pytest.mark.parametrize(
+    ("value", "accepted", "fragments"), [pytest.param(*case, id=case[0]) for case in OPTION_CASES]
+)
 def test_option_values_are_checked_against_the_constructor_types(tmp_path, value, accepted, fragments):
     """`seed: x` and `weight_lr: 1e-3` (a string in YAML 1.1) loaded and failed at calibration."""
-    path = write_bytes(tmp_path, f"version: 1\ndefaults:\n  a_granularity: tensor\n  base_quantizer: {value}\n".encode())
+    path = write_bytes(
+        tmp_path, f"version: 1\ndefaults:\n  a_granularity: tensor\n  base_quantizer: {value}\n".encode()
+    )
     if accepted:
         load_recipe(path)
     else:
@@ -380,7 +461,9 @@ def test_brevitas_options_take_injector_classes():
     from modiff_quant.backends.brevitas import BrevitasQuantizer
 
     hints = option_types._option_hints(BrevitasQuantizer)
-    assert option_types._conforms(Injector, hints["weight_quant"]) and option_types._conforms("Int8WeightPerTensorFloat", hints["act_quant"])
+    assert option_types._conforms(Injector, hints["weight_quant"]) and option_types._conforms(
+        "Int8WeightPerTensorFloat", hints["act_quant"]
+    )
 
 
 TORCHAO = "version: 1\ndefaults:\n  base_quantizer: {base}\n  w_bits: 4\n  w_symmetric: false\n  w_granularity: {granularity}\n"
@@ -391,7 +474,11 @@ TORCHAO = "version: 1\ndefaults:\n  base_quantizer: {base}\n  w_bits: 4\n  w_sym
     [
         (nn.Linear(64, 16), "group:1", {"base": "torchao_int4", "granularity": "group:2"}),
         (nn.Conv2d(4, 8, 3), "group:1", {"base": "torchao_int4", "granularity": "group:2"}),
-        (nn.Linear(1, 16), "channel", {"base": "{name: torchao_int4, fallback: float}", "granularity": "group:2"}),  # one input: one element per channel
+        (
+            nn.Linear(1, 16),
+            "channel",
+            {"base": "{name: torchao_int4, fallback: float}", "granularity": "group:2"},
+        ),  # one input: one element per channel
     ],
 )
 def test_torchao_int4_refuses_groups_of_one_element_at_resolve(tmp_path, layer, granularity, remedy):
@@ -425,12 +512,66 @@ def check_outcome(path: Path) -> None:
         assert len(str(error)) < 1500, str(error)[:300]
 
 
-OPTIONS = sorted({name for quantizer in ("static", "qdiffusion", "ptq4dm", "torchao_int4") for name in option_types._option_hints(BASE_QUANTIZERS.get(quantizer))} - {"return"})
-KEYS = [*TOP_KEYS, *RULE_KEYS, *SETTING_PARSERS, *OPTIONS, "name", "count", "range", "start", "stop", "every", "refresh_every", "observer", "p"]
-NAMES = ["dynamic", "static", "qdiffusion", "ptq4dm", "torchao_int4", "modiff", "plain", "w8a4-modiff", "conv_in", "Linear", "mse", "minmax"]
+OPTIONS = sorted(
+    {
+        name
+        for quantizer in ("static", "qdiffusion", "ptq4dm", "torchao_int4")
+        for name in option_types._option_hints(BASE_QUANTIZERS.get(quantizer))
+    }
+    - {"return"}
+)
+KEYS = [
+    *TOP_KEYS,
+    *RULE_KEYS,
+    *SETTING_PARSERS,
+    *OPTIONS,
+    "name",
+    "count",
+    "range",
+    "start",
+    "stop",
+    "every",
+    "refresh_every",
+    "observer",
+    "p",
+]
+NAMES = [
+    "dynamic",
+    "static",
+    "qdiffusion",
+    "ptq4dm",
+    "torchao_int4",
+    "modiff",
+    "plain",
+    "w8a4-modiff",
+    "conv_in",
+    "Linear",
+    "mse",
+    "minmax",
+]
 HOSTILE_TEXT = [
-    "re:(.|.)*Z", "re:a{4294967296}", "re:(?=a)", "re:(a)\\1", "re:" + "(" * 50, "warmup:99999999", "warmup:2", "group:1", "group:0", "group:" + "9" * 50,
-    "1e-3", "fp", "float", "all", "sample", "tensor", "channel", "x" * 300, "/dev/zero", "\u2028", "\x85", "\ufeff",
+    "re:(.|.)*Z",
+    "re:a{4294967296}",
+    "re:(?=a)",
+    "re:(a)\\1",
+    "re:" + "(" * 50,
+    "warmup:99999999",
+    "warmup:2",
+    "group:1",
+    "group:0",
+    "group:" + "9" * 50,
+    "1e-3",
+    "fp",
+    "float",
+    "all",
+    "sample",
+    "tensor",
+    "channel",
+    "x" * 300,
+    "/dev/zero",
+    "\u2028",
+    "\x85",
+    "\ufeff",
 ]
 scalars = st.one_of(
     st.integers(-(10**30), 10**30),
@@ -442,16 +583,65 @@ scalars = st.one_of(
 )
 documents = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), inner, max_size=5)
+    ),
     max_leaves=25,
 )
-recipes = st.fixed_dictionaries({"version": st.sampled_from([1, 1, 1, "1", 2])}, optional={key: documents for key in TOP_KEYS if key != "version"})
+recipes = st.fixed_dictionaries(
+    {"version": st.sampled_from([1, 1, 1, "1", 2])}, optional={key: documents for key in TOP_KEYS if key != "version"}
+)
 SNIPPETS = [
-    "!!seq ", "!!map ", "!!set ", "!!omap ", "!!binary ", "!!timestamp ", "!!int ", "!!float ", "!!bool ", "!!str ", "!!null ",
-    "!!python/object/apply:os.system ", "!foo ", "&a ", "&b ", "*a", "*b", "<<: *a\n", "[", "]", "{", "}", ": ", "- ", "\n", "\n  ", "'", '"',
-    "---\n", "...\n", "? ", "|\n", ">\n", "%YAML 1.1\n", "#", "\t", "\x00", "\x07", "\ud7ff", "\U0001f600", "9" * 120, "re:(a|a)*b",
+    "!!seq ",
+    "!!map ",
+    "!!set ",
+    "!!omap ",
+    "!!binary ",
+    "!!timestamp ",
+    "!!int ",
+    "!!float ",
+    "!!bool ",
+    "!!str ",
+    "!!null ",
+    "!!python/object/apply:os.system ",
+    "!foo ",
+    "&a ",
+    "&b ",
+    "*a",
+    "*b",
+    "<<: *a\n",
+    "[",
+    "]",
+    "{",
+    "}",
+    ": ",
+    "- ",
+    "\n",
+    "\n  ",
+    "'",
+    '"',
+    "---\n",
+    "...\n",
+    "? ",
+    "|\n",
+    ">\n",
+    "%YAML 1.1\n",
+    "#",
+    "\t",
+    "\x00",
+    "\x07",
+    "\ud7ff",
+    "\U0001f600",
+    "9" * 120,
+    "re:(a|a)*b",
 ]
-FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @FUZZ
@@ -461,7 +651,11 @@ def test_fuzz_random_bytes(tmp_path, data, header):
 
 
 @FUZZ
-@given(document=recipes, flow=st.booleans(), edits=st.lists(st.tuples(st.floats(0, 1), st.sampled_from(SNIPPETS) | st.text(max_size=3)), max_size=6))
+@given(
+    document=recipes,
+    flow=st.booleans(),
+    edits=st.lists(st.tuples(st.floats(0, 1), st.sampled_from(SNIPPETS) | st.text(max_size=3)), max_size=6),
+)
 def test_fuzz_recipe_structure_with_tags_anchors_and_aliases(tmp_path, document, flow, edits):
     """Recipes built from the real keys and values, dumped, then edited at random places: YAML
     tags, anchors, aliases, merge keys, brackets, control characters and long numbers."""
@@ -477,7 +671,16 @@ def test_fuzz_recipe_structure_with_tags_anchors_and_aliases(tmp_path, document,
     levels=st.integers(1, 8),
     width=st.integers(1, 12),
     depth=st.integers(0, 40),
-    place=st.sampled_from(["description: {}", "strict: {}", "rules: {}", "rules: [{{match: {}, a_bits: 4}}]", "defaults: {{a_bits: {}}}", "defaults: {{base_quantizer: {{name: static, observer_options: {}}}}}"]),
+    place=st.sampled_from(
+        [
+            "description: {}",
+            "strict: {}",
+            "rules: {}",
+            "rules: [{{match: {}, a_bits: 4}}]",
+            "defaults: {{a_bits: {}}}",
+            "defaults: {{base_quantizer: {{name: static, observer_options: {}}}}}",
+        ]
+    ),
 )
 def test_fuzz_alias_and_nesting_shapes(tmp_path, levels, width, depth, place):
     """Aliases of aliases (up to 12**8 values) nested up to 40 deep, as the value of a real key."""

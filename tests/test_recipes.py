@@ -131,7 +131,9 @@ def assert_located(error: RecipeError, path: Path, line: int) -> None:
 
 def explain_rows(text: str) -> dict[str, str]:
     """layer name -> its row of the layer table of an explain() text (rows whose type is a layer class)."""
-    return {row.split()[0]: row for row in text.splitlines() if row.split()[1:2] in (["Linear"], ["Conv1d"], ["Conv2d"])}
+    return {
+        row.split()[0]: row for row in text.splitlines() if row.split()[1:2] in (["Linear"], ["Conv1d"], ["Conv2d"])
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +161,9 @@ def test_shipped_recipe_resolves_on_cifar10_unet(name, unet):
     for layer in plan.layers.values():
         first_or_last = layer.name in ("conv_in", "conv_out")  # W4 recipes keep them at 8 bits
         expected_w = 8 if first_or_last and w_bits == 4 else w_bits
-        assert (layer.settings.w_bits, layer.settings.a_bits, layer.settings.scheme) == (expected_w, a_bits, scheme), layer.name
+        assert (layer.settings.w_bits, layer.settings.a_bits, layer.settings.scheme) == (expected_w, a_bits, scheme), (
+            layer.name
+        )
         assert layer.settings.base_quantizer == base
         assert layer.settings.a_granularity == Granularity(a_granularity)
         assert not layer.has_skips, layer.name
@@ -261,7 +265,9 @@ def test_non_strict_rule_matching_nothing_only_warns(tmp_path, unet):
     """Without strict the same recipe resolves; the dead rule is a UserWarning with file:line."""
     path = write(tmp_path, UNMATCHED.format(strict="false"))
     line = line_of(path, "mid_blocks")
-    with pytest.warns(UserWarning, match=rf"^{re.escape(str(path))}:{line}: rule .*mid_blocks.* matches no module.*mid_block"):
+    with pytest.warns(
+        UserWarning, match=rf"^{re.escape(str(path))}:{line}: rule .*mid_blocks.* matches no module.*mid_block"
+    ):
         plan = load_recipe(str(path)).resolve(unet)
     assert len(plan.layers) == 113
     assert [rule.location.line for rule in plan.unmatched] == [line]
@@ -271,9 +277,15 @@ def test_non_strict_rule_matching_nothing_only_warns(tmp_path, unet):
 
 def test_strict_is_inherited_through_extends(tmp_path, unet):
     """A recipe extending the (strict) deepcache recipe is strict too, unless it says otherwise."""
-    path = write(tmp_path, "version: 1\nextends: w8a8-modiff-deepcache\nrules:\n  - match: nothing_here\n    a_bits: 4\n")
+    path = write(
+        tmp_path, "version: 1\nextends: w8a8-modiff-deepcache\nrules:\n  - match: nothing_here\n    a_bits: 4\n"
+    )
     assert_located(recipe_error(path, unet), path, 4)
-    relaxed = write(tmp_path, "version: 1\nextends: w8a8-modiff-deepcache\nstrict: false\nrules:\n  - match: nothing_here\n    a_bits: 4\n", "relaxed.yaml")
+    relaxed = write(
+        tmp_path,
+        "version: 1\nextends: w8a8-modiff-deepcache\nstrict: false\nrules:\n  - match: nothing_here\n    a_bits: 4\n",
+        "relaxed.yaml",
+    )
     with pytest.warns(UserWarning, match="nothing_here"):
         load_recipe(str(relaxed)).resolve(unet)
 
@@ -289,18 +301,32 @@ def resolve_text(tmp_path: Path, text: str, model: nn.Module):
 def test_exact_name_matches_only_that_module(tmp_path):
     """A plain pattern is the full dotted name: `fc` must not match `block.fc`."""
     plan = resolve_text(tmp_path, "version: 1\nrules:\n  - match: fc\n    a_bits: 4\n", TinyNet())
-    assert {name: layer.settings.a_bits for name, layer in plan.layers.items()} == {"conv_in": 8, "conv": 8, "fc": 4, "block.fc": 8}
+    assert {name: layer.settings.a_bits for name, layer in plan.layers.items()} == {
+        "conv_in": 8,
+        "conv": 8,
+        "fc": 4,
+        "block.fc": 8,
+    }
 
 
 def test_class_name_matches_every_instance(tmp_path):
     """A class name matches every module of that class, wherever it is nested, and nothing else."""
     plan = resolve_text(tmp_path, "version: 1\nrules:\n  - match: Linear\n    w_bits: 4\n", TinyNet())
-    assert {name: layer.settings.w_bits for name, layer in plan.layers.items()} == {"conv_in": 8, "conv": 8, "fc": 4, "block.fc": 4}
+    assert {name: layer.settings.w_bits for name, layer in plan.layers.items()} == {
+        "conv_in": 8,
+        "conv": 8,
+        "fc": 4,
+        "block.fc": 4,
+    }
 
 
 def test_regex_must_match_the_whole_name(tmp_path):
     """`re:` uses fullmatch: `re:conv` is `conv` only, not `conv_in`; `re:conv.*` is both."""
-    plan = resolve_text(tmp_path, "version: 1\nrules:\n  - match: re:conv\n    a_bits: 4\n  - match: re:.*fc\n    w_bits: 6\n", TinyNet())
+    plan = resolve_text(
+        tmp_path,
+        "version: 1\nrules:\n  - match: re:conv\n    a_bits: 4\n  - match: re:.*fc\n    w_bits: 6\n",
+        TinyNet(),
+    )
     assert {name: (layer.settings.w_bits, layer.settings.a_bits) for name, layer in plan.layers.items()} == {
         "conv_in": (8, 8),
         "conv": (8, 4),
@@ -370,7 +396,10 @@ def test_explain_on_unet_lists_all_layers_and_cached_blocks(unet):
     layer_table, block_table = out.split("cached blocks")
     assert "conv_in" in layer_table and "up_blocks.3.resnets.2.conv_shortcut" in layer_table
     for block in DEEPCACHE_BLOCKS:
-        assert any(line.split()[:1] == [block] and line.rstrip().endswith("w8a8-modiff-deepcache.yaml:10") for line in block_table.splitlines()), block
+        assert any(
+            line.split()[:1] == [block] and line.rstrip().endswith("w8a8-modiff-deepcache.yaml:10")
+            for line in block_table.splitlines()
+        ), block
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,10 +412,25 @@ LOAD_ERRORS = [
     ("a_bits-bool", "version: 1\ndefaults:\n  a_bits: true\n", "a_bits", ["a_bits", "got True"]),
     ("w_bits-0", "version: 1\ndefaults:\n  w_bits: 0\n", "w_bits", ["w_bits", "got 0"]),
     ("group-0", "version: 1\ndefaults:\n  a_granularity: group:0\n", "a_granularity", ["a_granularity", "group:0"]),
-    ("w_granularity-sample", "version: 1\ndefaults:\n  w_granularity: sample\n", "w_granularity", ["w_granularity", "sample"]),
-    ("symmetric-not-bool", "version: 1\ndefaults:\n  a_symmetric: yes please\n", "a_symmetric", ["a_symmetric", "true or false"]),
+    (
+        "w_granularity-sample",
+        "version: 1\ndefaults:\n  w_granularity: sample\n",
+        "w_granularity",
+        ["w_granularity", "sample"],
+    ),
+    (
+        "symmetric-not-bool",
+        "version: 1\ndefaults:\n  a_symmetric: yes please\n",
+        "a_symmetric",
+        ["a_symmetric", "true or false"],
+    ),
     ("warmup-0", "version: 1\ndefaults:\n  first_step: warmup:0\n", "first_step", ["first_step", "warmup:0"]),
-    ("first_step-unknown", "version: 1\ndefaults:\n  first_step: float\n", "first_step", ["first_step", "fp, quantized or warmup:N"]),
+    (
+        "first_step-unknown",
+        "version: 1\ndefaults:\n  first_step: float\n",
+        "first_step",
+        ["first_step", "fp, quantized or warmup:N"],
+    ),
     (
         "steps-with-w_bits",
         "version: 1\nrules:\n  - match: conv\n    w_bits: 4\n    steps: [1, 2]\n",
@@ -399,13 +443,33 @@ LOAD_ERRORS = [
         "steps",
         ["steps", "a_bits: 0"],
     ),
-    ("steps-invalid", "version: 1\nrules:\n  - match: conv\n    a_bits: 0\n    steps: {every: 0}\n", "steps", ["steps:"]),
+    (
+        "steps-invalid",
+        "version: 1\nrules:\n  - match: conv\n    a_bits: 0\n    steps: {every: 0}\n",
+        "steps",
+        ["steps:"],
+    ),
     ("rule-sets-nothing", "version: 1\nrules:\n  - match: conv\n", "match", ["sets nothing"]),
     ("rule-without-match", "version: 1\nrules:\n  - a_bits: 4\n", "a_bits", ["no 'match'"]),
-    ("missing-version", "description: no version\ndefaults:\n  a_bits: 4\n", "description", ["'version: 1' is required", "None"]),
+    (
+        "missing-version",
+        "description: no version\ndefaults:\n  a_bits: 4\n",
+        "description",
+        ["'version: 1' is required", "None"],
+    ),
     ("version-2", "description: future\nversion: 2\n", "version", ["'version: 1' is required", "got 2"]),
-    ("duplicate-key", "version: 1\ndefaults:\n  a_bits: 4\n  w_bits: 4\n  a_bits: 6\n", "a_bits: 6", ["duplicate key 'a_bits'"]),
-    ("invalid-regex", "version: 1\nrules:\n  - match: conv\n    a_bits: 4\n  - match: re:conv(\n    a_bits: 6\n", "re:conv(", ["invalid regex"]),
+    (
+        "duplicate-key",
+        "version: 1\ndefaults:\n  a_bits: 4\n  w_bits: 4\n  a_bits: 6\n",
+        "a_bits: 6",
+        ["duplicate key 'a_bits'"],
+    ),
+    (
+        "invalid-regex",
+        "version: 1\nrules:\n  - match: conv\n    a_bits: 4\n  - match: re:conv(\n    a_bits: 6\n",
+        "re:conv(",
+        ["invalid regex"],
+    ),
     ("yaml-syntax", "version: 1\ndefaults:\n  a_bits: 8\n   w_bits: 4\nrules: []\n", "w_bits", ["invalid YAML"]),
     ("not-a-mapping", "- version: 1\n", "version", ["must be a YAML mapping"]),
     ("rules-not-a-list", "version: 1\nrules:\n  match: conv\n", "rules", ["rules must be a list"]),
@@ -413,7 +477,9 @@ LOAD_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize(("text", "needle", "fragments"), [pytest.param(*case[1:], id=case[0]) for case in LOAD_ERRORS])
+@pytest.mark.parametrize(
+    ("text", "needle", "fragments"), [pytest.param(*case[1:], id=case[0]) for case in LOAD_ERRORS]
+)
 def test_invalid_value_is_rejected_at_load_with_its_line(tmp_path, text, needle, fragments):
     """Values that can be judged without a model fail in load_recipe, at the offending line."""
     path = write(tmp_path, text)
@@ -425,14 +491,24 @@ def test_invalid_value_is_rejected_at_load_with_its_line(tmp_path, text, needle,
 
 RESOLVE_ERRORS = [
     # id, recipe text, text on the line the error must name, fragments of the message
-    ("unknown-scheme", "version: 1\ndefaults:\n  a_bits: 8\n  scheme: modif\n", "scheme", ["unknown scheme 'modif'", "did you mean 'modiff'"]),
+    (
+        "unknown-scheme",
+        "version: 1\ndefaults:\n  a_bits: 8\n  scheme: modif\n",
+        "scheme",
+        ["unknown scheme 'modif'", "did you mean 'modiff'"],
+    ),
     (
         "unknown-scheme-in-rule",
         "version: 1\nrules:\n  - match: time_embedding.linear_2\n    scheme: plian\n",
         "scheme: plian",  # a rule's settings are located at their own key
         ["unknown scheme 'plian'", "did you mean 'plain'"],
     ),
-    ("unknown-base", "version: 1\ndefaults:\n  base_quantizer: dynamc\n", "base_quantizer", ["unknown base quantizer 'dynamc'", "did you mean 'dynamic'"]),
+    (
+        "unknown-base",
+        "version: 1\ndefaults:\n  base_quantizer: dynamc\n",
+        "base_quantizer",
+        ["unknown base quantizer 'dynamc'", "did you mean 'dynamic'"],
+    ),
     (
         "unknown-base-option",
         "version: 1\ndefaults:\n  a_bits: 8\n  base_quantizer: {name: static, observr: mse}\n",
@@ -472,7 +548,9 @@ RESOLVE_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize(("text", "needle", "fragments"), [pytest.param(*case[1:], id=case[0]) for case in RESOLVE_ERRORS])
+@pytest.mark.parametrize(
+    ("text", "needle", "fragments"), [pytest.param(*case[1:], id=case[0]) for case in RESOLVE_ERRORS]
+)
 def test_setting_a_layer_cannot_take_is_rejected_at_resolve(tmp_path, unet, text, needle, fragments):
     """Errors that depend on the model or the registries are raised by load or resolve, at the line of the setting."""
     path = write(tmp_path, text)
@@ -516,7 +594,9 @@ def test_extends_inherits_defaults_and_appends_rules(tmp_path, unet):
     assert recipe.strict is True
     assert recipe.defaults == base.defaults.updated({"a_bits": 6})
     assert recipe.rules[: len(base.rules)] == base.rules
-    assert [(rule.patterns, rule.location) for rule in recipe.rules[len(base.rules) :]] == [(("conv_out",), Location(str(path), 6))]
+    assert [(rule.patterns, rule.location) for rule in recipe.rules[len(base.rules) :]] == [
+        (("conv_out",), Location(str(path), 6))
+    ]
     plan = recipe.resolve(unet)
     assert set(plan.blocks) == DEEPCACHE_BLOCKS
     assert plan.layers["conv_out"].settings.w_bits == FLOAT_BITS
@@ -526,7 +606,11 @@ def test_extends_inherits_defaults_and_appends_rules(tmp_path, unet):
 
 def test_extends_a_sibling_file_by_relative_name(tmp_path):
     """`extends` looks next to the extending file first, with or without `.yaml`."""
-    write(tmp_path, "version: 1\ndescription: the base\ndefaults:\n  w_bits: 5\nrules:\n  - match: fc\n    a_bits: 3\n", "base.yaml")
+    write(
+        tmp_path,
+        "version: 1\ndescription: the base\ndefaults:\n  w_bits: 5\nrules:\n  - match: fc\n    a_bits: 3\n",
+        "base.yaml",
+    )
     child = write(tmp_path, "version: 1\nextends: base\ndefaults:\n  a_bits: 7\n", "child.yaml")
     recipe = load_recipe(str(child))
     assert (recipe.defaults.w_bits, recipe.defaults.a_bits, recipe.description) == (5, 7, "the base")
@@ -567,7 +651,10 @@ def test_error_inside_the_base_names_the_base_file(tmp_path):
 
 def test_rule_matching_blocks_and_layers_is_an_error(tmp_path, unet):
     """`re:up_blocks\\.0(\\..*)?` catches the block and its convs: ambiguous, so rejected."""
-    path = write(tmp_path, "version: 1\nrules:\n  - match: Linear\n    a_bits: 6\n  - match: re:up_blocks\\.0(\\..*)?\n    a_bits: 4\n")
+    path = write(
+        tmp_path,
+        "version: 1\nrules:\n  - match: Linear\n    a_bits: 6\n  - match: re:up_blocks\\.0(\\..*)?\n    a_bits: 4\n",
+    )
     error = recipe_error(path, unet)
     assert_located(error, path, 5)
     assert "matches both layers" in str(error) and "up_blocks.0" in str(error)
@@ -593,9 +680,21 @@ def test_block_rule_without_steps_skips_on_every_step(tmp_path, unet):
 
 def test_layer_rule_with_steps_sets_zero_bit_steps_only(tmp_path):
     """`a_bits: 0` + steps on a layer adds a 0-bit schedule but keeps its a_bits for other steps."""
-    plan = resolve_text(tmp_path, "version: 1\nrules:\n  - match: fc\n    a_bits: 0\n    steps: [2, 5]\n  - match: conv\n    a_bits: 0\n", TinyNet())
+    plan = resolve_text(
+        tmp_path,
+        "version: 1\nrules:\n  - match: fc\n    a_bits: 0\n    steps: [2, 5]\n  - match: conv\n    a_bits: 0\n",
+        TinyNet(),
+    )
     fc, conv = plan.layers["fc"], plan.layers["conv"]
-    assert fc.settings.a_bits == 8 and [fc.skips(step) for step in range(7)] == [False, False, True, False, False, True, False]
+    assert fc.settings.a_bits == 8 and [fc.skips(step) for step in range(7)] == [
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+        False,
+    ]
     assert conv.settings.a_bits == 0 and all(conv.skips(step) for step in range(7))
     assert not plan.layers["conv_in"].has_skips and plan.blocks == {}
 
@@ -660,7 +759,9 @@ a_granularities = st.one_of(st.sampled_from(["tensor", "sample", "channel"]), gr
 first_steps = st.one_of(st.sampled_from(["fp", "quantized"]), st.integers(1, 20).map(lambda n: f"warmup:{n}"))
 base_quantizers = st.one_of(
     st.just("dynamic"),
-    st.builds(lambda observer: {"name": "static", "observer": observer}, st.sampled_from(["minmax", "ema_minmax", "mse"])),
+    st.builds(
+        lambda observer: {"name": "static", "observer": observer}, st.sampled_from(["minmax", "ema_minmax", "mse"])
+    ),
 )
 defaults_sections = st.fixed_dictionaries(
     {},
@@ -692,7 +793,11 @@ def expected_settings(section: dict) -> LayerSettings:
         elif key == "first_step":
             values[key] = FirstStep("warmup", int(value[7:])) if value.startswith("warmup:") else FirstStep(value)
         elif key == "base_quantizer":
-            name, options = (value, {}) if isinstance(value, str) else (value["name"], {k: v for k, v in value.items() if k != "name"})
+            name, options = (
+                (value, {})
+                if isinstance(value, str)
+                else (value["name"], {k: v for k, v in value.items() if k != "name"})
+            )
             values.update(base_quantizer=name, base_quantizer_options=options)
         else:
             values[key] = value
@@ -704,7 +809,10 @@ def expected_settings(section: dict) -> LayerSettings:
 def test_valid_defaults_round_trip(tmp_path, section, flow_style):
     """Any valid combination of default settings is parsed into exactly those values, with their lines."""
     path = tmp_path / "generated.yaml"
-    path.write_text(yaml.safe_dump({"version": 1, "defaults": section}, default_flow_style=flow_style, sort_keys=False), encoding="utf-8")
+    path.write_text(
+        yaml.safe_dump({"version": 1, "defaults": section}, default_flow_style=flow_style, sort_keys=False),
+        encoding="utf-8",
+    )
     recipe = load_recipe(str(path))
     assert recipe.defaults == expected_settings(section)
     assert recipe.rules == ()
@@ -714,7 +822,11 @@ def test_valid_defaults_round_trip(tmp_path, section, flow_style):
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key=st.one_of(st.text(min_size=1), st.text(string.ascii_lowercase + "_", min_size=1, max_size=12)).filter(lambda k: k not in TOP_LEVEL_KEYS))
+@given(
+    key=st.one_of(st.text(min_size=1), st.text(string.ascii_lowercase + "_", min_size=1, max_size=12)).filter(
+        lambda k: k not in TOP_LEVEL_KEYS
+    )
+)
 def test_unknown_top_level_key_is_always_a_recipe_error(tmp_path, key):
     """Whatever string an unknown top-level key is, loading raises RecipeError and never anything else."""
     path = tmp_path / "generated.yaml"
@@ -785,7 +897,10 @@ def test_with_base_quantizer_swaps_every_layer(tmp_path):
     text = "version: 1\ndefaults:\n  base_quantizer: {name: static, observer: mse}\nrules:\n  - match: fc\n    base_quantizer: static\n    a_bits: 4\n"
     recipe = load_recipe(str(write(tmp_path, text)))
     plan = recipe.with_base_quantizer("dynamic").resolve(TinyNet())
-    assert all(layer.settings.base_quantizer == "dynamic" and not layer.settings.base_quantizer_options for layer in plan.layers.values())
+    assert all(
+        layer.settings.base_quantizer == "dynamic" and not layer.settings.base_quantizer_options
+        for layer in plan.layers.values()
+    )
     assert plan.layers["fc"].settings.a_bits == 4  # the rule's other settings stay
     with pytest.raises(KeyError, match="did you mean 'dynamic'"):
         recipe.with_base_quantizer("dynamc")

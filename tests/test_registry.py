@@ -48,7 +48,13 @@ def unique(prefix: str) -> str:
 # shipped names
 
 
-@pytest.mark.parametrize("name,target", [("dynamic", "modiff_quant.backends.dynamic:DynamicQuantizer"), ("static", "modiff_quant.backends.static:StaticQuantizer")])
+@pytest.mark.parametrize(
+    "name,target",
+    [
+        ("dynamic", "modiff_quant.backends.dynamic:DynamicQuantizer"),
+        ("static", "modiff_quant.backends.static:StaticQuantizer"),
+    ],
+)
 def test_shipped_base_quantizers_resolve_through_entry_points(name, target):
     """`dynamic` and `static` are found via the entry points declared in pyproject.toml."""
     from importlib.metadata import entry_points
@@ -181,7 +187,13 @@ def fake_plugin(tmp_path, monkeypatch, isolated_registries):
         {good_module: GOOD_PLUGIN, broken_module: BROKEN_PLUGIN},
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    yield {"good": good, "broken": broken, "good_module": good_module, "broken_module": broken_module, "path": tmp_path}
+    yield {
+        "good": good,
+        "broken": broken,
+        "good_module": good_module,
+        "broken_module": broken_module,
+        "path": tmp_path,
+    }
     for module in (good_module, broken_module):
         sys.modules.pop(module, None)
 

@@ -81,7 +81,10 @@ def test_packed_weights_need_the_float_weights_they_were_made_from(tmp_path):
     model, _ = converted(recipe_path("int4", tmp_path))
     saved = mq.save_quantized(model, tmp_path / "saved")
     other = tiny_unet(seed=1)
-    with pytest.raises(mq.LoadError, match=r"layer '[\w.]+to_q': its weight was packed by torchao_int4 .* not the one it was made from"):
+    with pytest.raises(
+        mq.LoadError,
+        match=r"layer '[\w.]+to_q': its weight was packed by torchao_int4 .* not the one it was made from",
+    ):
         mq.load_quantized(other, saved)
     assert untouched(other)
 
@@ -90,7 +93,10 @@ def test_a_renamed_layer_is_named(saved):
     model = tiny_unet()
     model.conv_last = model.conv_out
     del model.conv_out
-    with pytest.raises(mq.LoadError, match=r"layer 'conv_out' of the saved model is not in this model; this model has 'conv_last' \(renamed\?\)"):
+    with pytest.raises(
+        mq.LoadError,
+        match=r"layer 'conv_out' of the saved model is not in this model; this model has 'conv_last' \(renamed\?\)",
+    ):
         mq.load_quantized(model, saved)
     assert untouched(model)
 
@@ -100,7 +106,9 @@ def test_another_architecture_is_named(saved):
 
     config = {k: v for k, v in tiny_unet().config.items() if not k.startswith("_")}
     model = UNet2DModel(**config | {"block_out_channels": (16, 24)})
-    with pytest.raises(mq.LoadError, match=r"tensor '[\w.]+': saved as \[\d+(, \d+)*\] torch.float32, this model has \[\d+(, \d+)*\]"):
+    with pytest.raises(
+        mq.LoadError, match=r"tensor '[\w.]+': saved as \[\d+(, \d+)*\] torch.float32, this model has \[\d+(, \d+)*\]"
+    ):
         mq.load_quantized(model, saved)
     assert untouched(model)
 
@@ -123,12 +131,24 @@ def flip_byte(content: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("name", "edit", "message"),
     [
-        (TENSORS, lambda b: b[: len(b) // 2], r"model.safetensors is truncated or was replaced: \d+ bytes, \d+ were saved"),
+        (
+            TENSORS,
+            lambda b: b[: len(b) // 2],
+            r"model.safetensors is truncated or was replaced: \d+ bytes, \d+ were saved",
+        ),
         (TENSORS, flip_byte, r"model.safetensors is corrupt: its SHA-256 differs from the one saved in plan.json"),
         (RECIPE, lambda b: b.replace(b"a_bits: 4", b"a_bits: 3"), r"recipe.yaml is corrupt: its SHA-256 differs"),
         (PLAN, lambda b: b[: len(b) // 2], r"plan.json is damaged or truncated \(.*\); save the model again"),
-        (PLAN, lambda b: json.dumps(json.loads(b) | {"format": 99}).encode(), r"plan.json: format 99 \(written by modiff-quant [\d.]+\); modiff-quant [\d.]+ reads format 1"),
-        (PLAN, lambda b: json.dumps({k: v for k, v in json.loads(b).items() if k != "packed_weights"}).encode(), r"plan.json is damaged: it lacks packed_weights"),
+        (
+            PLAN,
+            lambda b: json.dumps(json.loads(b) | {"format": 99}).encode(),
+            r"plan.json: format 99 \(written by modiff-quant [\d.]+\); modiff-quant [\d.]+ reads format 1",
+        ),
+        (
+            PLAN,
+            lambda b: json.dumps({k: v for k, v in json.loads(b).items() if k != "packed_weights"}).encode(),
+            r"plan.json is damaged: it lacks packed_weights",
+        ),
     ],
     ids=["truncated-tensors", "flipped-byte", "edited-recipe", "truncated-plan", "newer-format", "missing-key"],
 )
@@ -162,7 +182,9 @@ def test_flat_recipe_document_parses_back_to_the_same_plan(tmp_path, name):
     assert "extends" not in path.read_text(encoding="utf-8")
     reloaded = mq.load_recipe(path)
     assert (reloaded.defaults, reloaded.strict, reloaded.name) == (recipe.defaults, recipe.strict, recipe.name)
-    assert [(r.patterns, dict(r.settings), r.steps, r.skip_threshold) for r in reloaded.rules] == [(r.patterns, dict(r.settings), r.steps, r.skip_threshold) for r in recipe.rules]
+    assert [(r.patterns, dict(r.settings), r.steps, r.skip_threshold) for r in reloaded.rules] == [
+        (r.patterns, dict(r.settings), r.steps, r.skip_threshold) for r in recipe.rules
+    ]
 
 
 def test_quantized_weights_are_stored_as_codes(tmp_path):
@@ -185,10 +207,17 @@ def test_weight_codes_are_lossless_bit_for_bit(bits):
     levels[0, 0], levels[0, 1] = 0.0, -0.0  # two bit patterns, one value: both kept
     weight = levels.gather(1, torch.randint(1 << bits, (6, 3 * 3 * 5), generator=generator)).reshape(6, 5, 3, 3)
     codes, table = encode(weight, bits)
-    assert codes.dtype == torch.uint8 and codes.shape == weight.shape and table.shape[0] == 6 and table.shape[1] <= 1 << bits
+    assert (
+        codes.dtype == torch.uint8
+        and codes.shape == weight.shape
+        and table.shape[0] == 6
+        and table.shape[1] <= 1 << bits
+    )
     assert torch.equal(decode(codes, table).view(torch.int32), weight.view(torch.int32))
     for dtype in (torch.float16, torch.bfloat16):
-        assert torch.equal(decode(*encode(weight.to(dtype), bits)).view(torch.int16), weight.to(dtype).view(torch.int16))
+        assert torch.equal(
+            decode(*encode(weight.to(dtype), bits)).view(torch.int16), weight.to(dtype).view(torch.int16)
+        )
 
 
 def test_weights_with_more_values_than_codes_stay_float():
@@ -204,7 +233,9 @@ LIST_AND_MAPPING_OPTIONS = {
     "ptq4dm": "{name: ptq4dm, observer_options: {p: 2.4, grid: 20, max_values: 4096}, samples: 64}",
     "qdiffusion": "{name: qdiffusion, observer: mse, observer_options: {p: 2.4, grid: 10}, beta: [20, 2], blocks: [ResnetBlock2D, Attention], weight_iters: 2, act_iters: 2, samples_per_step: 8}",
 }
-OPTION_RECIPES = ["w8a4-modiff"] + [name for name in mq.shipped_recipes() if mq.load_recipe(name).defaults.base_quantizer in LIST_AND_MAPPING_OPTIONS]
+OPTION_RECIPES = ["w8a4-modiff"] + [
+    name for name in mq.shipped_recipes() if mq.load_recipe(name).defaults.base_quantizer in LIST_AND_MAPPING_OPTIONS
+]
 
 
 @pytest.mark.parametrize("name", OPTION_RECIPES)
@@ -214,7 +245,10 @@ def test_options_holding_mappings_and_lists_round_trip(tmp_path, name):
     base = mq.load_recipe(name).defaults.base_quantizer
     options = LIST_AND_MAPPING_OPTIONS.get(base, LIST_AND_MAPPING_OPTIONS["static"])
     path = tmp_path / "options.yaml"
-    path.write_text(f"version: 1\nextends: {name}\ndefaults:\n  base_quantizer: {options}\n  a_granularity: tensor\n", encoding="utf-8")
+    path.write_text(
+        f"version: 1\nextends: {name}\ndefaults:\n  base_quantizer: {options}\n  a_granularity: tensor\n",
+        encoding="utf-8",
+    )
     model, inputs = converted(path)
     saved = mq.save_quantized(model, tmp_path / "saved")
     written = yaml.safe_load((saved / RECIPE).read_text(encoding="utf-8"))["defaults"]["base_quantizer"]
@@ -229,7 +263,9 @@ def brevitas_model() -> torch.nn.Module:
     from brevitas.quant import Int8ActPerTensorFloat
 
     torch.manual_seed(0)
-    return torch.nn.Sequential(qnn.QuantLinear(16, 16, bias=True), qnn.QuantLinear(16, 8, bias=True, input_quant=Int8ActPerTensorFloat)).eval()
+    return torch.nn.Sequential(
+        qnn.QuantLinear(16, 16, bias=True), qnn.QuantLinear(16, 8, bias=True, input_quant=Int8ActPerTensorFloat)
+    ).eval()
 
 
 def test_injector_classes_are_saved_by_name(tmp_path):
@@ -239,17 +275,33 @@ def test_injector_classes_are_saved_by_name(tmp_path):
 
     inputs = [torch.randn(4, 16, generator=torch.Generator().manual_seed(k)) for k in range(3)]
     given = mq.load_recipe("w8a4-modiff-brevitas").overriding(
-        {"base_quantizer": "brevitas", "base_quantizer_options": {"weight_quant": Int8WeightPerChannelFloat, "act_quant": ShiftedUint8ActPerTensorFloat}}, "classes"
+        {
+            "base_quantizer": "brevitas",
+            "base_quantizer_options": {
+                "weight_quant": Int8WeightPerChannelFloat,
+                "act_quant": ShiftedUint8ActPerTensorFloat,
+            },
+        },
+        "classes",
     )
-    for model, recipe, fresh in ((brevitas_model(), "w8a8-modiff", brevitas_model), (torch.nn.Sequential(torch.nn.Linear(16, 8)), given, lambda: torch.nn.Sequential(torch.nn.Linear(16, 8)))):
+    for model, recipe, fresh in (
+        (brevitas_model(), "w8a8-modiff", brevitas_model),
+        (torch.nn.Sequential(torch.nn.Linear(16, 8)), given, lambda: torch.nn.Sequential(torch.nn.Linear(16, 8))),
+    ):
         mq.prepare(model, recipe)
         with torch.no_grad(), mq.calibrate(model):
             for x in inputs:
                 model(x)
         mq.convert(model)
         folder = mq.save_quantized(model, tmp_path / f"saved-{len(model)}")
-        options = json.loads((folder / PLAN).read_text(encoding="utf-8"))["plan"]["layers"]["0"]["settings"]["base_quantizer"]
-        assert all(options[key].startswith("brevitas.") and ":" in options[key] for key in ("weight_quant", "act_quant") if key in options), options
+        options = json.loads((folder / PLAN).read_text(encoding="utf-8"))["plan"]["layers"]["0"]["settings"][
+            "base_quantizer"
+        ]
+        assert all(
+            options[key].startswith("brevitas.") and ":" in options[key]
+            for key in ("weight_quant", "act_quant")
+            if key in options
+        ), options
         loaded = mq.load_quantized(fresh(), folder)
         with torch.no_grad(), mq.sampling(model), mq.sampling(loaded):
             assert all(torch.equal(model(x), loaded(x)) for x in inputs)
@@ -303,13 +355,19 @@ def test_options_that_are_not_recipe_data_fail_before_anything_is_written(tmp_pa
     """From Python, an option may hold what YAML cannot write (here a NumPy number): the error names
     it before the folder exists."""
     options = {"observer": "mse", "observer_options": {"p": np.float64(2.4)}}
-    recipe = mq.load_recipe("w8a8-modiff").overriding({"base_quantizer": "static", "base_quantizer_options": options, "a_granularity": Granularity("tensor")}, "numpy")
+    recipe = mq.load_recipe("w8a8-modiff").overriding(
+        {"base_quantizer": "static", "base_quantizer_options": options, "a_granularity": Granularity("tensor")},
+        "numpy",
+    )
     model = torch.nn.Sequential(torch.nn.Linear(16, 8))
     mq.prepare(model, recipe)
     with torch.no_grad(), mq.calibrate(model):
         for _ in range(2):  # MoDiff observes the difference to the step before
             model(torch.randn(4, 16))
     mq.convert(model)
-    with pytest.raises(ValueError, match=r"base_quantizer option 'observer_options'\['p'\]: float64 np.float64\(2.4\) is not recipe data"):
+    with pytest.raises(
+        ValueError,
+        match=r"base_quantizer option 'observer_options'\['p'\]: float64 np.float64\(2.4\) is not recipe data",
+    ):
         mq.save_quantized(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -173,7 +173,13 @@ def test_a_deep_copy_mid_trajectory_continues_it_and_a_pickled_one_starts_afresh
 
 
 def sd_call(pipe, **kwargs) -> torch.Tensor:
-    kwargs = {"guidance_scale": 7.5, "num_inference_steps": 10, "output_type": "pt", "generator": torch.Generator().manual_seed(1), **kwargs}
+    kwargs = {
+        "guidance_scale": 7.5,
+        "num_inference_steps": 10,
+        "output_type": "pt",
+        "generator": torch.Generator().manual_seed(1),
+        **kwargs,
+    }
     return pipe(["a red square", "a blue circle"], **kwargs).images
 
 
@@ -211,7 +217,9 @@ def test_a_pipeline_call_ended_by_an_exception_leaves_no_state(tmp_path):
         sd_call(img2img, image=image, strength=0.9, callback_on_step_end=stop_at(2))
     assert state_bytes(unet) == 0
     assert torch.equal(sd_call(img2img, image=image, strength=0.4), clean)
-    assert type(img2img).__name__ == "StableDiffusionImg2ImgPipeline" and isinstance(img2img, StableDiffusionImg2ImgPipeline)
+    assert type(img2img).__name__ == "StableDiffusionImg2ImgPipeline" and isinstance(
+        img2img, StableDiffusionImg2ImgPipeline
+    )
 
 
 def test_attach_without_a_recipe_needs_a_prepared_denoiser(tmp_path):

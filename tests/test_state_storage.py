@@ -31,7 +31,9 @@ def test_store_round_trip_error_and_size(fmt):
 
 def _with_state(recipe: str, input_cache: str, output_cache: str) -> mq.Recipe:
     loaded = mq.load_recipe(recipe)
-    return dataclasses.replace(loaded, defaults=loaded.defaults.updated({"input_cache": input_cache, "output_cache": output_cache}))
+    return dataclasses.replace(
+        loaded, defaults=loaded.defaults.updated({"input_cache": input_cache, "output_cache": output_cache})
+    )
 
 
 @pytest.mark.parametrize("fmt", ["float16", "bfloat16", "int8"])
@@ -84,4 +86,8 @@ def test_state_format_is_a_recipe_key(write_recipe):
     model = tiny_unet()
     with pytest.raises(mq.RecipeError, match=r"recipe.yaml:4.*output_cache.*expected one of full, float16"):
         mq.load_recipe(write_recipe("version: 1\nextends: w8a4-modiff\ndefaults:\n  output_cache: fp8\n"))
-    assert all(layer.plan.settings.output_cache == "float16" for layer in mq.prepare(copy.deepcopy(model), "w8a4-modiff-lean").modules() if isinstance(layer, QuantizedLayer))
+    assert all(
+        layer.plan.settings.output_cache == "float16"
+        for layer in mq.prepare(copy.deepcopy(model), "w8a4-modiff-lean").modules()
+        if isinstance(layer, QuantizedLayer)
+    )

@@ -139,7 +139,10 @@ def test_running_before_convert_is_an_error():
     """Prepared-but-not-converted models are not silently float: the error says what to call."""
     model = mq.prepare(tiny_unet(), W8A4)
     x, t = ddim_inputs(tiny_unet(), steps=2)[0]
-    with pytest.raises(RuntimeError, match=r"time_embedding.linear_1: the model is prepared but not converted; call modiff_quant.convert\(model\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"time_embedding.linear_1: the model is prepared but not converted; call modiff_quant.convert\(model\)",
+    ):
         model(x, t)
 
 
@@ -171,7 +174,9 @@ def test_prepare_keeps_module_identity_names_and_classes():
     conv = after["conv_in"]
     assert conv is before["conv_in"] and isinstance(conv, torch.nn.Conv2d) and type(conv).__name__ == "QuantConv2d"
     assert keys <= set(model.state_dict())
-    assert len(mq.plan_of(model).layers) == sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in before.values())
+    assert len(mq.plan_of(model).layers) == sum(
+        isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in before.values()
+    )
 
 
 def test_diffusers_sampler_loops_are_one_trajectory_each():

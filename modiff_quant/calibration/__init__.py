@@ -4,4 +4,13 @@ replaying them through the model, and the reconstruction machinery base quantize
 from .record import CalibrationRecord, Inputs, RecordedCall
 from .selection import Pick, all_steps, draw_ndtc_timesteps, ndtc, uniform_steps
 
-__all__ = ["CalibrationRecord", "Inputs", "Pick", "RecordedCall", "all_steps", "draw_ndtc_timesteps", "ndtc", "uniform_steps"]
+__all__ = [
+    "CalibrationRecord",
+    "Inputs",
+    "Pick",
+    "RecordedCall",
+    "all_steps",
+    "draw_ndtc_timesteps",
+    "ndtc",
+    "uniform_steps",
+]

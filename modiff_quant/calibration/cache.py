@@ -29,7 +29,14 @@ FORMAT = "1"
 class CalibrationCache:
     """One file per fingerprint of (library version, float model, per-layer plan, calibration record)."""
 
-    def __init__(self, directory: str | Path, model: nn.Module, layers: Sequence[QuantizedLayer], blocks: Sequence[object], record: CalibrationRecord) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        model: nn.Module,
+        layers: Sequence[QuantizedLayer],
+        blocks: Sequence[object],
+        record: CalibrationRecord,
+    ) -> None:
         self.layers = tuple(layers)
         self.path = Path(directory) / f"{_fingerprint(model, self.layers, blocks, record)}.safetensors"
 
@@ -41,7 +48,11 @@ class CalibrationCache:
         try:
             states = self._checked_states(load_file(self.path))
         except (SafetensorError, OSError, ValueError) as exc:
-            warnings.warn(f"modiff_quant: calibration cache {self.path} is damaged ({clip(str(exc), 300)}); calibrating again", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"modiff_quant: calibration cache {self.path} is damaged ({clip(str(exc), 300)}); calibrating again",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return False
         for layer in self.layers:
             layer.load_calibration_state(states[layer.plan.name])
@@ -58,21 +69,38 @@ class CalibrationCache:
         for layer in self.layers:
             state, weight = states[layer.plan.name], layer.weight
             saved = state.get("weight")
-            if not layer.packed and (saved is None or saved.shape != weight.shape or saved.dtype != weight.dtype or not bool(saved.isfinite().all())):
-                raise ValueError(f"layer '{layer.plan.name}': its weight is missing or not a finite {weight.dtype} {list(weight.shape)}")
+            if not layer.packed and (
+                saved is None
+                or saved.shape != weight.shape
+                or saved.dtype != weight.dtype
+                or not bool(saved.isfinite().all())
+            ):
+                raise ValueError(
+                    f"layer '{layer.plan.name}': its weight is missing or not a finite {weight.dtype} {list(weight.shape)}"
+                )
             try:
-                check_calibration_state(layer.plan.settings, layer.plan.module_type, layer, state, f"{layer.plan.name}/")
+                check_calibration_state(
+                    layer.plan.settings, layer.plan.module_type, layer, state, f"{layer.plan.name}/"
+                )
             except ValueError as exc:
                 raise ValueError(f"layer '{layer.plan.name}': {exc}") from None
         return states
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{layer.plan.name}/{key}": value.detach().cpu().contiguous() for layer in self.layers for key, value in layer.calibration_state().items()}
-        replace_file(self.path, save(tensors, metadata={"format": FORMAT}))  # a concurrent reader never sees half a file
+        tensors = {
+            f"{layer.plan.name}/{key}": value.detach().cpu().contiguous()
+            for layer in self.layers
+            for key, value in layer.calibration_state().items()
+        }
+        replace_file(
+            self.path, save(tensors, metadata={"format": FORMAT})
+        )  # a concurrent reader never sees half a file
 
 
-def _fingerprint(model: nn.Module, layers: Sequence[QuantizedLayer], blocks: Sequence[object], record: CalibrationRecord) -> str:
+def _fingerprint(
+    model: nn.Module, layers: Sequence[QuantizedLayer], blocks: Sequence[object], record: CalibrationRecord
+) -> str:
     """Everything calibration depends on; `blocks` describes the cached blocks (their 0-bit steps)."""
     digest = hashlib.sha256(f"modiff-quant cache {FORMAT}".encode())
     digest.update(_code_digest(tuple(sorted({inspect.getfile(type(layer.base_quantizer)) for layer in layers}))))

@@ -21,7 +21,9 @@ class _ConcatWatch(TorchFunctionMode):
         self.first_part: dict[tuple[int, tuple[int, ...], tuple[int, ...]], int] = {}
         self._keep: list[Tensor] = []  # outputs stay alive so their storage is not reused
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func in _CONCATS and isinstance(out, Tensor) and out.dim() >= 3:
@@ -37,7 +39,9 @@ def _key(tensor: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     return tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())
 
 
-def detect_concat_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> dict[str, int]:
+def detect_concat_inputs(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+) -> dict[str, int]:
     """{conv name: channels of the first part} for every Conv1d/Conv2d whose input, in one forward
     pass of `model(*args, **kwargs)`, is exactly the output of a channel concatenation."""
     found: dict[str, int] = {}

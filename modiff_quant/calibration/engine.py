@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from ..layers import QuantizedLayer
 
 
-def convert_layers(model: nn.Module, tracker: Tracker, layers: Sequence[QuantizedLayer], cache_dir: str | Path | None = None) -> None:
+def convert_layers(
+    model: nn.Module, tracker: Tracker, layers: Sequence[QuantizedLayer], cache_dir: str | Path | None = None
+) -> None:
     """Calibrate (when the record and the layers call for it), freeze and quantize every layer."""
     record = tracker.record
     waiting = [layer.plan.name for layer in layers if layer.needs_calibration]
@@ -61,11 +63,15 @@ def _groups(layers: Sequence[QuantizedLayer]) -> dict[str, list[QuantizedLayer]]
     groups: dict[str, list[QuantizedLayer]] = {}
     for layer in layers:
         settings = layer.plan.settings
-        groups.setdefault(f"{settings.base_quantizer}{sorted(settings.base_quantizer_options.items())}", []).append(layer)
+        groups.setdefault(f"{settings.base_quantizer}{sorted(settings.base_quantizer_options.items())}", []).append(
+            layer
+        )
     return groups
 
 
-def _detect_splits(model: nn.Module, tracker: Tracker, record: CalibrationRecord, layers: Sequence[QuantizedLayer]) -> None:
+def _detect_splits(
+    model: nn.Module, tracker: Tracker, record: CalibrationRecord, layers: Sequence[QuantizedLayer]
+) -> None:
     if not layers:
         return
     call = record.calls[0]
@@ -80,12 +86,20 @@ def _detect_splits(model: nn.Module, tracker: Tracker, record: CalibrationRecord
         layer.set_split(found.get(layer.plan.name))
 
 
-def _observe(model: nn.Module, tracker: Tracker, record: CalibrationRecord, layers: Sequence[QuantizedLayer], picks: Sequence[Pick]) -> None:
+def _observe(
+    model: nn.Module,
+    tracker: Tracker,
+    record: CalibrationRecord,
+    layers: Sequence[QuantizedLayer],
+    picks: Sequence[Pick],
+) -> None:
     """Replay the picks with these layers' observers on. A layer under a scheme that quantizes
     temporal differences sees each pick after the step before it; a quantized first step is
     calibrated on the first steps of all recorded trajectories."""
     previous_step = any(layer.scheme.needs_previous_step for layer in layers)
-    first_steps = previous_step and any(RAW in layer.act_quantizers and layer.scheme.needs_previous_step for layer in layers)
+    first_steps = previous_step and any(
+        RAW in layer.act_quantizers and layer.scheme.needs_previous_step for layer in layers
+    )
     chains: list[list[tuple[RecordedCall, bool]]] = []
     for pick in picks:
         prior = record.previous(pick.call) if previous_step else None

@@ -25,7 +25,15 @@ from .selection import Pick
 if TYPE_CHECKING:
     from ..layers import QuantizedLayer
 
-DEFAULT_BLOCK_TYPES = ("ResnetBlock2D", "Attention", "BasicTransformerBlock", "ResnetBlock", "ResBlock", "AttnBlock", "AttentionBlock")
+DEFAULT_BLOCK_TYPES = (
+    "ResnetBlock2D",
+    "Attention",
+    "BasicTransformerBlock",
+    "ResnetBlock",
+    "ResBlock",
+    "AttnBlock",
+    "AttentionBlock",
+)
 """Class names of reconstruction units in diffusers and the DDPM/DDIM/guided-diffusion codebases."""
 
 
@@ -57,7 +65,14 @@ class _Stop(Exception):
 class Reconstruction:
     """One base quantizer's layers and calibration samples, with the passes reconstruction needs."""
 
-    def __init__(self, model: nn.Module, tracker: Tracker, record: CalibrationRecord, layers: Sequence[QuantizedLayer], picks: Sequence[Pick]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tracker: Tracker,
+        record: CalibrationRecord,
+        layers: Sequence[QuantizedLayer],
+        picks: Sequence[Pick],
+    ) -> None:
         self.model, self.tracker, self.record = model, tracker, record
         self.layers = tuple(layers)
         self.picks = tuple(picks)
@@ -101,12 +116,20 @@ class Reconstruction:
             if previous and prior is None:
                 continue
             target_inputs, target = self._capture(unit, pick.call, pick.rows, Mode.REFERENCE, output=True)
-            inputs = target_inputs if inputs_from is Mode.REFERENCE else self._capture(unit, pick.call, pick.rows, inputs_from, output=False)[0]
-            earlier = self._capture(unit, prior, pick.rows, inputs_from, output=False)[0] if prior is not None else None
+            inputs = (
+                target_inputs
+                if inputs_from is Mode.REFERENCE
+                else self._capture(unit, pick.call, pick.rows, inputs_from, output=False)[0]
+            )
+            earlier = (
+                self._capture(unit, prior, pick.rows, inputs_from, output=False)[0] if prior is not None else None
+            )
             samples.append(UnitSample(pick.call, inputs, target, earlier, prior))
         return samples
 
-    def _capture(self, unit: Unit, call: RecordedCall, rows: Tensor, mode: Mode, *, output: bool) -> tuple[Inputs, Tensor | None]:
+    def _capture(
+        self, unit: Unit, call: RecordedCall, rows: Tensor, mode: Mode, *, output: bool
+    ) -> tuple[Inputs, Tensor | None]:
         seen: dict[str, Any] = {}
 
         def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -118,7 +141,10 @@ class Reconstruction:
             seen["output"] = _tensor(result, unit.name).detach()
             raise _Stop
 
-        handles = [unit.module.register_forward_pre_hook(before, with_kwargs=True), unit.module.register_forward_hook(after, with_kwargs=True)]
+        handles = [
+            unit.module.register_forward_pre_hook(before, with_kwargs=True),
+            unit.module.register_forward_hook(after, with_kwargs=True),
+        ]
         try:
             self._run_model(call, rows, mode)
         except _Stop:
@@ -127,7 +153,9 @@ class Reconstruction:
             for handle in handles:
                 handle.remove()
         if "inputs" not in seen:
-            raise RuntimeError(f"{unit.name}: not reached by a forward pass of the model, so it cannot be reconstructed")
+            raise RuntimeError(
+                f"{unit.name}: not reached by a forward pass of the model, so it cannot be reconstructed"
+            )
         return seen["inputs"], seen.get("output")
 
     def _run_model(self, call: RecordedCall, rows: Tensor, mode: Mode) -> None:
@@ -160,7 +188,9 @@ class Reconstruction:
             self.tracker.mode = previous
 
 
-def random_batches(samples: Sequence[UnitSample], count: int, batch_size: int, seed: int) -> Iterator[tuple[UnitSample, Tensor]]:
+def random_batches(
+    samples: Sequence[UnitSample], count: int, batch_size: int, seed: int
+) -> Iterator[tuple[UnitSample, Tensor]]:
     """`count` training batches: a random sample (one recorded step), then random rows of it."""
     generator = torch.Generator().manual_seed(seed)
     for _ in range(count):

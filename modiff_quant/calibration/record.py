@@ -35,7 +35,11 @@ class Inputs:
 
     def select(self, rows: Tensor) -> Inputs:
         """The inputs restricted to some batch rows (tensors whose first dim is the batch)."""
-        return Inputs(_map(self.args, lambda t: _rows(t, rows, self.rows)), _map(self.kwargs, lambda t: _rows(t, rows, self.rows)), len(rows))
+        return Inputs(
+            _map(self.args, lambda t: _rows(t, rows, self.rows)),
+            _map(self.kwargs, lambda t: _rows(t, rows, self.rows)),
+            len(rows),
+        )
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,14 @@ class CalibrationRecord:
     def __len__(self) -> int:
         return len(self.calls)
 
-    def add(self, trajectory: int, position: Position, timestep: float | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def add(
+        self,
+        trajectory: int,
+        position: Position,
+        timestep: float | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
         sample = next((t for t in iter_tensors((args, kwargs)) if t.dim() > 0), None)
         if sample is None:
             raise RuntimeError("calibrate(): the model call carries no batched tensor to record")
@@ -120,4 +131,3 @@ def _map(value: Any, fn: Any) -> Any:
     if isinstance(value, dict):
         return {k: _map(v, fn) for k, v in value.items()}
     return value
-

@@ -55,7 +55,9 @@ def draw_ndtc_timesteps(count: int, mean: float, std: float, num_train_timesteps
     return (draws * num_train_timesteps).floor().clamp(0, num_train_timesteps - 1).long()
 
 
-def ndtc(record: CalibrationRecord, samples: int, mean: float, std: float, num_train_timesteps: int, seed: int = 0) -> list[Pick]:
+def ndtc(
+    record: CalibrationRecord, samples: int, mean: float, std: float, num_train_timesteps: int, seed: int = 0
+) -> list[Pick]:
     """PTQ4DM's NDTC set as its paper describes it: for each of `samples` draws t_i, one
     denoising chain (a recorded trajectory row, taken in turn) at its step whose timestep is
     nearest to t_i, kept with its true timestep.

@@ -45,7 +45,11 @@ def plan_document(plan: Plan) -> dict[str, Any]:
             for name, layer in plan.layers.items()
         },
         "blocks": {
-            name: {"type": block.module_type, "steps": schedule_document(block.schedule), "skip_threshold": block.skip_threshold}
+            name: {
+                "type": block.module_type,
+                "steps": schedule_document(block.schedule),
+                "skip_threshold": block.skip_threshold,
+            }
             for name, block in plan.blocks.items()
         },
     }
@@ -58,7 +62,10 @@ def settings_document(values: Mapping[str, Any]) -> dict[str, Any]:
         if key == "base_quantizer_options":
             continue
         if key == "base_quantizer":
-            options = {option: _plain(setting, f"base_quantizer option {option!r}") for option, setting in values.get("base_quantizer_options", {}).items()}
+            options = {
+                option: _plain(setting, f"base_quantizer option {option!r}")
+                for option, setting in values.get("base_quantizer_options", {}).items()
+            }
             document[key] = {"name": value, **options} if options else value
         elif key in _STRINGIFIED:
             document[key] = str(value)
@@ -82,7 +89,9 @@ def _plain(value: Any, what: str) -> Any:
         return {key: _plain(item, f"{what}[{key!r}]") for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(item, f"{what}[{index}]") for index, item in enumerate(value)]
-    raise ValueError(f"{what}: {type(value).__name__} {value!r:.80} is not recipe data (mappings, lists, numbers, strings, booleans, None or classes)")
+    raise ValueError(
+        f"{what}: {type(value).__name__} {value!r:.80} is not recipe data (mappings, lists, numbers, strings, booleans, None or classes)"
+    )
 
 
 def schedule_document(schedule: StepSchedule) -> Any:

@@ -52,12 +52,18 @@ def _conforms(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and not (isinstance(value, float) and math.isnan(value))
+        return (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and not (isinstance(value, float) and math.isnan(value))
+        )
     kind = origin or hint
     if not isinstance(kind, type):
         return True  # a typing construct without a runtime check (e.g. a ParamSpec)
     if issubclass(kind, Mapping):
-        return isinstance(value, Mapping) and (len(args) != 2 or all(_conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items()))
+        return isinstance(value, Mapping) and (
+            len(args) != 2 or all(_conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items())
+        )
     if issubclass(kind, Sequence) and not issubclass(kind, (str, bytes)):
         if not isinstance(value, list if kind is list else (list, tuple)):
             return False
@@ -85,7 +91,9 @@ def _why_not(value: Any, hint: Any) -> str:
     """The reason a value that looks right is refused, where there is a common one."""
     if isinstance(value, str) and len(value) <= 40 and _EXPONENT_TEXT.fullmatch(value) and _conforms(1.0, hint):
         number = repr(float(value))
-        number = number.replace("e", ".0e", 1) if "e" in number and "." not in number else number  # as PyYAML writes floats
+        number = (
+            number.replace("e", ".0e", 1) if "e" in number and "." not in number else number
+        )  # as PyYAML writes floats
         return f" (text: YAML 1.1 reads exponent notation as a number only with a dot and a signed exponent; write {number})"
     if isinstance(value, float) and math.isnan(value):
         return " (NaN is never a valid option)"

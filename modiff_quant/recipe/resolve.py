@@ -50,7 +50,12 @@ class LayerPlan:
         """True when the layer computes exactly as before (plain, float weights and activations,
         never skipped, not adopted): `prepare` then leaves the module untouched."""
         s = self.settings
-        return s.scheme == "plain" and s.w_bits == s.a_bits == FLOAT_BITS and not self.zero_bit_steps and self.adopted_from is None
+        return (
+            s.scheme == "plain"
+            and s.w_bits == s.a_bits == FLOAT_BITS
+            and not self.zero_bit_steps
+            and self.adopted_from is None
+        )
 
 
 @dataclass(frozen=True)
@@ -84,12 +89,16 @@ class Plan:
 def resolve(recipe: Recipe, model: nn.Module) -> Plan:
     modules = [(name, module) for name, module in model.named_modules() if name]
     layers = {name: module for name, module in modules if type(module) in CHANNEL_DIMS}
-    subclassed = {name: module for name, module in modules if isinstance(module, tuple(CHANNEL_DIMS)) and name not in layers}
+    subclassed = {
+        name: module for name, module in modules if isinstance(module, tuple(CHANNEL_DIMS)) and name not in layers
+    }
     adopted = {name: adoption for name, module in subclassed.items() if (adoption := adopt(module)) is not None}
     layers.update({name: subclassed[name] for name in adopted})
     # e.g. nn.MultiheadAttention's out_proj: its owner uses the weight directly, so wrapping is impossible
     unwrapped = [name for name in subclassed if name not in adopted]
-    values: dict[str, dict[str, object]] = {name: dict(adopted[name].settings) if name in adopted else {} for name in layers}
+    values: dict[str, dict[str, object]] = {
+        name: dict(adopted[name].settings) if name in adopted else {} for name in layers
+    }
     sources: dict[str, dict[str, Location]] = {name: dict(recipe.default_locations) for name in layers}
     hits: dict[str, list[Location]] = {name: [] for name in layers}
     zero_steps: dict[str, list[StepSchedule]] = {name: [] for name in layers}
@@ -122,9 +131,14 @@ def resolve(recipe: Recipe, model: nn.Module) -> Plan:
                     "a_bits: 0 with steps; match their Linear/Conv layers by name to quantize them",
                 )
             for name, module in matched_blocks:
-                blocks[name] = BlockPlan(name, type(module).__name__, rule.steps or StepSchedule(), rule.location, rule.skip_threshold)
+                blocks[name] = BlockPlan(
+                    name, type(module).__name__, rule.steps or StepSchedule(), rule.location, rule.skip_threshold
+                )
         elif rule.skip_threshold is not None:
-            raise RecipeError(rule.location, f"rule '{rule.describe()}' sets skip_threshold, which applies to blocks, but matches layers ({_some(matched_layers)})")
+            raise RecipeError(
+                rule.location,
+                f"rule '{rule.describe()}' sets skip_threshold, which applies to blocks, but matches layers ({_some(matched_layers)})",
+            )
         else:
             for name in matched_layers:
                 hits[name].append(rule.location)
@@ -140,7 +154,15 @@ def resolve(recipe: Recipe, model: nn.Module) -> Plan:
         adoption = adopted.get(name)
         layer_type = adoption.layer_type if adoption else type(module)
         note = _check_layer(name, module, layer_type, settings, sources[name])
-        plans[name] = LayerPlan(name, layer_type.__name__, settings, tuple(zero_steps[name]), tuple(hits[name]), note, _describe_adoption(adoption))
+        plans[name] = LayerPlan(
+            name,
+            layer_type.__name__,
+            settings,
+            tuple(zero_steps[name]),
+            tuple(hits[name]),
+            note,
+            _describe_adoption(adoption),
+        )
     return Plan(recipe, plans, blocks, tuple(unmatched), tuple(unwrapped))
 
 
@@ -162,9 +184,15 @@ def _suggest(rule: Rule, modules: list[tuple[str, nn.Module]], limit: int = 3) -
     (for a regex, to its literal prefix: the split is one linear scan, whatever the pattern)."""
     suggestions: list[str] = []
     for pattern in rule.patterns[:limit]:
-        text = re.split(r"(?<!\\)[\[\](){}*+?|^$]|\\[dDwWsSb]", pattern.removeprefix("re:"))[0].replace("\\.", ".").rstrip(".")
+        text = (
+            re.split(r"(?<!\\)[\[\](){}*+?|^$]|\\[dDwWsSb]", pattern.removeprefix("re:"))[0]
+            .replace("\\.", ".")
+            .rstrip(".")
+        )
         depth = text.count(".") + 1
-        candidates = {".".join(name.split(".")[:depth]) for name, _ in modules} | {type(m).__name__ for _, m in modules}
+        candidates = {".".join(name.split(".")[:depth]) for name, _ in modules} | {
+            type(m).__name__ for _, m in modules
+        }
         suggestions += nearest(text, sorted(candidates)) if text else []
     return f"; nearest names: {', '.join(dict.fromkeys(suggestions))}" if suggestions else ""
 
@@ -175,7 +203,9 @@ def _describe_adoption(adoption: Adoption | None) -> str | None:
     return adoption.origin + (f" (not applied: {', '.join(adoption.not_applied)})" if adoption.not_applied else "")
 
 
-def _check_layer(name: str, module: nn.Module, layer_type: type[nn.Module], settings: LayerSettings, sources: Mapping[str, Location]) -> str | None:
+def _check_layer(
+    name: str, module: nn.Module, layer_type: type[nn.Module], settings: LayerSettings, sources: Mapping[str, Location]
+) -> str | None:
     """Reject what the layer cannot do; return the base quantizer's note on its weight."""
 
     def fail(key: str, message: str) -> None:
@@ -204,7 +234,10 @@ def _check_layer(name: str, module: nn.Module, layer_type: type[nn.Module], sett
         fail("base_quantizer", str(exc))
     calibrated = needs_calibration(quantizers)
     if settings.timestep_groups.count > 1 and not calibrated:
-        fail("timestep_groups", f"base quantizer '{settings.base_quantizer}' computes scales per call; timestep groups apply to calibrated scales only")
+        fail(
+            "timestep_groups",
+            f"base quantizer '{settings.base_quantizer}' computes scales per call; timestep groups apply to calibrated scales only",
+        )
     if settings.first_step.kind == "warmup" and calibrated:
         fail(
             "first_step",
@@ -226,28 +259,48 @@ def _format_bits(bits: int) -> str:
 
 def _explain(plan: Plan) -> str:
     recipe = plan.recipe
-    header = ("layer", "type", "scheme", "base", "W", "A", "a_gran", "t-groups", "split", "first", "EC", "0-bit steps", "rules")
+    header = (
+        "layer",
+        "type",
+        "scheme",
+        "base",
+        "W",
+        "A",
+        "a_gran",
+        "t-groups",
+        "split",
+        "first",
+        "EC",
+        "0-bit steps",
+        "rules",
+    )
     types = {layer_type.__name__: layer_type for layer_type in CHANNEL_DIMS}
     rows = []
     for layer in plan.layers.values():
         s = layer.settings
         modiff = s.scheme == "modiff"
-        rows.append((
-            layer.name,
-            layer.module_type,
-            s.scheme,
-            _format_base(s.base_quantizer, s.base_quantizer_options),
-            _format_bits(s.w_bits),
-            _format_bits(s.a_bits) + ("" if s.a_symmetric else "u"),
-            str(s.a_granularity),
-            str(s.timestep_groups.count),
-            "on" if splits(s, types[layer.module_type]) else "-",
-            str(s.first_step) if modiff else "-",
-            ("on" if s.error_compensation else "off") if modiff else "-",
-            "all" if s.a_bits == SKIP_BITS else ", ".join(map(str, layer.zero_bit_steps)) or "-",
-            ", ".join(f"{Path(loc.file).name}:{loc.line}" for loc in layer.rules) or "defaults",
-        ))
-    lines = [f"recipe {recipe.name} ({recipe.source}){' strict' if recipe.strict else ''}: {recipe.description}".rstrip(": ")]
+        rows.append(
+            (
+                layer.name,
+                layer.module_type,
+                s.scheme,
+                _format_base(s.base_quantizer, s.base_quantizer_options),
+                _format_bits(s.w_bits),
+                _format_bits(s.a_bits) + ("" if s.a_symmetric else "u"),
+                str(s.a_granularity),
+                str(s.timestep_groups.count),
+                "on" if splits(s, types[layer.module_type]) else "-",
+                str(s.first_step) if modiff else "-",
+                ("on" if s.error_compensation else "off") if modiff else "-",
+                "all" if s.a_bits == SKIP_BITS else ", ".join(map(str, layer.zero_bit_steps)) or "-",
+                ", ".join(f"{Path(loc.file).name}:{loc.line}" for loc in layer.rules) or "defaults",
+            )
+        )
+    lines = [
+        f"recipe {recipe.name} ({recipe.source}){' strict' if recipe.strict else ''}: {recipe.description}".rstrip(
+            ": "
+        )
+    ]
     lines += _table(header, rows)
     lines.append(
         f"{len(plan.layers)} layers; A bits: 'u' = asymmetric; split: separate quantizers where the input is a concatenation "
@@ -263,7 +316,16 @@ def _explain(plan: Plan) -> str:
         lines += _table(("layer", "weight"), notes)
     if plan.blocks:
         lines += ["", "cached blocks (0-bit: output reused without calling the block)"]
-        rows = [(b.name, b.module_type, str(b.schedule), "-" if b.skip_threshold is None else f"change < {b.skip_threshold:g}", str(b.rule)) for b in plan.blocks.values()]
+        rows = [
+            (
+                b.name,
+                b.module_type,
+                str(b.schedule),
+                "-" if b.skip_threshold is None else f"change < {b.skip_threshold:g}",
+                str(b.rule),
+            )
+            for b in plan.blocks.values()
+        ]
         lines += _table(("block", "type", "0-bit steps", "skip when", "rule"), rows)
     if plan.unwrapped:
         lines.append(f"left float (subclasses of Linear/Conv, not wrappable): {', '.join(plan.unwrapped)}")
@@ -275,4 +337,8 @@ def _explain(plan: Plan) -> str:
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip(), *(fmt.format(*r).rstrip() for r in rows)]
+    return [
+        fmt.format(*header).rstrip(),
+        fmt.format(*("-" * w for w in widths)).rstrip(),
+        *(fmt.format(*r).rstrip() for r in rows),
+    ]

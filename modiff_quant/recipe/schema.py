@@ -50,19 +50,25 @@ MAX_REGEXES = 256
 _RE2_MEMORY = 64 << 10
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # the error comes back as an exception; RE2 would also print it to stderr
-_RE2_OPTIONS.max_mem = _RE2_MEMORY  # a larger program is refused ("pattern too large"); matching stays linear in any case
+_RE2_OPTIONS.max_mem = (
+    _RE2_MEMORY  # a larger program is refused ("pattern too large"); matching stays linear in any case
+)
 
 
 def _compile_pattern(pattern: str) -> Any:
     """The RE2 regex of a `re:` pattern (RE2 matches in time linear in the name, whatever the
     pattern); ValueError, naming the problem, for a pattern RE2 refuses or one over the limits."""
     if len(pattern) > MAX_PATTERN_CHARS:
-        raise ValueError(f"pattern {shown(pattern, 40)} has {len(pattern):,} characters; the limit is {MAX_PATTERN_CHARS:,}")
+        raise ValueError(
+            f"pattern {shown(pattern, 40)} has {len(pattern):,} characters; the limit is {MAX_PATTERN_CHARS:,}"
+        )
     try:
         return re2.compile(pattern.removeprefix("re:"), _RE2_OPTIONS)
     except re2.error as exc:
         problem = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
-        raise ValueError(f"invalid regex {shown(pattern)}: {clip(problem, 200)} (regexes are RE2 syntax: no backreferences or lookarounds, at most {_RE2_MEMORY >> 10} KiB compiled)") from None
+        raise ValueError(
+            f"invalid regex {shown(pattern)}: {clip(problem, 200)} (regexes are RE2 syntax: no backreferences or lookarounds, at most {_RE2_MEMORY >> 10} KiB compiled)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,9 @@ class Rule:
 
     def __post_init__(self) -> None:
         """Compile the `re:` patterns once (ValueError for one RE2 refuses), not once per module matched."""
-        object.__setattr__(self, "regexes", tuple(_compile_pattern(p) if p.startswith("re:") else None for p in self.patterns))
+        object.__setattr__(
+            self, "regexes", tuple(_compile_pattern(p) if p.startswith("re:") else None for p in self.patterns)
+        )
 
     def matches(self, name: str, module: nn.Module) -> bool:
         """Exact module name, class name, or `re:` + a regex that must match the whole name."""
@@ -125,11 +133,17 @@ class Recipe:
         """The same recipe, named `name`, with `settings` (LayerSettings fields) on every layer:
         set in the defaults and removed from every rule, so that no rule overrides them."""
         rules = tuple(
-            replace(rule, settings={k: v for k, v in rule.settings.items() if k not in settings}, setting_locations={k: v for k, v in rule.setting_locations.items() if k not in settings})
+            replace(
+                rule,
+                settings={k: v for k, v in rule.settings.items() if k not in settings},
+                setting_locations={k: v for k, v in rule.setting_locations.items() if k not in settings},
+            )
             for rule in self.rules
         )
         locations = {k: v for k, v in self.default_locations.items() if k not in settings}
-        return replace(self, name=name, defaults=self.defaults.updated(settings), default_locations=locations, rules=rules)
+        return replace(
+            self, name=name, defaults=self.defaults.updated(settings), default_locations=locations, rules=rules
+        )
 
     def explain(self, model: nn.Module) -> str:
         """Per layer: the settings that apply and the recipe lines they came from."""
@@ -138,7 +152,9 @@ class Recipe:
 
 def shipped_recipes() -> list[str]:
     """Names of the recipes installed with the package."""
-    return sorted(p.name.removesuffix(".yaml") for p in files("modiff_quant.recipes").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml") for p in files("modiff_quant.recipes").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def load_recipe(path_or_name: str | Path) -> Recipe:
@@ -160,7 +176,9 @@ def _locate(reference: str, base_dir: Path) -> Path:
     except OSError as exc:  # e.g. a name too long for the file system
         raise FileNotFoundError(f"recipe {shown(reference)} is not a usable path: {exc.strerror or exc}") from None
     names = shipped_recipes()
-    raise FileNotFoundError(f"recipe {shown(reference)} is neither a file nor a shipped recipe{did_you_mean(reference, names)} (shipped: {', '.join(names)})")
+    raise FileNotFoundError(
+        f"recipe {shown(reference)} is neither a file nor a shipped recipe{did_you_mean(reference, names)} (shipped: {', '.join(names)})"
+    )
 
 
 def flat_recipe(text: str, path: Path) -> Recipe:
@@ -168,7 +186,10 @@ def flat_recipe(text: str, path: Path) -> Recipe:
     extend another: it stands alone and reaches no other file."""
     data = load_located(text, str(path))
     if isinstance(data, LocatedDict) and "extends" in data:
-        raise RecipeError(data.where("extends"), "a saved recipe is flat (save_quantized() merges the extends chain), but this one extends another")
+        raise RecipeError(
+            data.where("extends"),
+            "a saved recipe is flat (save_quantized() merges the extends chain), but this one extends another",
+        )
     return _recipe(data, path, (), Budget())
 
 
@@ -234,7 +255,10 @@ def _text(data: LocatedDict, key: str, default: str) -> str:
 def _check_keys(mapping: LocatedDict, allowed: tuple[str, ...], what: str) -> None:
     for key in mapping:
         if key not in allowed:
-            raise RecipeError(mapping.where(key), f"unknown {what} {shown(key)}{did_you_mean(str(key), list(allowed))} (allowed: {', '.join(allowed)})")
+            raise RecipeError(
+                mapping.where(key),
+                f"unknown {what} {shown(key)}{did_you_mean(str(key), list(allowed))} (allowed: {', '.join(allowed)})",
+            )
 
 
 def _parse_settings(mapping: LocatedDict) -> tuple[dict[str, Any], dict[str, Location]]:
@@ -256,7 +280,9 @@ def _parse_settings(mapping: LocatedDict) -> tuple[dict[str, Any], dict[str, Loc
             except UnknownNameError as exc:
                 raise RecipeError(locations[key], f"{key}: {exc}") from None
     if "base_quantizer" in values:
-        _check_base_quantizer_options(values["base_quantizer"], values["base_quantizer_options"], locations["base_quantizer"])
+        _check_base_quantizer_options(
+            values["base_quantizer"], values["base_quantizer_options"], locations["base_quantizer"]
+        )
     return values, locations
 
 
@@ -272,7 +298,9 @@ def _check_base_quantizer_options(name: str, options: Mapping[str, Any], locatio
         quantizer(**options)
     except (TypeError, ValueError, UnknownNameError) as exc:
         accepted = ", ".join(inspect.signature(quantizer).parameters) or "no options"
-        raise RecipeError(location, f"base quantizer '{name}' rejects its options ({clip(str(exc), 300)}); it accepts: {accepted}") from None
+        raise RecipeError(
+            location, f"base quantizer '{name}' rejects its options ({clip(str(exc), 300)}); it accepts: {accepted}"
+        ) from None
 
 
 def _parse_defaults(data: LocatedDict, base: Recipe | None) -> tuple[LayerSettings, dict[str, Location]]:
@@ -310,9 +338,14 @@ def _parse_rule(item: Any, location: Location, regexes_left: int) -> Rule:
         raise RecipeError(location, "rule has no 'match'")
     patterns = item["match"] if isinstance(item["match"], list) else [item["match"]]
     if not patterns or not all(isinstance(p, str) and p for p in patterns):
-        raise RecipeError(item.where("match"), f"match must be a name, class name or 're:<regex>', or a list of them; got {shown(item['match'])}")
+        raise RecipeError(
+            item.where("match"),
+            f"match must be a name, class name or 're:<regex>', or a list of them; got {shown(item['match'])}",
+        )
     if sum(p.startswith("re:") for p in patterns) > regexes_left:
-        raise RecipeError(item.where("match"), f"more than {MAX_REGEXES} 're:' patterns in the recipe and the files it extends")
+        raise RecipeError(
+            item.where("match"), f"more than {MAX_REGEXES} 're:' patterns in the recipe and the files it extends"
+        )
     settings, setting_locations = _parse_settings(item)
     steps = None
     if "steps" in item:
@@ -321,16 +354,31 @@ def _parse_rule(item: Any, location: Location, regexes_left: int) -> Rule:
         except ValueError as exc:
             raise RecipeError(item.where("steps"), f"steps: {exc}") from None
         if settings != {"a_bits": 0}:
-            raise RecipeError(item.where("steps"), "a rule with steps may only set a_bits: 0 (0-bit skipping on a step schedule)")
+            raise RecipeError(
+                item.where("steps"), "a rule with steps may only set a_bits: 0 (0-bit skipping on a step schedule)"
+            )
     threshold = item.get("skip_threshold")
     if "skip_threshold" in item:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
-            raise RecipeError(item.where("skip_threshold"), f"skip_threshold: expected a positive number (relative input change), got {shown(threshold)}")
+            raise RecipeError(
+                item.where("skip_threshold"),
+                f"skip_threshold: expected a positive number (relative input change), got {shown(threshold)}",
+            )
         if settings != {"a_bits": 0}:
-            raise RecipeError(item.where("skip_threshold"), "a rule with skip_threshold may only set a_bits: 0 (adaptive 0-bit skipping of a block)")
+            raise RecipeError(
+                item.where("skip_threshold"),
+                "a rule with skip_threshold may only set a_bits: 0 (adaptive 0-bit skipping of a block)",
+            )
     if not settings:
         raise RecipeError(location, "rule sets nothing: add a setting such as a_bits or w_bits")
     try:
-        return Rule(patterns=tuple(patterns), settings=settings, setting_locations=setting_locations, steps=steps, location=item.location, skip_threshold=threshold)
+        return Rule(
+            patterns=tuple(patterns),
+            settings=settings,
+            setting_locations=setting_locations,
+            steps=steps,
+            location=item.location,
+            skip_threshold=threshold,
+        )
     except ValueError as exc:  # a pattern RE2 refuses
         raise RecipeError(item.where("match"), f"match: {exc}") from None

@@ -77,12 +77,29 @@ class StepSchedule:
             return cls()
         if isinstance(value, list) and value and all(_is_int(v) and v >= 0 for v in value):
             return cls(explicit=frozenset(value))
-        if isinstance(value, Mapping) and value and set(value) <= {"start", "stop", "every", "refresh_every"} and not {"every", "refresh_every"} <= set(value):
-            start, stop, every, refresh = value.get("start", 0), value.get("stop"), value.get("every", 1), value.get("refresh_every", 0)
-            valid_step = _is_int(every) and every >= 1 and _is_int(refresh) and (refresh == 0 and "refresh_every" not in value or refresh >= 2)
+        if (
+            isinstance(value, Mapping)
+            and value
+            and set(value) <= {"start", "stop", "every", "refresh_every"}
+            and not {"every", "refresh_every"} <= set(value)
+        ):
+            start, stop, every, refresh = (
+                value.get("start", 0),
+                value.get("stop"),
+                value.get("every", 1),
+                value.get("refresh_every", 0),
+            )
+            valid_step = (
+                _is_int(every)
+                and every >= 1
+                and _is_int(refresh)
+                and (refresh == 0 and "refresh_every" not in value or refresh >= 2)
+            )
             if _is_int(start) and start >= 0 and valid_step and (stop is None or _is_int(stop) and stop > start):
                 return cls(start=start, stop=stop, every=every, refresh_every=refresh)
-        raise ValueError(f"expected all, a list of step indices, or a mapping with start/stop and every or refresh_every (N >= 2), got {shown(value)}")
+        raise ValueError(
+            f"expected all, a list of step indices, or a mapping with start/stop and every or refresh_every (N >= 2), got {shown(value)}"
+        )
 
     def contains(self, step: int) -> bool:
         if self.explicit is not None:
@@ -97,7 +114,13 @@ class StepSchedule:
             return str(sorted(self.explicit))
         if (self.start, self.stop, self.every, self.refresh_every) == (0, None, 1, 0):
             return "all"
-        every = f" refreshed every {self.refresh_every}" if self.refresh_every else f" every {self.every}" if self.every > 1 else ""
+        every = (
+            f" refreshed every {self.refresh_every}"
+            if self.refresh_every
+            else f" every {self.every}"
+            if self.every > 1
+            else ""
+        )
         return f"{self.start}..{'' if self.stop is None else self.stop - 1}{every}"
 
 
@@ -120,7 +143,12 @@ class TimestepGroups:
             return cls(value)
         if isinstance(value, Mapping) and set(value) == {"count", "range"}:
             count, span = value["count"], value["range"]
-            if _is_count(count) and isinstance(span, list) and len(span) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in span):
+            if (
+                _is_count(count)
+                and isinstance(span, list)
+                and len(span) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in span)
+            ):
                 low, high = float(span[0]), float(span[1])
                 if low < high and math.isfinite(high - low):
                     return cls(count, low, high)
@@ -226,7 +254,10 @@ def _base_quantizer(value: Any) -> dict[str, Any]:
     if isinstance(value, str) and value:
         return {"base_quantizer": value, "base_quantizer_options": {}}
     if isinstance(value, Mapping) and isinstance(value.get("name"), str):
-        return {"base_quantizer": value["name"], "base_quantizer_options": {k: v for k, v in value.items() if k != "name"}}
+        return {
+            "base_quantizer": value["name"],
+            "base_quantizer_options": {k: v for k, v in value.items() if k != "name"},
+        }
     raise ValueError(f"expected a base quantizer name or a mapping with 'name' and its options, got {shown(value)}")
 
 
@@ -247,4 +278,3 @@ SETTING_PARSERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "input_cache": lambda v: {"input_cache": _state_format(v)},
     "output_cache": lambda v: {"output_cache": _state_format(v)},
 }
-

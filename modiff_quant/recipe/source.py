@@ -99,7 +99,9 @@ def read_located(path: Path, budget: Budget | None = None) -> Any:
     except UnicodeDecodeError as exc:
         valid = data[: exc.start].decode("utf-8")
         line = _line_at(valid, len(valid))
-        raise RecipeError(Location(file, line), f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} ({exc.reason})") from None
+        raise RecipeError(
+            Location(file, line), f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} ({exc.reason})"
+        ) from None
     return load_located(text, file, budget)
 
 
@@ -108,7 +110,10 @@ def load_located(text: str, file: str, budget: Budget | None = None) -> Any:
     budget = budget or Budget()
     bad = _NON_PRINTABLE.search(text)
     if bad:
-        raise RecipeError(Location(file, _line_at(text, bad.start())), f"invalid YAML: character U+{ord(bad.group()):04X} is not allowed in YAML text")
+        raise RecipeError(
+            Location(file, _line_at(text, bad.start())),
+            f"invalid YAML: character U+{ord(bad.group()):04X} is not allowed in YAML text",
+        )
 
     class Loader(_Base):
         def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
@@ -119,12 +124,18 @@ def load_located(text: str, file: str, budget: Budget | None = None) -> Any:
                 raise
             except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
                 value = f" {shown(node.value)}" if isinstance(node, yaml.ScalarNode) else ""
-                reason = "" if isinstance(exc, KeyError) else f": {clip(str(exc), 200)}"  # a KeyError says only the key
-                raise RecipeError(_at(file, node), f"invalid {node.tag.replace('tag:yaml.org,2002:', '!!')} value{value}{reason}") from None
+                reason = (
+                    "" if isinstance(exc, KeyError) else f": {clip(str(exc), 200)}"
+                )  # a KeyError says only the key
+                raise RecipeError(
+                    _at(file, node), f"invalid {node.tag.replace('tag:yaml.org,2002:', '!!')} value{value}{reason}"
+                ) from None
 
     def mapping(loader: Loader, node: yaml.Node) -> LocatedDict:
         if not isinstance(node, yaml.MappingNode):  # a tag such as !!map on a list
-            raise yaml.constructor.ConstructorError(None, None, f"{node.tag} needs a mapping, found a {node.id}", node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.tag} needs a mapping, found a {node.id}", node.start_mark
+            )
         loader.flatten_mapping(node)
         result = LocatedDict()
         result.location, result.key_locations = _at(file, node), {}
@@ -146,7 +157,10 @@ def load_located(text: str, file: str, budget: Budget | None = None) -> Any:
     def number(construct: Any) -> Any:
         def bounded(loader: Loader, node: yaml.Node) -> Any:
             if isinstance(node, yaml.ScalarNode) and len(node.value) > MAX_NUMBER_CHARS:
-                raise RecipeError(_at(file, node), f"a number of {len(node.value)} characters ({shown(node.value, 40)}); the limit is {MAX_NUMBER_CHARS}")
+                raise RecipeError(
+                    _at(file, node),
+                    f"a number of {len(node.value)} characters ({shown(node.value, 40)}); the limit is {MAX_NUMBER_CHARS}",
+                )
             return construct(loader, node)
 
         return bounded
@@ -160,7 +174,9 @@ def load_located(text: str, file: str, budget: Budget | None = None) -> Any:
         return yaml.load(text, Loader=Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = min(mark.line + 1, _line_at(text, len(text))) if mark else 1  # the end of the text may be past its last line
+        line = (
+            min(mark.line + 1, _line_at(text, len(text))) if mark else 1
+        )  # the end of the text may be past its last line
         raise RecipeError(Location(file, line), f"invalid YAML: {exc.problem or exc}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(Location(file, 1), f"invalid YAML: {clip(str(exc), 200)}") from None
@@ -192,13 +208,20 @@ def _check_shape(text: str, file: str, budget: Budget) -> None:
         if not isinstance(event, yaml.NodeEvent):
             continue
         # an alias of a node still open (recursive) counts as a scalar here: the constructor refuses it
-        values, height = anchors.get(event.anchor, (1, 0)) if isinstance(event, yaml.AliasEvent) else (1, int(isinstance(event, yaml.CollectionStartEvent)))
+        values, height = (
+            anchors.get(event.anchor, (1, 0))
+            if isinstance(event, yaml.AliasEvent)
+            else (1, int(isinstance(event, yaml.CollectionStartEvent)))
+        )
         budget.values -= values
         where = Location(file, event.start_mark.line + 1)
         if len(stack) + height > MAX_DEPTH:
             raise RecipeError(where, f"nested deeper than {MAX_DEPTH} levels (aliases counted as what they stand for)")
         if budget.values < 0:
-            raise RecipeError(where, f"more than {MAX_VALUES:,} values (aliases counted as what they stand for) in the recipe and the files it extends")
+            raise RecipeError(
+                where,
+                f"more than {MAX_VALUES:,} values (aliases counted as what they stand for) in the recipe and the files it extends",
+            )
         if isinstance(event, yaml.CollectionStartEvent):
             stack.append(_Open(event.anchor))
             continue

@@ -35,7 +35,9 @@ UNET_CONFIG = {
 SCHEDULER_CONFIG = DDPM_TRAINING
 
 
-def train(steps: int, batch_size: int, lr: float, ema_decay: float, seed: int) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+def train(
+    steps: int, batch_size: int, lr: float, ema_decay: float, seed: int
+) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """EMA weights of a UNet trained with the DDPM epsilon loss, and the loss log."""
     from diffusers import UNet2DModel
 
@@ -46,7 +48,9 @@ def train(steps: int, batch_size: int, lr: float, ema_decay: float, seed: int) -
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     generator = torch.Generator().manual_seed(seed)
     log, smoothed = [], None
     for step in tqdm(range(steps), desc="training digits16"):
@@ -83,7 +87,12 @@ def main() -> None:
     model, log = train(args.steps, args.batch_size, args.lr, args.ema_decay, args.seed)
     model.save_pretrained(args.out, safe_serialization=True)
     DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(args.out)  # samplers read the training schedule from here
-    record = {**{k: v for k, v in vars(args).items() if k != "out"}, "scheduler": SCHEDULER_CONFIG, "minutes": round((time.perf_counter() - start) / 60, 2), "loss": log}
+    record = {
+        **{k: v for k, v in vars(args).items() if k != "out"},
+        "scheduler": SCHEDULER_CONFIG,
+        "minutes": round((time.perf_counter() - start) / 60, 2),
+        "loss": log,
+    }
     (args.out / "training_log.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     print(f"wrote {args.out} after {record['minutes']} min, final smoothed loss {log[-1]['loss_ema']}")
 
