@@ -24,8 +24,8 @@ from modiff_quant.deferred import defer
 from modiff_quant.layer_parts import CHANNEL_DIMS
 from modiff_quant.quant import FLOAT_BITS, Granularity
 from modiff_quant.recipe import LayerSettings, Recipe, load_recipe
-from modiff_quant.recipe.settings import SETTING_PARSERS, FirstStep, TimestepGroups
 from modiff_quant.registry import did_you_mean
+from modiff_quant.settings import SETTING_PARSERS, FirstStep, TimestepGroups
 
 from .torchao_int4 import torchao
 

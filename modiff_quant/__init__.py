@@ -13,8 +13,7 @@ from .recipe import Recipe, RecipeError, load_recipe, shipped_recipes
 from .registry import register_base_quantizer, register_observer, register_scheme
 from .schemes import Scheme
 from .serialization import LoadError, load_quantized, save_quantized
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "ActivationQuantizer",

@@ -15,9 +15,9 @@ from typing import Any
 from torch import nn
 
 from .blocks import BlockCache, install_block_cache
-from .calibration.engine import convert_layers
 from .calibration.record import CalibrationRecord
-from .deferred import take_marks
+from .conversion import convert_layers
+from .deferred import set_binder, take_marks
 from .layers import Execution, QuantizedLayer, quantize_layer
 from .recipe import Plan, Recipe, load_recipe
 from .trajectory import Mode, Tracker
@@ -32,7 +32,10 @@ def prepare(model: nn.Module, recipe: Recipe | str | Path) -> nn.Module:
     The recipe is resolved and validated against the model before anything changes.
     """
     ensure_float(model)
-    return install(model, (recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).resolve(model))
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    plan = recipe.resolve(model)
+    return install(model, plan)
 
 
 def ensure_float(model: nn.Module) -> None:
@@ -140,7 +143,8 @@ def set_execution(model: nn.Module, mode: Execution) -> nn.Module:
     """Run a converted model's quantized layers as fake quantization (`fake`, the default: float
     products of dequantized values) or on int8 codes with int32 accumulation (`integer`: oneDNN
     kernels on x86 CPUs, the same outputs to float rounding). Layers with float activations stay
-    float. Raises ValueError listing every layer that cannot run on integers, changing nothing."""
+    float. Raises ValueError listing every layer that cannot run on integers, with every layer
+    back on fake quantization."""
     tracker = _tracker(model)
     if tracker.mode is not Mode.CONVERTED:
         raise RuntimeError(f"set_execution() needs a converted model (model is {tracker.mode.value})")
@@ -216,10 +220,11 @@ def bind_deferred(model: nn.Module) -> bool:
     return True
 
 
-def on_first_call(model: nn.Module, args: tuple[Any, ...]) -> None:
-    """Give the tracker the call during which `model` was bound (its hook was not yet installed
-    when the call began; keyword arguments are not visible to the global hook that binds)."""
-    _tracker(model).on_model_call(model, args, {})
+def _bind_on_call(model: nn.Module, args: tuple[Any, ...]) -> None:
+    """Bind `model` during its call and give the tracker that call (its hook was not yet
+    installed when the call began; keyword arguments are not visible to the global hook)."""
+    if bind_deferred(model):
+        _tracker(model).on_model_call(model, args, {})
 
 
 def _tracker(model: nn.Module) -> Tracker:
@@ -228,3 +233,6 @@ def _tracker(model: nn.Module) -> Tracker:
     if tracker is None:
         raise RuntimeError("model is not prepared: call modiff_quant.prepare(model, recipe) first")
     return tracker
+
+
+set_binder(_bind_on_call)  # layers marked by torchao's quantize_ bind through this on their first call

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from .calibration.reconstruction import Reconstruction
 from .calibration.record import CalibrationRecord
 from .calibration.selection import Pick, all_steps
 from .quant import (
@@ -24,9 +25,6 @@ from .quant import (
     quantize_minmax,
 )
 from .registry import OBSERVERS
-
-if TYPE_CHECKING:
-    from .calibration.reconstruction import Reconstruction
 
 
 class ActivationQuantizer(nn.Module, ABC):
@@ -136,7 +134,8 @@ def _checked_qparams(state: dict[str, Tensor], spec: QuantSpec) -> tuple[Tensor,
     scale, zero_point = state["scale"], state["zero_point"]
     if not (scale.is_floating_point() and zero_point.is_floating_point()) or scale.shape != zero_point.shape:
         raise ValueError(
-            f"scale and zero_point must be float tensors of one shape, got {scale.dtype} {list(scale.shape)} and {zero_point.dtype} {list(zero_point.shape)}"
+            f"scale and zero_point must be float tensors of one shape, got {scale.dtype} {list(scale.shape)} and "
+            f"{zero_point.dtype} {list(zero_point.shape)}"
         )
     if not bool((scale > 0).all() and scale.isfinite().all()):
         raise ValueError("scale must be finite and > 0")
@@ -244,7 +243,7 @@ class BaseQuantizer(ABC):
         """The recorded samples the activation observers see; every step by default."""
         return all_steps(record)
 
-    def reconstruct(self, reconstruction: Reconstruction) -> None:
+    def reconstruct(self, reconstruction: Reconstruction) -> None:  # noqa: B027 (a default that does nothing)
         """Optimise this method's layers on calibration data (e.g. AdaRound); none by default."""
 
     def check_layer(self, layer: nn.Module, weight: QuantSpec, activation: QuantSpec) -> None:
@@ -270,4 +269,5 @@ class BaseQuantizer(ABC):
 
     @abstractmethod
     def activation_quantizer(self, spec: QuantSpec, channel_dim: int) -> ActivationQuantizer:
-        """A fresh quantizer for one activation stream; `channel_dim` counts from the end: -3 for Conv2d, -2 for Conv1d, -1 for Linear."""
+        """A fresh quantizer for one activation stream; `channel_dim` counts from the end: -3 for
+        Conv2d, -2 for Conv1d, -1 for Linear."""

@@ -5,6 +5,7 @@ MoDiff needs the model's calls, not only the layers': which trajectory, step and
 call is. A marked layer cannot see its model, so the model is found when it is first used:
 either a modiff_quant function is called on it (`sampling`, `calibrate`, `convert`, ...), or it is
 called, caught by a global forward pre-hook that removes itself once no marked layer is left.
+Binding is the lifecycle API's work, one storey up: `api` hands its binder over at import.
 Binding resolves one recipe (an exact-name rule per marked layer, everything else float and
 unmodulated) exactly as `prepare` does, and converts at once when nothing needs calibration.
 """
@@ -12,6 +13,7 @@ unmodulated) exactly as `prepare` does, and converts at once when nothing needs 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
@@ -24,8 +26,18 @@ from .recipe import LayerSettings, Location, Recipe, Rule
 
 _ORIGIN = Location("torchao quantize_ (MoDiffConfig)", 0)
 
+Binder = Callable[[nn.Module, tuple[Any, ...]], None]
+"""Binds a model holding marked layers, during its call with these positional arguments."""
+
 _marked: weakref.WeakKeyDictionary[nn.Module, LayerSettings] = weakref.WeakKeyDictionary()
 _hook: RemovableHandle | None = None
+_binder: Binder | None = None
+
+
+def set_binder(binder: Binder) -> None:
+    """Install what the global hook calls on a model holding marked layers (set by `api`)."""
+    global _binder
+    _binder = binder
 
 
 def defer(layer: nn.Module, settings: LayerSettings) -> None:
@@ -37,7 +49,10 @@ def defer(layer: nn.Module, settings: LayerSettings) -> None:
 
 
 def take_marks(model: nn.Module) -> Recipe | None:
-    """The recipe of the marked layers in `model` (their marks removed), or None when none is."""
+    """The recipe of the marked layers in `model` (their marks removed), or None when none is;
+    without a walk of the model when no layer anywhere is marked."""
+    if not _marked:
+        return None
     layers = [(name, module) for name, module in model.named_modules() if name and module in _marked]
     if not layers:
         return None
@@ -58,10 +73,8 @@ def _bind_on_call(module: nn.Module, args: tuple[Any, ...]) -> None:
     Its own hooks were collected before this one ran, so this call is announced to its tracker here."""
     if not any(m in _marked for m in module.modules()):
         return
-    from .api import bind_deferred, on_first_call
-
-    if bind_deferred(module):
-        on_first_call(module, args)
+    assert _binder is not None, "modiff_quant.api sets the binder when the package is imported"
+    _binder(module, args)
 
 
 def _release_hook() -> None:

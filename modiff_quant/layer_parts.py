@@ -19,8 +19,8 @@ from .quoting import excerpt
 from .registry import BASE_QUANTIZERS, SCHEMES
 
 if TYPE_CHECKING:
-    from .recipe.settings import LayerSettings
     from .schemes import Scheme
+    from .settings import LayerSettings
 
 CHANNEL_DIMS: dict[type[nn.Module], int] = {nn.Linear: -1, nn.Conv1d: -2, nn.Conv2d: -3}
 """The layer types the core wraps, and their input channel dim counted from the end (so that
@@ -84,7 +84,8 @@ def check_calibration_state(
     ):
         value = f" {excerpt(split_at.item())}" if split_at.dim() == 0 else ""
         raise ValueError(
-            f"tensor '{prefix}split_at' must be one int64 in 1..{width - 1} of a layer that splits its input, got {split_at.dtype} {list(split_at.shape)}{value}"
+            f"tensor '{prefix}split_at' must be one int64 in 1..{width - 1} of a layer that splits its input, got "
+            f"{split_at.dtype} {list(split_at.shape)}{value}"
         )
     dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float32
     probe = torch.linspace(-1.0, 1.0, width, dtype=dtype).reshape(1, width, *[1] * (-CHANNEL_DIMS[layer_type] - 1))
@@ -114,7 +115,8 @@ def check_calibration_state(
 def _same_state(restored: Mapping[str, Tensor], saved: Mapping[str, Tensor]) -> None:
     if restored.keys() != saved.keys():
         raise ValueError(
-            f"it keeps {', '.join(sorted(restored)) or 'nothing'}, but {', '.join(sorted(saved)) or 'nothing'} were saved"
+            f"it keeps {', '.join(sorted(restored)) or 'nothing'}, but {', '.join(sorted(saved)) or 'nothing'} were "
+            "saved"
         )
     for key, value in saved.items():
         if (

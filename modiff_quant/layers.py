@@ -16,100 +16,18 @@ from torch import Tensor, nn
 
 from .adoption import adopt
 from .base_quantizer import ActivationQuantizer, BaseQuantizer, SplitActivationQuantizer
-from .calibration.record import tensor_bytes
 from .integer_kernels import IntegerWeights, UnsupportedWeights
 from .layer_parts import build_parts, needs_calibration, splits
-from .quant import FLOAT_BITS, SKIP_BITS, QuantSpec, is_packed
+from .quant import FLOAT_BITS, SKIP_BITS, Codes, QuantSpec, is_packed
 from .recipe import LayerPlan
 from .schemes import DELTA, RAW, Scheme
-from .state_storage import StateFormat, Stored, store
-from .trajectory import CachedOutput, Mode, Position, Tracker
-
-
-class LayerState:
-    """One layer's memory of one trajectory branch and call site: â (or the raw previous input)
-    and ô, each kept in the state format its recipe asks for (see `state_storage`)."""
-
-    def __init__(self, input_format: StateFormat = "full", output_format: StateFormat = "full") -> None:
-        self.input_format, self.output_format = input_format, output_format
-        self._a_hat: Stored | None = None
-        self._output: CachedOutput | Stored | None = None  # a lossy copy needs no in-place guard
-
-    @property
-    def started(self) -> bool:
-        return self._a_hat is not None
-
-    @property
-    def input_shape(self) -> torch.Size | None:
-        return None if self._a_hat is None else self._a_hat.data.shape
-
-    @property
-    def a_hat(self) -> Tensor:
-        assert self._a_hat is not None, "the first call of a trajectory sets â"
-        return self._a_hat.unpack()
-
-    @a_hat.setter
-    def a_hat(self, value: Tensor) -> None:
-        self._a_hat = store(value, self.input_format)
-
-    def advance(self, q: Tensor) -> Tensor:
-        """â ← â + q; returns the increment â actually made, which differs from q when â is kept
-        in a lossy format: feeding that increment to the layer keeps ô = A(â) + b exact, so the
-        storage rounding is corrected by the next step's difference like any quantization error."""
-        a_hat = self.a_hat
-        self.a_hat = a_hat + q
-        return q if self._a_hat.lossless else self.a_hat - a_hat
-
-    @property
-    def has_output(self) -> bool:
-        return self._output is not None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(0 if part is None else part.nbytes for part in (self._a_hat, self._output))
-
-    def remember(self, output: Tensor) -> Tensor:
-        """Keep ô for the next step (detached: the cache must not chain autograd graphs over steps)."""
-        stored = store(output, self.output_format)
-        self._output = CachedOutput(stored.data) if stored.lossless else stored
-        return output
-
-    def cached_output(self, owner: str) -> Tensor:
-        assert self._output is not None, "a step before this one remembered ô"
-        return self._output.unpack() if isinstance(self._output, Stored) else self._output.get(owner)
-
-
-class LayerStates:
-    """A layer's trajectory state in one thread: one `LayerState` per CFG branch and per call site
-    (a shared layer running more than once per model call), so that differences are always taken
-    between steps, never between branches or call sites."""
-
-    def __init__(self, input_format: StateFormat, output_format: StateFormat) -> None:
-        self.formats = input_format, output_format
-        self.sites: dict[tuple[Hashable, int], LayerState] = {}
-        self._last_position: Position | None = None
-        self._repeat = 0
-
-    def at(self, position: Position) -> LayerState:
-        """The state of this call: the same position again means the next call site."""
-        self._repeat = self._repeat + 1 if position == self._last_position else 0
-        self._last_position = position
-        key = (position[0], self._repeat)
-        if key not in self.sites:
-            self.sites[key] = LayerState(*self.formats)
-        return self.sites[key]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(state.nbytes for state in self.sites.values())
-
+from .state_storage import LayerState, LayerStates
+from .tensors import tensor_bytes
+from .trajectory import Mode, Tracker
 
 _FLOAT_WEIGHT_MODES = (Mode.CALIBRATING, Mode.OBSERVING, Mode.REFERENCE)
 
 Execution = Literal["fake", "integer"]
-Codes = tuple[Tensor, Tensor, tuple[int, int] | None]
-"""Centered integer codes of a quantized activation, their scale (per tensor or per sample) and
-bounds on the codes when the spec alone fits them in one 8-bit kernel input."""
 
 
 def _code_bounds(spec: QuantSpec) -> tuple[int, int] | None:
@@ -170,8 +88,9 @@ class QuantizedLayer(nn.Module):
         state = tracker.state(self._slot).at(position)
         if state.started and state.input_shape != x.shape:
             raise RuntimeError(
-                f"{self.plan.name}: input shape changed from {list(state.input_shape)} to {list(x.shape)} within a trajectory "
-                "(e.g. another prompt length); call modiff_quant.reset(model) between runs or wrap each in modiff_quant.sampling(model)"
+                f"{self.plan.name}: input shape changed from {list(state.input_shape)} to {list(x.shape)} "
+                "within a trajectory (e.g. another prompt length); call modiff_quant.reset(model) between runs "
+                "or wrap each in modiff_quant.sampling(model)"
             )
         if mode is Mode.OBSERVING:
             return self.scheme.calibrate(self, x, state, self.plan.skips(step), observe=self in tracker.observing)
@@ -221,7 +140,8 @@ class QuantizedLayer(nn.Module):
         centered, scale, bounds = codes
         out = self.integer.run(centered, scale, accumulate=accumulate, bounds=bounds)
         if bias and self.bias is not None:
-            out = out + (self.bias if isinstance(self, nn.Linear) else self.bias.view(-1, *[1] * (out.dim() - 2)))
+            spatial_dims = 0 if isinstance(self, nn.Linear) else out.dim() - 2
+            out = out + self.bias.view(-1, *[1] * spatial_dims)
         return out
 
     def set_execution(self, mode: Execution) -> None:
@@ -239,7 +159,8 @@ class QuantizedLayer(nn.Module):
         role = DELTA if s.scheme == "modiff" else RAW
         if any(q.codes(torch.zeros(1, 1, 1, 1)) is None for q in self.act_quantizers[role]):
             raise ValueError(
-                f"{fail} activation scales per tensor or per sample from a min-max or static quantizer, got a_granularity {s.a_granularity} ({s.base_quantizer})"
+                f"{fail} activation scales per tensor or per sample from a min-max or static quantizer, "
+                f"got a_granularity {s.a_granularity} ({s.base_quantizer})"
             )
         if self.packed:
             raise ValueError(f"{fail} float-stored quantized weights, but {s.base_quantizer} packed this one")
@@ -303,9 +224,8 @@ class QuantizedLayer(nn.Module):
         if staged is None:
             return
         if is_packed(staged):
-            self.source_weight_digest = (
-                None if self.packed else weight_digest(self.weight)
-            )  # packed before prepare: no float weight
+            # a weight packed before prepare has no float weight to digest
+            self.source_weight_digest = None if self.packed else weight_digest(self.weight)
             self.weight = nn.Parameter(staged, requires_grad=False)
         else:
             self.weight.copy_(staged)

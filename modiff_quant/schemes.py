@@ -8,18 +8,53 @@ the baseline MoDiff is compared with. Both reuse the cached output on 0-bit step
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Container
+from typing import ClassVar, Protocol
 
 from torch import Tensor
 
+from .base_quantizer import ActivationQuantizer
+from .quant import Codes
 from .registry import register_scheme
-
-if TYPE_CHECKING:
-    from .layers import LayerState, QuantizedLayer
-    from .recipe import LayerSettings
+from .settings import LayerSettings
+from .state_storage import LayerState
 
 RAW, DELTA = "raw", "delta"
 """Activation quantizer roles: raw inputs (plain, quantized first step) and temporal differences."""
+
+
+class LayerPlanView(Protocol):
+    """What a scheme reads of its layer's plan."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def settings(self) -> LayerSettings: ...
+
+    @property
+    def has_skips(self) -> bool: ...
+
+
+class SchemeLayer(Protocol):
+    """What a scheme may ask of the quantized layer it computes for: its plan, which activation
+    roles it has, its quantizers, and its operation A on float or integer-coded inputs."""
+
+    @property
+    def plan(self) -> LayerPlanView: ...
+
+    @property
+    def act_quantizers(self) -> Container[str]: ...
+
+    def quantizer(self, role: str) -> ActivationQuantizer: ...
+
+    def quantize_input(self, role: str, x: Tensor) -> tuple[Tensor, Codes | None]: ...
+
+    def apply_op(self, x: Tensor, *, bias: bool) -> Tensor: ...
+
+    def apply_quantized(
+        self, q: Tensor, codes: Codes | None, *, bias: bool, accumulate: Tensor | None = None
+    ) -> Tensor: ...
 
 
 class Scheme(ABC):
@@ -33,15 +68,15 @@ class Scheme(ABC):
         """Names of the activation quantizers the layer needs (built by its base quantizer)."""
 
     @abstractmethod
-    def forward(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
+    def forward(self, layer: SchemeLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
         """Quantized output; `skip` is true on the layer's 0-bit steps."""
 
     @abstractmethod
-    def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool, observe: bool) -> Tensor:
+    def calibrate(self, layer: SchemeLayer, x: Tensor, state: LayerState, skip: bool, observe: bool) -> Tensor:
         """Float output; when `observe`, each activation quantizer is first shown what it will quantize."""
 
     @abstractmethod
-    def prime(self, layer: QuantizedLayer, x: Tensor, state: LayerState) -> Tensor:
+    def prime(self, layer: SchemeLayer, x: Tensor, state: LayerState) -> Tensor:
         """Output of a step computed exactly, leaving the state a following quantized step continues
         from (reconstruction trains on one step at a time, after its predecessor)."""
 
@@ -58,7 +93,7 @@ class ModiffScheme(Scheme):
     def activation_roles(self, settings: LayerSettings) -> tuple[str, ...]:
         return (DELTA,) if settings.first_step.kind == "fp" else (RAW, DELTA)
 
-    def forward(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
+    def forward(self, layer: SchemeLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
         if not state.has_output:
             return self._first_call(layer, x, state)
         o_hat = state.cached_output(layer.plan.name)
@@ -71,7 +106,7 @@ class ModiffScheme(Scheme):
             state.a_hat = x
         return state.remember(layer.apply_quantized(q, codes, bias=False, accumulate=o_hat))
 
-    def _first_call(self, layer: QuantizedLayer, x: Tensor, state: LayerState) -> Tensor:
+    def _first_call(self, layer: SchemeLayer, x: Tensor, state: LayerState) -> Tensor:
         settings = layer.plan.settings
         compensate = settings.error_compensation
         a_hat = x if settings.first_step.kind == "fp" else layer.quantizer(RAW)(x)
@@ -89,7 +124,7 @@ class ModiffScheme(Scheme):
             state.a_hat = x
         return state.remember(output)
 
-    def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool, observe: bool) -> Tensor:
+    def calibrate(self, layer: SchemeLayer, x: Tensor, state: LayerState, skip: bool, observe: bool) -> Tensor:
         """The delta observer sees Δ_t = a_t − a_{t+1} (float); the raw one sees first inputs."""
         if not state.started:
             if observe and RAW in layer.act_quantizers:
@@ -101,7 +136,7 @@ class ModiffScheme(Scheme):
             state.a_hat = x
         return layer.apply_op(x, bias=True)
 
-    def prime(self, layer: QuantizedLayer, x: Tensor, state: LayerState) -> Tensor:
+    def prime(self, layer: SchemeLayer, x: Tensor, state: LayerState) -> Tensor:
         state.a_hat = x
         return state.remember(layer.apply_op(x, bias=True))
 
@@ -113,17 +148,17 @@ class PlainScheme(Scheme):
     def activation_roles(self, settings: LayerSettings) -> tuple[str, ...]:
         return (RAW,)
 
-    def forward(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
+    def forward(self, layer: SchemeLayer, x: Tensor, state: LayerState, skip: bool) -> Tensor:
         if skip and state.has_output:
             return state.cached_output(layer.plan.name)
         output = layer.apply_quantized(*layer.quantize_input(RAW, x), bias=True)
         return state.remember(output) if layer.plan.has_skips else output
 
-    def calibrate(self, layer: QuantizedLayer, x: Tensor, state: LayerState, skip: bool, observe: bool) -> Tensor:
+    def calibrate(self, layer: SchemeLayer, x: Tensor, state: LayerState, skip: bool, observe: bool) -> Tensor:
         if observe:
             layer.quantizer(RAW).observe(x)
         return layer.apply_op(x, bias=True)
 
-    def prime(self, layer: QuantizedLayer, x: Tensor, state: LayerState) -> Tensor:
+    def prime(self, layer: SchemeLayer, x: Tensor, state: LayerState) -> Tensor:
         output = layer.apply_op(layer.quantizer(RAW)(x), bias=True)
         return state.remember(output) if layer.plan.has_skips else output

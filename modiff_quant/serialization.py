@@ -51,6 +51,7 @@ from .quoting import excerpt
 from .recipe import LayerPlan, Plan, Recipe, RecipeError, flat_recipe
 from .recipe.document import plan_document, recipe_document
 from .registry import nearest
+from .version import __version__
 from .weight_codes import decode, encode
 
 FORMAT = 1
@@ -74,8 +75,6 @@ class LoadError(RuntimeError):
 
 def save_quantized(model: nn.Module, directory: str | Path) -> Path:
     """Write a converted model to `directory`: all files or none (see the module docstring)."""
-    from . import __version__
-
     if not is_converted(model):
         raise RuntimeError("save_quantized() needs a converted model: run modiff_quant.convert(model) first")
     folder = Path(directory)
@@ -162,8 +161,6 @@ def _read(folder: Path) -> _Saved:
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    from . import __version__
-
     if not path.is_file():
         raise LoadError(f"{path} not found: {path.parent} is not a model written by save_quantized()")
     content = _read_at_most(path, MAX_PLAN_BYTES)

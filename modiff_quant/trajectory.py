@@ -20,16 +20,15 @@ import copy
 import threading
 import warnings
 import weakref
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .calibration.record import CalibrationRecord
+from .tensors import all_finite, iter_tensors
 
 Position = tuple[Hashable, int]
 """(branch, step): step counts the calls of that branch since the trajectory started, from 0."""
@@ -73,6 +72,19 @@ class Stateful(Protocol):
     def new_state(self) -> TrajectoryState: ...
 
 
+class Recorder(Protocol):
+    """Keeps the model calls of a calibration run (`calibration.CalibrationRecord`)."""
+
+    def add(
+        self,
+        trajectory: int,
+        position: Position,
+        timestep: float | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None: ...
+
+
 class StaleCacheError(RuntimeError):
     """A cached output was modified in place after it was returned."""
 
@@ -99,22 +111,6 @@ class CachedOutput:
                 "MoDiff reuses outputs across steps, so use out-of-place ops (e.g. inplace=False) after this module"
             )
         return self.value
-
-
-def iter_tensors(value: Any) -> Iterable[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from iter_tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from iter_tensors(item)
-
-
-def all_finite(value: Any) -> bool:
-    """True when no floating-point tensor in `value` holds NaN or ±inf."""
-    return all(bool(torch.isfinite(t).all()) for t in iter_tensors(value) if t.is_floating_point())
 
 
 class Lane:
@@ -177,7 +173,7 @@ class Tracker:
     def __init__(self) -> None:
         self.members: list[Stateful] = []  # quantized layers and block caches, added by prepare()
         self.mode = Mode.PREPARED
-        self.record: CalibrationRecord | None = None  # model calls seen inside calibrate()
+        self.record: Recorder | None = None  # model calls seen inside calibrate()
         self.observing: frozenset[torch.nn.Module] = frozenset()  # replay: the layers whose observers see this call
         self._lanes: dict[int | None, Lane] = {}
         self._trajectories = 0
@@ -285,17 +281,19 @@ class Tracker:
         if went_up:
             if lane.broken_off:
                 warnings.warn(
-                    "modiff_quant: a trajectory ended before the end of its schedule: a new one starts at a higher timestep. "
-                    "If that was an early stop, wrap each run in modiff_quant.sampling(model) to say so; if two sampling loops "
-                    "share this model, their calls interleave and each call restarts the other's trajectory: run each loop in "
-                    "its own thread (each thread keeps its own state)",
+                    "modiff_quant: a trajectory ended before the end of its schedule: a new one starts at a higher "
+                    "timestep. If that was an early stop, wrap each run in modiff_quant.sampling(model) to say so; "
+                    "if two sampling loops share this model, their calls interleave and each call restarts the "
+                    "other's trajectory: run each loop in its own thread (each thread keeps its own state)",
                     RuntimeWarning,
                     stacklevel=5,  # this method <- the hook <- torch Module call internals (2 frames) <- the caller
                 )
             # a trajectory of one call says nothing about its schedule: keep what the one before handed on
-            lane.restart(
-                carried_fall=lane.carried_fall if not lane.falls else lane.largest_fall if lane.broken_off else 0.0
-            )
+            if not lane.falls:
+                carried_fall = lane.carried_fall
+            else:
+                carried_fall = lane.largest_fall if lane.broken_off else 0.0
+            lane.restart(carried_fall=carried_fall)
         elif signature != lane.signature:
             warnings.warn(
                 f"modiff_quant: model input changed from {_describe(lane.signature)} to {_describe(signature)} "
@@ -315,11 +313,12 @@ class Tracker:
             and t != lane.step_t
         ):
             warnings.warn(
-                f"modiff_quant: the model was called {lane.branches} times per step (classifier-free guidance branches), but the "
-                f"call expected for branch {lane.calls % lane.branches} came at t={t:g}, not at this step's t={lane.step_t:g}: guidance "
-                "was dropped or added mid-run, so the branches can no longer be told apart and a new trajectory starts (the call "
-                "before this one may have used another branch's state); name the branches with modiff_quant.branch(model, key) "
-                "or diffusers' cache_context to keep them",
+                f"modiff_quant: the model was called {lane.branches} times per step (classifier-free guidance "
+                f"branches), but the call expected for branch {lane.calls % lane.branches} came at t={t:g}, not at "
+                f"this step's t={lane.step_t:g}: guidance was dropped or added mid-run, so the branches can no "
+                "longer be told apart and a new trajectory starts (the call before this one may have used another "
+                "branch's state); name the branches with modiff_quant.branch(model, key) or diffusers' "
+                "cache_context to keep them",
                 RuntimeWarning,
                 stacklevel=5,
             )

@@ -31,8 +31,8 @@ from helpers import ddim_inputs, tiny_unet
 import modiff_quant as mq
 from modiff_quant.layers import QuantizedLayer
 from modiff_quant.recipe.schema import RULE_KEYS, TOP_KEYS
-from modiff_quant.recipe.settings import SETTING_PARSERS
 from modiff_quant.registry import BASE_QUANTIZERS, OBSERVERS, SCHEMES
+from modiff_quant.settings import SETTING_PARSERS
 
 DOCS = Path(__file__).parent.parent / "docs"
 RECIPES_MD = DOCS / "recipes.md"

@@ -49,8 +49,8 @@ from hypothesis import strategies as st
 
 import modiff_quant as mq
 from modiff_quant.recipe.schema import RULE_KEYS, TOP_KEYS
-from modiff_quant.recipe.settings import SETTING_PARSERS
 from modiff_quant.serialization import PLAN, RECIPE, TENSORS
+from modiff_quant.settings import SETTING_PARSERS
 
 LOAD_LIMIT = 3.0  # seconds: load_recipe of any file
 MODEL_LIMIT = 5.0  # resolve, explain, prepare on the tiny UNet; load_quantized; one sampling step

@@ -27,8 +27,8 @@ from modiff_quant import RecipeError, load_recipe
 from modiff_quant.quoting import shown
 from modiff_quant.recipe import Recipe, option_types, schema, source
 from modiff_quant.recipe.schema import RULE_KEYS, TOP_KEYS
-from modiff_quant.recipe.settings import SETTING_PARSERS
 from modiff_quant.registry import BASE_QUANTIZERS
+from modiff_quant.settings import SETTING_PARSERS
 
 FAST = 1.0  # seconds of CPU: every input here is small, so a load that needs more is a hang in the making
 PATIENT = 10.0  # seconds of wall time: a load that blocks (reads a pipe, waits on a lock) uses no CPU

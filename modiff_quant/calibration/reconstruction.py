@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,9 +21,6 @@ from torch import Tensor, nn
 from ..trajectory import Mode, Tracker
 from .record import CalibrationRecord, Inputs, RecordedCall
 from .selection import Pick
-
-if TYPE_CHECKING:
-    from ..layers import QuantizedLayer
 
 DEFAULT_BLOCK_TYPES = (
     "ResnetBlock2D",
@@ -43,7 +40,7 @@ class Unit:
 
     name: str
     module: nn.Module
-    layers: tuple[QuantizedLayer, ...]
+    layers: tuple[nn.Module, ...]
 
 
 @dataclass(frozen=True)
@@ -63,14 +60,17 @@ class _Stop(Exception):
 
 
 class Reconstruction:
-    """One base quantizer's layers and calibration samples, with the passes reconstruction needs."""
+    """One base quantizer's layers and calibration samples, with the passes reconstruction needs.
+
+    The layers are plain modules of `model` (the quantized layers of this base quantizer): the
+    machinery needs only where they sit and how the model reaches them."""
 
     def __init__(
         self,
         model: nn.Module,
         tracker: Tracker,
         record: CalibrationRecord,
-        layers: Sequence[QuantizedLayer],
+        layers: Sequence[nn.Module],
         picks: Sequence[Pick],
     ) -> None:
         self.model, self.tracker, self.record = model, tracker, record
@@ -89,7 +89,8 @@ class Reconstruction:
                 if inside:
                     units.append(Unit(name, module, inside))
                     claimed.update(inside)
-        units += [Unit(layer.plan.name, layer, (layer,)) for layer in self.layers if layer not in claimed]
+        names = {module: name for name, module in self.model.named_modules()}
+        units += [Unit(names[layer], layer, (layer,)) for layer in self.layers if layer not in claimed]
         return sorted(units, key=self._execution_order())
 
     def _execution_order(self) -> Any:

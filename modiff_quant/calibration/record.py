@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..trajectory import Position, iter_tensors
+from ..tensors import iter_tensors, map_tensors, tensor_bytes
+from ..trajectory import Position
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,13 @@ class Inputs:
     def keep(cls, args: tuple[Any, ...], kwargs: dict[str, Any], rows: int) -> Inputs:
         """Detached copies, safe from later in-place changes by the caller, in the standard memory
         layout (torch 2.13's channels-last GroupNorm backward crashes on small inputs)."""
-        return cls(_map(args, _copy), _map(kwargs, _copy), rows)
+        return cls(map_tensors(args, _copy), map_tensors(kwargs, _copy), rows)
 
     def select(self, rows: Tensor) -> Inputs:
         """The inputs restricted to some batch rows (tensors whose first dim is the batch)."""
         return Inputs(
-            _map(self.args, lambda t: _rows(t, rows, self.rows)),
-            _map(self.kwargs, lambda t: _rows(t, rows, self.rows)),
+            map_tensors(self.args, lambda t: _rows(t, rows, self.rows)),
+            map_tensors(self.kwargs, lambda t: _rows(t, rows, self.rows)),
             len(rows),
         )
 
@@ -108,26 +109,9 @@ class CalibrationRecord:
         return digest.hexdigest()
 
 
-def tensor_bytes(tensor: Tensor) -> bytes:
-    """Shape, dtype and raw contents: equal bytes mean an identical tensor."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return repr((tuple(tensor.shape), str(tensor.dtype))).encode() + flat.view(torch.uint8).numpy().tobytes()
-
-
 def _copy(tensor: Tensor) -> Tensor:
     return tensor.detach().clone(memory_format=torch.contiguous_format)
 
 
 def _rows(tensor: Tensor, rows: Tensor, batch: int) -> Tensor:
     return tensor[rows.to(tensor.device)] if tensor.dim() > 0 and tensor.shape[0] == batch else tensor
-
-
-def _map(value: Any, fn: Any) -> Any:
-    """Apply `fn` to every tensor in nested tuples, lists and dicts."""
-    if isinstance(value, Tensor):
-        return fn(value)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map(v, fn) for v in value)
-    if isinstance(value, dict):
-        return {k: _map(v, fn) for k, v in value.items()}
-    return value

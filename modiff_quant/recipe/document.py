@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
+from ..settings import LayerSettings, StepSchedule, TimestepGroups
 from .resolve import Plan
 from .schema import SCHEMA_VERSION, Recipe, Rule
-from .settings import LayerSettings, StepSchedule, TimestepGroups
 
 _STRINGIFIED = ("w_granularity", "a_granularity", "first_step")
 """Settings whose recipe value is the string form of their parsed value."""

@@ -20,8 +20,8 @@ from ..base_quantizer import UnsupportedSetting
 from ..layer_parts import CHANNEL_DIMS, build_parts, needs_calibration, splits
 from ..quant import FLOAT_BITS, SKIP_BITS, is_packed
 from ..registry import nearest
+from ..settings import LayerSettings, StepSchedule
 from .schema import Recipe, Rule
-from .settings import LayerSettings, StepSchedule
 from .source import Location, RecipeError
 
 
@@ -110,7 +110,8 @@ def resolve(recipe: Recipe, model: nn.Module) -> Plan:
         if named_unwrapped:
             raise RecipeError(
                 rule.location,
-                f"rule '{rule.describe()}' matches {_some(named_unwrapped)}, subclasses of Linear/Conv that cannot be wrapped "
+                f"rule '{rule.describe()}' matches {_some(named_unwrapped)}, subclasses of Linear/Conv that cannot be "
+                "wrapped "
                 "(their owners may use the weight directly); only exact nn.Linear/Conv1d/Conv2d are quantized",
             )
         matched_layers = [name for name, _ in matched if name in layers]
@@ -127,8 +128,8 @@ def resolve(recipe: Recipe, model: nn.Module) -> Plan:
             if rule.settings != {"a_bits": SKIP_BITS}:
                 raise RecipeError(
                     rule.location,
-                    f"rule '{rule.describe()}' matches blocks ({_some([n for n, _ in matched_blocks])}), which only take "
-                    "a_bits: 0 with steps; match their Linear/Conv layers by name to quantize them",
+                    f"rule '{rule.describe()}' matches blocks ({_some([n for n, _ in matched_blocks])}), which only "
+                    "take a_bits: 0 with steps; match their Linear/Conv layers by name to quantize them",
                 )
             for name, module in matched_blocks:
                 blocks[name] = BlockPlan(
@@ -137,7 +138,8 @@ def resolve(recipe: Recipe, model: nn.Module) -> Plan:
         elif rule.skip_threshold is not None:
             raise RecipeError(
                 rule.location,
-                f"rule '{rule.describe()}' sets skip_threshold, which applies to blocks, but matches layers ({_some(matched_layers)})",
+                f"rule '{rule.describe()}' sets skip_threshold, which applies to blocks, but matches layers "
+                f"({_some(matched_layers)})",
             )
         else:
             for name in matched_layers:
@@ -236,13 +238,15 @@ def _check_layer(
     if settings.timestep_groups.count > 1 and not calibrated:
         fail(
             "timestep_groups",
-            f"base quantizer '{settings.base_quantizer}' computes scales per call; timestep groups apply to calibrated scales only",
+            f"base quantizer '{settings.base_quantizer}' computes scales per call; timestep groups apply to "
+            "calibrated scales only",
         )
     if settings.first_step.kind == "warmup" and calibrated:
         fail(
             "first_step",
-            f"warm-up with the calibrated base quantizer '{settings.base_quantizer}' would be a no-op: its static delta scale "
-            "is sized for temporal differences, so the warm-up residual rounds to zero; use first_step: quantized or a dynamic base quantizer",
+            f"warm-up with the calibrated base quantizer '{settings.base_quantizer}' would be a no-op: its static "
+            "delta scale is sized for temporal differences, so the warm-up residual rounds to zero; use first_step: "
+            "quantized or a dynamic base quantizer",
         )
     return packed_note or base_quantizer.weight_note(module, settings.weight_spec())
 
@@ -296,15 +300,12 @@ def _explain(plan: Plan) -> str:
                 ", ".join(f"{Path(loc.file).name}:{loc.line}" for loc in layer.rules) or "defaults",
             )
         )
-    lines = [
-        f"recipe {recipe.name} ({recipe.source}){' strict' if recipe.strict else ''}: {recipe.description}".rstrip(
-            ": "
-        )
-    ]
+    strict = " strict" if recipe.strict else ""
+    lines = [f"recipe {recipe.name} ({recipe.source}){strict}: {recipe.description}".rstrip(": ")]
     lines += _table(header, rows)
     lines.append(
-        f"{len(plan.layers)} layers; A bits: 'u' = asymmetric; split: separate quantizers where the input is a concatenation "
-        "(found at convert); rules: recipe file:line of each rule that applied"
+        f"{len(plan.layers)} layers; A bits: 'u' = asymmetric; split: separate quantizers where the input is a "
+        "concatenation (found at convert); rules: recipe file:line of each rule that applied"
     )
     adopted = [(layer.name, layer.adopted_from) for layer in plan.layers.values() if layer.adopted_from]
     if adopted:

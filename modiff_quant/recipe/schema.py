@@ -18,8 +18,8 @@ from torch import nn
 
 from ..quoting import clip, shown
 from ..registry import BASE_QUANTIZERS, SCHEMES, UnknownNameError, did_you_mean
+from ..settings import SETTING_PARSERS, LayerSettings, StepSchedule
 from .option_types import option_problem
-from .settings import SETTING_PARSERS, LayerSettings, StepSchedule
 from .source import (
     Budget,
     LocatedDict,
@@ -50,9 +50,8 @@ MAX_REGEXES = 256
 _RE2_MEMORY = 64 << 10
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # the error comes back as an exception; RE2 would also print it to stderr
-_RE2_OPTIONS.max_mem = (
-    _RE2_MEMORY  # a larger program is refused ("pattern too large"); matching stays linear in any case
-)
+# a larger program is refused ("pattern too large"); matching stays linear in any case
+_RE2_OPTIONS.max_mem = _RE2_MEMORY
 
 
 def _compile_pattern(pattern: str) -> Any:
@@ -67,7 +66,8 @@ def _compile_pattern(pattern: str) -> Any:
     except re2.error as exc:
         problem = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         raise ValueError(
-            f"invalid regex {shown(pattern)}: {clip(problem, 200)} (regexes are RE2 syntax: no backreferences or lookarounds, at most {_RE2_MEMORY >> 10} KiB compiled)"
+            f"invalid regex {shown(pattern)}: {clip(problem, 200)} (regexes are RE2 syntax: no backreferences or "
+            f"lookarounds, at most {_RE2_MEMORY >> 10} KiB compiled)"
         ) from None
 
 
@@ -177,7 +177,8 @@ def _locate(reference: str, base_dir: Path) -> Path:
         raise FileNotFoundError(f"recipe {shown(reference)} is not a usable path: {exc.strerror or exc}") from None
     names = shipped_recipes()
     raise FileNotFoundError(
-        f"recipe {shown(reference)} is neither a file nor a shipped recipe{did_you_mean(reference, names)} (shipped: {', '.join(names)})"
+        f"recipe {shown(reference)} is neither a file nor a shipped recipe{did_you_mean(reference, names)} (shipped: "
+        f"{', '.join(names)})"
     )
 
 

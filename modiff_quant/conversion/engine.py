@@ -5,23 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..blocks import BlockCache
+from ..calibration.concat import detect_concat_inputs
+from ..calibration.reconstruction import Reconstruction
+from ..calibration.record import CalibrationRecord, RecordedCall
+from ..calibration.selection import Pick
+from ..layers import QuantizedLayer
 from ..schemes import RAW
 from ..trajectory import Mode, Tracker
 from .cache import CalibrationCache
-from .concat import detect_concat_inputs
-from .reconstruction import Reconstruction
-from .record import CalibrationRecord, RecordedCall
-from .selection import Pick
-
-if TYPE_CHECKING:
-    from ..layers import QuantizedLayer
 
 
 def convert_layers(
@@ -29,12 +26,15 @@ def convert_layers(
 ) -> None:
     """Calibrate (when the record and the layers call for it), freeze and quantize every layer."""
     record = tracker.record
+    assert record is None or isinstance(record, CalibrationRecord), "calibrate() records into a CalibrationRecord"
     waiting = [layer.plan.name for layer in layers if layer.needs_calibration]
     if waiting and not record:
         several = len(waiting) > 1
+        names = ", ".join(waiting[:3]) + (", ..." if len(waiting) > 3 else "")
         raise RuntimeError(
-            f"{len(waiting)} layer{'s' if several else ''} ({', '.join(waiting[:3])}{', ...' if len(waiting) > 3 else ''}) need{'' if several else 's'} calibration data "
-            "(static scales, a reconstruction or a shortcut split to detect): run the sampling loop inside modiff_quant.calibrate(model) before convert(model)"
+            f"{len(waiting)} layer{'s' if several else ''} ({names}) need{'' if several else 's'} calibration data "
+            "(static scales, a reconstruction or a shortcut split to detect): run the sampling loop inside "
+            "modiff_quant.calibrate(model) before convert(model)"
         )
     blocks = [(m.plan.name, m.plan.schedule) for m in tracker.members if isinstance(m, BlockCache)]
     cache = CalibrationCache(cache_dir, model, layers, blocks, record) if cache_dir is not None and record else None
@@ -108,9 +108,9 @@ def _observe(
     if previous_step and not any(len(chain) == 2 for chain in chains):
         steps = sorted({pick.call.step for pick in picks})
         raise ValueError(
-            f"{name}: MoDiff calibrates on temporal differences a_t - a_t+1, which need a picked step after a trajectory's first, "
-            f"but the calibration picks hold only steps {steps}: record trajectories of 2 or more steps inside calibrate() "
-            "(and keep the base quantizer's calibration_steps at 2 or more)"
+            f"{name}: MoDiff calibrates on temporal differences a_t - a_t+1, which need a picked step after a "
+            f"trajectory's first, but the calibration picks hold only steps {steps}: record trajectories of 2 or more "
+            "steps inside calibrate() (and keep the base quantizer's calibration_steps at 2 or more)"
         )
     rows = [pick.rows for pick in picks]
     if first_steps:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from ..quant import (
+from .quant import (
     FLOAT_BITS,
     MAX_BITS,
     MIN_BITS,
@@ -20,8 +20,8 @@ from ..quant import (
     QuantSpec,
     count_suffix,
 )
-from ..quoting import shown
-from ..state_storage import STATE_FORMATS, StateFormat
+from .quoting import shown
+from .state_storage import STATE_FORMATS, StateFormat
 
 MAX_WARMUP_ROUNDS = 64
 """`warmup:N` runs N extra modulated updates on the first call of every trajectory."""
@@ -98,7 +98,8 @@ class StepSchedule:
             if _is_int(start) and start >= 0 and valid_step and (stop is None or _is_int(stop) and stop > start):
                 return cls(start=start, stop=stop, every=every, refresh_every=refresh)
         raise ValueError(
-            f"expected all, a list of step indices, or a mapping with start/stop and every or refresh_every (N >= 2), got {shown(value)}"
+            "expected all, a list of step indices, or a mapping with start/stop and every or refresh_every (N >= 2), "
+            f"got {shown(value)}"
         )
 
     def contains(self, step: int) -> bool:
@@ -153,7 +154,8 @@ class TimestepGroups:
                 if low < high and math.isfinite(high - low):
                     return cls(count, low, high)
         raise ValueError(
-            f"expected a group count N in 1-{MAX_TIMESTEP_GROUPS} (timesteps 0-1000) or {{count: N, range: [low, high]}} with finite low < high, got {shown(value)}"
+            f"expected a group count N in 1-{MAX_TIMESTEP_GROUPS} (timesteps 0-1000) or {{count: N, range: [low, "
+            f"high]}} with finite low < high, got {shown(value)}"
         )
 
     def index(self, timestep: float | None) -> int:

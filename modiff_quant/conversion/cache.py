@@ -9,19 +9,17 @@ import warnings
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from ..atomic_files import replace_file
+from ..calibration.record import CalibrationRecord
 from ..layer_parts import check_calibration_state
+from ..layers import QuantizedLayer
 from ..quoting import clip
-from .record import CalibrationRecord, tensor_bytes
-
-if TYPE_CHECKING:
-    from ..layers import QuantizedLayer
+from ..tensors import tensor_bytes
 
 FORMAT = "1"
 
@@ -76,7 +74,8 @@ class CalibrationCache:
                 or not bool(saved.isfinite().all())
             ):
                 raise ValueError(
-                    f"layer '{layer.plan.name}': its weight is missing or not a finite {weight.dtype} {list(weight.shape)}"
+                    f"layer '{layer.plan.name}': its weight is missing or not a finite {weight.dtype} "
+                    f"{list(weight.shape)}"
                 )
             try:
                 check_calibration_state(
@@ -93,9 +92,8 @@ class CalibrationCache:
             for layer in self.layers
             for key, value in layer.calibration_state().items()
         }
-        replace_file(
-            self.path, save(tensors, metadata={"format": FORMAT})
-        )  # a concurrent reader never sees half a file
+        contents = save(tensors, metadata={"format": FORMAT})
+        replace_file(self.path, contents)  # a concurrent reader never sees half a file
 
 
 def _fingerprint(
