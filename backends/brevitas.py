@@ -66,8 +66,10 @@ def injector(reference: str | Injector) -> Injector:
     if not module_name:
         found = INJECTORS.get(name) if name in INJECTORS else getattr(brevitas().quant, name, None)
         if found is None:
+            suggestion = did_you_mean(name, [*INJECTORS.names(), *dir(brevitas().quant)])
             raise ValueError(
-                f"no Brevitas quantizer injector {reference!r} (a name in brevitas.quant or one registered with register_injector){did_you_mean(name, [*INJECTORS.names(), *dir(brevitas().quant)])}"
+                f"no Brevitas quantizer injector {reference!r} "
+                f"(a name in brevitas.quant or one registered with register_injector){suggestion}"
             )
         return _checked(found, reference)
     registered = [
@@ -79,8 +81,9 @@ def injector(reference: str | Injector) -> Injector:
         return registered[0]
     if module_name != "brevitas" and not module_name.startswith("brevitas."):
         raise ValueError(
-            f"Brevitas injector {reference!r}: a recipe may not import module {module_name!r} (recipes are data; only Brevitas' own "
-            "modules are imported); register the injector in your code with modiff_quant.backends.brevitas.register_injector and name it"
+            f"Brevitas injector {reference!r}: a recipe may not import module {module_name!r} "
+            "(recipes are data; only Brevitas' own modules are imported); "
+            "register the injector in your code with modiff_quant.backends.brevitas.register_injector and name it"
         )
     try:
         module = importlib.import_module(module_name)
@@ -195,13 +198,14 @@ class BrevitasQuantizer(BaseQuantizer):
         ):
             raise UnsupportedSetting(
                 "w_granularity",
-                f"chooses a Brevitas weight injector for symmetric tensor or channel weights only, got {weight.granularity}, "
-                f"symmetric {weight.symmetric}; name one with weight_quant",
+                "chooses a Brevitas weight injector for symmetric tensor or channel weights only, "
+                f"got {weight.granularity}, symmetric {weight.symmetric}; name one with weight_quant",
             )
         if self.act_quant is None and not activation.is_float and activation.granularity.kind != "tensor":
             raise UnsupportedSetting(
                 "a_granularity",
-                f"chooses a Brevitas activation injector for a_granularity tensor only, got {activation.granularity}; name one with act_quant",
+                "chooses a Brevitas activation injector for a_granularity tensor only, "
+                f"got {activation.granularity}; name one with act_quant",
             )
 
     def weight_note(self, layer: nn.Module, weight: QuantSpec) -> str | None:
@@ -211,9 +215,10 @@ class BrevitasQuantizer(BaseQuantizer):
         return f"Brevitas {self._weight_injector(weight).__name__}, {weight.bits} bits{chosen}"
 
     def _weight_injector(self, spec: QuantSpec) -> Injector:
-        return (
-            self.weight_quant if self.weight_quant is not None else injector(WEIGHT_INJECTORS[spec.granularity.kind])
-        )
+        """The injector named in the options, else the one for the recipe's weight granularity."""
+        if self.weight_quant is not None:
+            return self.weight_quant
+        return injector(WEIGHT_INJECTORS[spec.granularity.kind])
 
     def quantize_weight(self, weight: Tensor, spec: QuantSpec) -> Tensor:
         if spec.is_float:
@@ -265,7 +270,8 @@ def adopt_layer(module: nn.Module) -> Adoption | None:
         return None
     if module.output_quant.is_quant_enabled:
         raise ValueError(
-            f"{type(module).__name__} with output quantization cannot be adopted: a MoDiff layer quantizes its input and weight only"
+            f"{type(module).__name__} with output quantization cannot be adopted: "
+            "a MoDiff layer quantizes its input and weight only"
         )
     options: dict[str, Any] = {}
     settings: dict[str, Any] = {"base_quantizer": "brevitas"}

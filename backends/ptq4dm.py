@@ -41,18 +41,19 @@ class PTQ4DMQuantizer(StaticQuantizer):
         num_train_timesteps: int = 1000,
         seed: int = 0,
     ) -> None:
-        super().__init__(observer, LP_SEARCH if observer_options is None and observer == "mse" else observer_options)
+        if observer_options is None and observer == "mse":
+            observer_options = LP_SEARCH  # the paper's L_2.4 grid search
+        super().__init__(observer, observer_options)
         if samples < 1 or std <= 0 or num_train_timesteps < 1:
             raise ValueError(
-                f"NDTC needs samples >= 1, std > 0 and num_train_timesteps >= 1, got {samples}, {std}, {num_train_timesteps}"
+                "NDTC needs samples >= 1, std > 0 and num_train_timesteps >= 1, "
+                f"got {samples}, {std}, {num_train_timesteps}"
             )
-        self.samples, self.mean, self.std, self.num_train_timesteps, self.seed = (
-            samples,
-            mean,
-            std,
-            num_train_timesteps,
-            seed,
-        )
+        self.samples = samples
+        self.mean = mean
+        self.std = std
+        self.num_train_timesteps = num_train_timesteps
+        self.seed = seed
 
     def calibration_picks(self, record: CalibrationRecord) -> list[Pick]:
         return ndtc(record, self.samples, self.mean, self.std, self.num_train_timesteps, self.seed)

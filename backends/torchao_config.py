@@ -55,7 +55,8 @@ class MoDiffConfig(_AOBaseConfig):
             self.base_config is not None and not isinstance(self.base_config, _AOBaseConfig)
         ):
             raise TypeError(
-                f"MoDiffConfig.base_config must be a torchao weight config (an AOBaseConfig other than MoDiffConfig), got {self.base_config!r}"
+                "MoDiffConfig.base_config must be a torchao weight config (an AOBaseConfig other than MoDiffConfig), "
+                f"got {self.base_config!r}"
             )
         if self.base_config is not None and "w_bits" in self.options:
             raise ValueError("MoDiffConfig: base_config quantizes the weight, so options cannot set w_bits too")
@@ -63,9 +64,8 @@ class MoDiffConfig(_AOBaseConfig):
         for key, value in {"a_bits": self.a_bits, "scheme": self.scheme, **self.options}.items():
             parser = SETTING_PARSERS.get(key)
             if parser is None:
-                raise ValueError(
-                    f"MoDiffConfig: unknown option {key!r}{did_you_mean(key, list(SETTING_PARSERS))} (options are recipe keys)"
-                )
+                suggestion = did_you_mean(key, list(SETTING_PARSERS))
+                raise ValueError(f"MoDiffConfig: unknown option {key!r}{suggestion} (options are recipe keys)")
             try:
                 values.update(parser(value))
             except ValueError as exc:
@@ -92,16 +92,21 @@ def recipe_to_fqn_config(recipe: Recipe | str, model: nn.Module) -> Any:
     None (torchao: leave alone) for layers with float weights and activations. Apply it with
     `quantize_(model, mapping, filter_fn=None)`; the result computes as `prepare(model, recipe)`.
     Block caching and 0-bit step schedules have no per-module torchao equivalent and are refused."""
-    plan = (recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).resolve(model)
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    plan = recipe.resolve(model)
     if plan.blocks:
         raise ValueError(
-            f"recipe {plan.recipe.name}: cached blocks ({', '.join(plan.blocks)}) have no torchao per-module equivalent"
+            f"recipe {plan.recipe.name}: cached blocks ({', '.join(plan.blocks)}) "
+            "have no torchao per-module equivalent"
         )
     mapping: dict[str, Any] = {}
     for name, layer in plan.layers.items():
         if layer.zero_bit_steps:
+            steps = ", ".join(map(str, layer.zero_bit_steps))
             raise ValueError(
-                f"recipe {plan.recipe.name}: layer {name} has 0-bit steps ({', '.join(map(str, layer.zero_bit_steps))}), which torchao configs cannot express"
+                f"recipe {plan.recipe.name}: layer {name} has 0-bit steps ({steps}), "
+                "which torchao configs cannot express"
             )
         s = layer.settings
         if s.w_bits == FLOAT_BITS and s.a_bits == FLOAT_BITS:

@@ -108,7 +108,8 @@ class TorchaoInt4Quantizer(BaseQuantizer):
         if not MIN_WEIGHT_BITS <= weight.bits <= MAX_WEIGHT_BITS:
             raise UnsupportedSetting(
                 "w_bits",
-                f"quantizes weights to {MIN_WEIGHT_BITS}-{MAX_WEIGHT_BITS} bits (torchao's intN dtypes) or float, got w_bits {weight.bits}",
+                f"quantizes weights to {MIN_WEIGHT_BITS}-{MAX_WEIGHT_BITS} bits (torchao's intN dtypes) or float, "
+                f"got w_bits {weight.bits}",
             )
         if weight.granularity.kind not in ("group", "channel"):
             raise UnsupportedSetting(
@@ -119,14 +120,14 @@ class TorchaoInt4Quantizer(BaseQuantizer):
             # torchao 0.18's choose_qparams_affine has no dimension to reduce when a block is a single
             # element; it then reduces over the whole weight and fails reshaping the one scale it got
             width = math.prod(layer.weight.shape[1:])
-            remedy = (
-                "use group:N with N >= 2"
-                if width > 1
-                else "keep its weight float (w_bits: float, or fallback: float with group:N, N >= 2)"
-            )
+            if width > 1:
+                remedy = "use group:N with N >= 2"
+            else:  # any group is a single element
+                remedy = "keep its weight float (w_bits: float, or fallback: float with group:N, N >= 2)"
             raise UnsupportedSetting(
                 "w_granularity",
-                f"torchao cannot quantize groups of one weight element, which {weight.granularity} gives this layer (flattened input {width}); {remedy}",
+                "torchao cannot quantize groups of one weight element, "
+                f"which {weight.granularity} gives this layer (flattened input {width}); {remedy}",
             )
 
     def weight_note(self, layer: nn.Module, weight: QuantSpec) -> str | None:
@@ -145,13 +146,10 @@ class TorchaoInt4Quantizer(BaseQuantizer):
                 f"float: flattened input {width} is not a multiple of group {group} (fallback: float)",
                 width,
             )
+        note = ""
         if fallback:
             group = width
-        note = (
-            f" (fallback: channel; flattened input {width} is not a multiple of {spec.granularity.group_size})"
-            if fallback
-            else ""
-        )
+            note = f" (fallback: channel; flattened input {width} is not a multiple of {spec.granularity.group_size})"
         if (
             spec.bits == 4
             and weight.dim() == 2
@@ -159,17 +157,14 @@ class TorchaoInt4Quantizer(BaseQuantizer):
             and group in PACKED_GROUP_SIZES
             and _has_int4_kernel(weight)
         ):
-            kernel = (
-                "Int4OpaqueTensor (CPU int4 kernel)"
-                if weight.device.type == "cpu"
-                else "Int4Tensor (CUDA int4 kernel)"
-            )
+            if weight.device.type == "cpu":
+                kernel = "Int4OpaqueTensor (CPU int4 kernel)"
+            else:
+                kernel = "Int4Tensor (CUDA int4 kernel)"
             return "packed", f"{kernel}, group {group}{note}", group
-        return (
-            "intx",
-            f"IntxUnpackedToInt8Tensor int{spec.bits} {'symmetric' if spec.symmetric else 'asymmetric'}, group {group}, dequantized{note}",
-            group,
-        )
+        symmetry = "symmetric" if spec.symmetric else "asymmetric"
+        description = f"IntxUnpackedToInt8Tensor int{spec.bits} {symmetry}, group {group}, dequantized{note}"
+        return "intx", description, group
 
     def quantize_weight(self, weight: Tensor, spec: QuantSpec) -> Tensor:
         if spec.is_float:

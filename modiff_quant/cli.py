@@ -125,11 +125,15 @@ def _bops(args: argparse.Namespace) -> None:
         "per_layer": bops.per_entry,
     }
     _write_json(args.json, result)
+    layer_count = sum(e.kind == "layer" for e in entries)
     print(
-        f"{args.model}, {args.recipe or 'full precision'}: {gmacs['layer']:.3f} GMACs in {sum(e.kind == 'layer' for e in entries)} layers + {gmacs['attention']:.3f} in attention matmuls per image-step"
+        f"{args.model}, {args.recipe or 'full precision'}: {gmacs['layer']:.3f} GMACs in {layer_count} layers "
+        f"+ {gmacs['attention']:.3f} in attention matmuls per image-step"
     )
     print(
-        f"GBops per image-step: {bops.gbops_per_step:.1f} nominal, {bops.gbops_per_step_amortized:.1f} amortized over {args.steps} steps (attention: {args.bops_attention}, float as {args.bops_float_bits}-bit)"
+        f"GBops per image-step: {bops.gbops_per_step:.1f} nominal, "
+        f"{bops.gbops_per_step_amortized:.1f} amortized over {args.steps} steps "
+        f"(attention: {args.bops_attention}, float as {args.bops_float_bits}-bit)"
     )
 
 
@@ -155,17 +159,12 @@ def _harness(args: argparse.Namespace) -> Harness:
 def _eval(args: argparse.Namespace) -> None:
     harness = _harness(args)
     metrics, run = harness.evaluate(args.recipe, args.base_quantizer, args.calibration_samples)
-    settings = {
-        **{
-            k: str(v) if isinstance(v, Path) else v
-            for k, v in vars(args).items()
-            if k not in ("run", "json", "out", "command")
-        },
-        "kernels": _kernels(),
-    }
-    finite = {
-        k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()
-    }  # JSON has no NaN
+    settings: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if key not in ("run", "json", "out", "command"):  # outputs and dispatch are no settings
+            settings[key] = str(value) if isinstance(value, Path) else value
+    settings["kernels"] = _kernels()
+    finite = {key: _json_number(value) for key, value in metrics.items()}
     _write_json(args.json, {"settings": settings, **finite})
     if args.out:
         save_grid(args.out / "grid.png", {"full precision": harness.reference.images, args.recipe: run.images})
@@ -181,6 +180,13 @@ def _eval(args: argparse.Namespace) -> None:
     print(json.dumps(finite, indent=1))
 
 
+def _json_number(value: Any) -> Any:
+    """`value`, or None for a float JSON cannot hold (NaN, infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _demo(args: argparse.Namespace) -> None:
     harness = _harness(args)
     recipes = {recipe: harness.check(recipe) for recipe in args.recipes}  # every recipe before the first sampling
@@ -192,15 +198,14 @@ def _demo(args: argparse.Namespace) -> None:
         images[recipe] = run.images
     columns = ("fd", "fd_to_fp", "psnr_vs_fp", "gbops_per_step", "wall_seconds")
     print(
-        f"{args.model}, {args.sampler} {args.steps} steps, {args.samples} samples, seed {args.seed} (FD: lower is better, to held-out real digits)"
+        f"{args.model}, {args.sampler} {args.steps} steps, {args.samples} samples, seed {args.seed} "
+        "(FD: lower is better, to held-out real digits)"
     )
     print(f"computed with {_kernels()}")
     print(f"{'recipe':<16}" + "".join(f"{c:>16}" for c in columns))
     for row in rows:
-        print(
-            f"{row['recipe']:<16}"
-            + "".join(f"{row[c]:>16.2f}" if row[c] is not None else f"{'-':>16}" for c in columns)
-        )
+        cells = [f"{row[c]:>16.2f}" if row[c] is not None else f"{'-':>16}" for c in columns]  # '-': no value
+        print(f"{row['recipe']:<16}" + "".join(cells))
     save_grid(args.out / "grid.png", images)
     settings = {
         **{k: getattr(args, k) for k in ("model", "sampler", "steps", "samples", "seed")},
@@ -216,7 +221,8 @@ def _kernels() -> str:
     """What the numbers depend on besides the settings: on one machine a run repeats bit for bit,
     but another CPU's kernels (AVX2 vs AVX-512, torch version) round differently, and 4-bit
     rounding turns that into visibly different quantized metrics."""
-    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()} CPU kernels, {torch.get_num_threads()} threads"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"torch {torch.__version__}, {capability} CPU kernels, {torch.get_num_threads()} threads"
 
 
 def _plot_distributions(args: argparse.Namespace) -> None:

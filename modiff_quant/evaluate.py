@@ -93,14 +93,12 @@ class Harness:
         self.training = training_schedule(model)
         check_steps(sampler, self.training, steps)
         self.bops_conventions = bops_conventions
-        self.model_name, self.sampler, self.steps, self.samples, self.seed, self.batch_size = (
-            model,
-            sampler,
-            steps,
-            samples,
-            seed,
-            batch_size,
-        )
+        self.model_name = model
+        self.sampler = sampler
+        self.steps = steps
+        self.samples = samples
+        self.seed = seed
+        self.batch_size = batch_size
         self.calibration_cache = calibration_cache
         self.model = load_model(model, seed=seed, weights=weights)
         self.noise = self._noise(samples, seed)
@@ -174,15 +172,17 @@ class Harness:
         calibration_samples: int = CALIBRATION_SAMPLES,
     ) -> tuple[dict[str, Any], Run]:
         """The metrics of DESIGN §6 for one recipe (None: the full-precision model itself)."""
-        checked = (
-            None if recipe is None else self.check(recipe, base_quantizer, calibration_samples)
-        )  # before the reference is sampled
+        # the recipe is checked before the reference is sampled
+        checked = None if recipe is None else self.check(recipe, base_quantizer, calibration_samples)
         reference = self.reference  # before the quantized run, so that neither run pays for the other's warm-up
-        quantized = None if checked is None else self.quantize(checked, calibration_samples=calibration_samples)
-        run = reference if quantized is None else self._generate(quantized, getattr(recipe, "name", str(recipe)))
-        bops = count_bops(
-            self._macs, None if quantized is None else plan_of(quantized), self.steps, self.bops_conventions
-        )
+        if checked is None:  # the full-precision model itself
+            run = reference
+            plan = None
+        else:
+            quantized = self.quantize(checked, calibration_samples=calibration_samples)
+            run = self._generate(quantized, getattr(recipe, "name", str(recipe)))
+            plan = plan_of(quantized)
+        bops = count_bops(self._macs, plan, self.steps, self.bops_conventions)
         errors = step_relative_errors(reference.epsilons, run.epsilons)
         metrics = {
             **self._fd_metrics(run.images),
@@ -212,9 +212,8 @@ class Harness:
         in every model."""
         prepared = is_prepared(model)
         with torch.no_grad():
-            model(
-                self.noise[:1], torch.tensor(0)
-            )  # untimed warm-up (first-call allocations); sampling() resets its state
+            # untimed warm-up (first-call allocations); sampling() resets its state
+            model(self.noise[:1], torch.tensor(0))
         skips_before, calls_before = block_skips(model) if prepared else (0, 0)  # the warm-up's count
         start, batches, cache = time.perf_counter(), [], 0
         epsilons: list[list[Tensor]] = [[] for _ in range(self.steps)]

@@ -77,7 +77,10 @@ def default_layers(model: nn.Module) -> list[str]:
     quarters of the network (other architectures)."""
     names = _layer_names(model)
     preferred = [name for name in PREFERRED_LAYERS if name in names]
-    return preferred or sorted({names[len(names) * k // 4] for k in (1, 2, 3)}, key=names.index)
+    if preferred:
+        return preferred
+    quartiles = {names[len(names) * k // 4] for k in (1, 2, 3)}  # a set: in a small model two may coincide
+    return sorted(quartiles, key=names.index)
 
 
 def _layer_names(model: nn.Module) -> list[str]:
@@ -88,8 +91,9 @@ def _check_layers(model: nn.Module, layers: list[str]) -> list[str]:
     names = _layer_names(model)
     for layer in layers:
         if layer not in names:
+            suggestion = did_you_mean(layer, names)
             raise ValueError(
-                f"{layer!r} is not a Linear/Conv layer of the model{did_you_mean(layer, names)} (`modiff-quant explain` lists them)"
+                f"{layer!r} is not a Linear/Conv layer of the model{suggestion} (`modiff-quant explain` lists them)"
             )
     return layers
 
@@ -233,7 +237,8 @@ def load_fd_table(path: Path, w_bits: int = 8) -> FdTable:
     file, a row key, the rows at `w_bits` or the full-precision FD are missing."""
     if not path.is_file():
         raise FileNotFoundError(
-            f"results file {str(path)!r} not found (write it with `python benchmarks/base_quantizer_table.py --out {path.parent}`)"
+            f"results file {str(path)!r} not found "
+            f"(write it with `python benchmarks/base_quantizer_table.py --out {path.parent}`)"
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -261,9 +266,8 @@ def load_fd_table(path: Path, w_bits: int = 8) -> FdTable:
     fp_fd = data.get("fp", {}).get("fd")
     if fp_fd is None:
         raise ValueError(f"{path}: no full-precision FD (expected 'fp': {{'fd': ...}})")
-    return FdTable(
-        w_bits,
-        fp_fd,
-        {base: {s: dict(sorted(p.items())) for s, p in schemes.items()} for base, schemes in fd.items()},
-        data.get("settings", {}),
-    )
+    by_ascending_bits = {
+        base: {scheme: dict(sorted(points.items())) for scheme, points in schemes.items()}
+        for base, schemes in fd.items()
+    }
+    return FdTable(w_bits, fp_fd, by_ascending_bits, data.get("settings", {}))

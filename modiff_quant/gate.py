@@ -104,7 +104,8 @@ def _parse(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Location], 
         _check_run_keys(setting, f"key of setting '{name}'", "metrics")
         for metric, recorded in setting["metrics"].items():
             _check_metric(metric, recorded, setting["metrics"].where(metric))
-        settings[name], lines[name] = {**defaults, **setting}, data["settings"].where(name)
+        settings[name] = {**defaults, **setting}
+        lines[name] = data["settings"].where(name)
         if "model" not in settings[name]:
             raise RecipeError(
                 data["settings"].where(name), f"setting '{name}' names no model (set 'model' in it or in defaults)"
@@ -112,11 +113,8 @@ def _parse(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Location], 
     comparisons = data.get("comparisons") or LocatedList()
     if not isinstance(comparisons, LocatedList):
         raise RecipeError(data.where("comparisons"), "comparisons must be a list")
-    return (
-        settings,
-        lines,
-        [_parse_comparison(c, where, settings) for c, where in zip(comparisons, comparisons.item_locations)],
-    )
+    parsed = [_parse_comparison(c, where, settings) for c, where in zip(comparisons, comparisons.item_locations)]
+    return settings, lines, parsed
 
 
 def _check_keys(mapping: LocatedDict, allowed: tuple[str, ...], what: str) -> None:
@@ -135,11 +133,8 @@ def _check_run_keys(mapping: LocatedDict, what: str, *extra: str) -> None:
         elif key == "sampler":
             error = None if value in SAMPLERS else f"expected one of {', '.join(SAMPLERS)}, got {shown(value)}"
         elif key in ("model", "recipe", "base_quantizer"):
-            error = (
-                None
-                if isinstance(value, str) or (value is None and key != "model")
-                else f"expected a name or a path, got {shown(value)}"
-            )
+            unset = value is None and key != "model"  # a recipe or base quantizer may be left out with null
+            error = None if isinstance(value, str) or unset else f"expected a name or a path, got {shown(value)}"
         else:
             continue
         if error:
@@ -153,10 +148,8 @@ def _check_metric(metric: Any, recorded: Any, where: Location) -> None:
         or not isinstance(recorded, dict)
         or "value" not in recorded
     ):
-        raise RecipeError(
-            where,
-            f"metric {shown(metric)} needs {{value: ..., tolerance: ...}}; metrics: {', '.join((*LOWER_IS_BETTER, *HIGHER_IS_BETTER))}",
-        )
+        known = ", ".join((*LOWER_IS_BETTER, *HIGHER_IS_BETTER))
+        raise RecipeError(where, f"metric {shown(metric)} needs {{value: ..., tolerance: ...}}; metrics: {known}")
     for key in recorded:
         if key not in ("value", "tolerance"):
             raise RecipeError(where, f"metric '{metric}': unknown key {shown(key)} (allowed: value, tolerance)")
@@ -164,7 +157,8 @@ def _check_metric(metric: Any, recorded: Any, where: Location) -> None:
     if value is not None and _number(value) is None:
         raise RecipeError(
             where,
-            f"metric '{metric}': value must be a finite number, or null until --update records one; got {shown(value)}",
+            f"metric '{metric}': value must be a finite number, or null until --update records one; "
+            f"got {shown(value)}",
         )
     _slack(recorded.get("tolerance", DEFAULT_TOLERANCES[metric]), 1.0, where)
 
@@ -180,7 +174,8 @@ def _parse_comparison(spec: Any, where: Location, settings: dict[str, Any]) -> _
     ):
         raise RecipeError(
             where,
-            f"a comparison is {{metric, worse, better, ratio}} for {', '.join(LOWER_IS_BETTER)} or {{metric, worse, better, margin}} for psnr_vs_fp; got {shown(spec)}",
+            f"a comparison is {{metric, worse, better, ratio}} for {', '.join(LOWER_IS_BETTER)} "
+            f"or {{metric, worse, better, margin}} for psnr_vs_fp; got {shown(spec)}",
         )
     for name in (spec["worse"], spec["better"]):
         if not isinstance(name, str) or name not in settings:
@@ -189,9 +184,8 @@ def _parse_comparison(spec: Any, where: Location, settings: dict[str, Any]) -> _
             )
     amount = _number(spec[kind])
     if amount is None or (kind == "ratio" and amount <= 0):
-        raise RecipeError(
-            where, f"{kind} must be a {'positive ' if kind == 'ratio' else ''}finite number, got {shown(spec[kind])}"
-        )
+        positive = "positive " if kind == "ratio" else ""
+        raise RecipeError(where, f"{kind} must be a {positive}finite number, got {shown(spec[kind])}")
     return _Comparison(spec["metric"], spec["worse"], spec["better"], amount)
 
 
@@ -213,15 +207,14 @@ def _evaluate(settings: dict[str, dict[str, Any]], lines: dict[str, Location]) -
         key = tuple(setting.get(k) for k in HARNESS_KEYS)
         with _in_setting(name, lines[name]):
             if key not in harnesses:
-                harnesses[key] = Harness(**{k: v for k, v in zip(HARNESS_KEYS, key) if v is not None})
+                given = {k: v for k, v in zip(HARNESS_KEYS, key) if v is not None}  # the rest: Harness defaults
+                harnesses[key] = Harness(**given)
             recipe = setting.get("recipe")
-            recipes[name] = (
-                None
-                if recipe is None
-                else harnesses[key].check(
-                    recipe, setting.get("base_quantizer"), setting.get("calibration_samples", CALIBRATION_SAMPLES)
-                )
-            )
+            if recipe is None:  # full precision
+                recipes[name] = None
+            else:
+                calibration_samples = setting.get("calibration_samples", CALIBRATION_SAMPLES)
+                recipes[name] = harnesses[key].check(recipe, setting.get("base_quantizer"), calibration_samples)
     results = {}
     for name, setting in settings.items():
         harness = harnesses[tuple(setting.get(k) for k in HARNESS_KEYS)]
@@ -267,30 +260,19 @@ def _metric_checks(name: str, metrics: dict[str, Any], result: dict[str, Any], u
         if update:
             checks.append(Check(name, metric, baseline, value, "recorded", value is not None))
         elif baseline is None or value is None:
-            checks.append(
-                Check(
-                    name,
-                    metric,
-                    baseline,
-                    value,
-                    "unrecorded: run with --update" if baseline is None else "no value",
-                    False,
-                )
-            )
+            missing = "unrecorded: run with --update" if baseline is None else "no value"
+            checks.append(Check(name, metric, baseline, value, missing, False))
         else:
             slack = _slack(spec, baseline)
-            higher = metric in HIGHER_IS_BETTER
-            bound = baseline - slack if higher else baseline + slack
-            checks.append(
-                Check(
-                    name,
-                    metric,
-                    baseline,
-                    value,
-                    f"{'>=' if higher else '<='} {bound:.4g} ({spec})",
-                    value >= bound if higher else value <= bound,
-                )
-            )
+            if metric in HIGHER_IS_BETTER:
+                bound = baseline - slack
+                passed = value >= bound
+                limit = f">= {bound:.4g} ({spec})"
+            else:
+                bound = baseline + slack
+                passed = value <= bound
+                limit = f"<= {bound:.4g} ({spec})"
+            checks.append(Check(name, metric, baseline, value, limit, passed))
     return checks
 
 

@@ -43,7 +43,10 @@ def unavailable_reason() -> str | None:
     silently break exactness.
     """
     if not all(hasattr(torch.ops.onednn, name) for name in _OPS):
-        return "integer execution needs the oneDNN int8 ops (torch.ops.onednn.qconv2d_pointwise, qlinear_pointwise), which this torch build lacks"
+        return (
+            "integer execution needs the oneDNN int8 ops (torch.ops.onednn.qconv2d_pointwise, qlinear_pointwise), "
+            "which this torch build lacks"
+        )
     codes = torch.full((1, 64), 255, dtype=torch.uint8)
     weight = torch.full((1, 64), 127, dtype=torch.int8)
     ones, zeros = torch.ones(1), torch.zeros(1, dtype=torch.int64)
@@ -87,7 +90,10 @@ def unavailable_reason() -> str | None:
     )
     if linear.item() != expected or conv.item() != expected:
         got = f"{linear.item():.0f} / {conv.item():.0f}"
-        return f"oneDNN int8 kernels are not exact on this CPU (probe gave {got}, expected {expected}); integer execution needs VNNI or AMX"
+        return (
+            f"oneDNN int8 kernels are not exact on this CPU (probe gave {got}, expected {expected}); "
+            "integer execution needs VNNI or AMX"
+        )
     return None
 
 

@@ -59,7 +59,8 @@ def load_model(name_or_path: str, *, seed: int = 0, weights: str | Path | None =
 
     if weights is not None and name_or_path not in BUILTIN_MODELS:
         raise ValueError(
-            f"weights {str(weights)!r}: only the built-in architectures ({', '.join(BUILTIN_MODELS)}) take a weights file; {name_or_path!r} brings its own"
+            f"weights {str(weights)!r}: only the built-in architectures ({', '.join(BUILTIN_MODELS)}) "
+            f"take a weights file; {name_or_path!r} brings its own"
         )
     if name_or_path in BUNDLED_MODELS:
         return AutoModel.from_pretrained(
@@ -75,14 +76,15 @@ def load_model(name_or_path: str, *, seed: int = 0, weights: str | Path | None =
     path = Path(name_or_path)
     if (path / "config.json").is_file():
         with _as_load_error(path, "a diffusers model folder"):
-            model = AutoModel.from_pretrained(
-                str(path), low_cpu_mem_usage=False
-            ).eval()  # diffusers 0.42 fails on a Path (its load id joins strings)
+            # str: diffusers 0.42 fails on a Path (its load id joins strings)
+            model = AutoModel.from_pretrained(str(path), low_cpu_mem_usage=False).eval()
         _check_denoiser(model, path)
         return model
     names = sorted((*BUNDLED_MODELS, *BUILTIN_MODELS))
+    suggestion = did_you_mean(name_or_path, names)
     raise FileNotFoundError(
-        f"model {name_or_path!r} is neither a built-in model{did_you_mean(name_or_path, names)} ({', '.join(names)}) nor a diffusers model folder"
+        f"model {name_or_path!r} is neither a built-in model{suggestion} ({', '.join(names)}) "
+        "nor a diffusers model folder"
     )
 
 
@@ -120,11 +122,13 @@ def _as_load_error(path: Path, what: str) -> Iterator[None]:
         yield
     except pickle.UnpicklingError as exc:  # torch's own text suggests weights_only=False, i.e. running the file's code
         raise LoadError(
-            f"{path}: cannot be read as {what}: torch.load(weights_only=True) refuses it (not a torch file, or one holding objects besides tensors)"
+            f"{path}: cannot be read as {what}: torch.load(weights_only=True) refuses it "
+            "(not a torch file, or one holding objects besides tensors)"
         ) from exc
     except Exception as exc:
-        first = next(iter(str(exc).strip().splitlines()), "").split(". ")[0][:300]
-        raise LoadError(f"{path}: cannot be read as {what} ({type(exc).__name__}: {first})") from exc
+        first_line = next(iter(str(exc).strip().splitlines()), "")
+        first_sentence = first_line.split(". ")[0][:300]
+        raise LoadError(f"{path}: cannot be read as {what} ({type(exc).__name__}: {first_sentence})") from exc
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
@@ -149,7 +153,8 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape or tensor.is_floating_point() != expected[name].is_floating_point():
             raise LoadError(
-                f"{path}: {name} is {tensor.dtype} {tuple(tensor.shape)}, the model's is {expected[name].dtype} {tuple(expected[name].shape)}"
+                f"{path}: {name} is {tensor.dtype} {tuple(tensor.shape)}, "
+                f"the model's is {expected[name].dtype} {tuple(expected[name].shape)}"
             )
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise LoadError(f"{path}: {name} holds non-finite values")
@@ -170,9 +175,8 @@ def _state_dict(path: Path) -> Any:
         with _as_load_error(path, "a safetensors file"):
             return load_file(path)
     with _as_load_error(path, "a torch state dict"), warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore", UserWarning
-        )  # torch's notes on a file's pickle protocol: it is loaded or refused either way
+        # torch's notes on a file's pickle protocol: it is loaded or refused either way
+        warnings.simplefilter("ignore", UserWarning)
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -194,5 +198,6 @@ def _check_denoiser(model: nn.Module, path: Path) -> None:
     ):
         needs = f" (it also needs {', '.join(required)})" if required else ""
         raise LoadError(
-            f"{path}: holds a {type(model).__name__}, not an unconditional denoiser called as model(sample, timestep){needs}"
+            f"{path}: holds a {type(model).__name__}, "
+            f"not an unconditional denoiser called as model(sample, timestep){needs}"
         )

@@ -22,7 +22,8 @@ class Observer(nn.Module):
         super().__init__()
         if spec.granularity.kind == "sample":
             raise ValueError(
-                "granularity 'sample' has no static scale (batch items change); use the 'dynamic' base quantizer for it"
+                "granularity 'sample' has no static scale (batch items change); "
+                "use the 'dynamic' base quantizer for it"
             )
         self.spec = spec
         self.channel_dim = channel_dim

@@ -44,18 +44,20 @@ def attach(
     which is loaded instead. Its MoDiff state is reset when each pipeline call starts and ends.
     Without `recipe`, the denoiser is one already attached to another pipeline (e.g. an img2img
     pipeline made from the same components), whose calls this pipeline's calls now scope too."""
-    from .diffusers_state import (
-        register_state_hook,  # imports diffusers, which `import modiff_quant` does not need
-    )
+    from .diffusers_state import register_state_hook  # imports diffusers, which `import modiff_quant` does not need
 
     denoiser = _denoiser(pipe_or_model, component)
     if recipe is not None:
-        saved = not isinstance(recipe, Recipe) and Path(recipe).is_dir()
-        (load_quantized if saved else prepare)(denoiser, recipe)
+        saved = not isinstance(recipe, Recipe) and Path(recipe).is_dir()  # a folder of save_quantized
+        if saved:
+            load_quantized(denoiser, recipe)
+        else:
+            prepare(denoiser, recipe)
         register_state_hook(denoiser)
     elif not is_prepared(denoiser):
         raise ValueError(
-            f"attach() without a recipe ties an already quantized denoiser to another pipeline, but this {type(denoiser).__name__} is not prepared: pass a recipe"
+            "attach() without a recipe ties an already quantized denoiser to another pipeline, "
+            f"but this {type(denoiser).__name__} is not prepared: pass a recipe"
         )
     if not isinstance(pipe_or_model, nn.Module):
         pipe_or_model.__class__ = _scoped(type(pipe_or_model))

@@ -71,7 +71,8 @@ def write_step_error(harness: Harness, recipe: str | Path | Recipe, out: Path, n
     """Fig. 3 for the variants of `recipe`."""
     errors = step_errors(harness, recipe)
     defaults = errors.recipe.defaults
-    title = f"{_setting(harness)}\n{errors.recipe.name} variants (W{defaults.w_bits}A{defaults.a_bits}, {defaults.base_quantizer}) vs full precision"
+    bits = f"W{defaults.w_bits}A{defaults.a_bits}"
+    title = f"{_setting(harness)}\n{errors.recipe.name} variants ({bits}, {defaults.base_quantizer}) vs full precision"
     metrics = {label: {key: values[key] for key in QUOTED_METRICS} for label, values in errors.metrics.items()}
     return _save_step_error(harness, title, errors.curves, metrics, out / name)
 
@@ -79,8 +80,10 @@ def write_step_error(harness: Harness, recipe: str | Path | Recipe, out: Path, n
 def write_fd_vs_bits(results: Path, out: Path, w_bits: int = 8, name: str = FD_VS_BITS) -> Path:
     """FD vs activation bits at `w_bits`, one line per base quantizer and scheme."""
     table = load_fd_table(results, w_bits)
-    steps, samples = table.settings.get("steps", "?"), table.settings.get("samples", "?")
-    title = f"digits16, ddim {steps} steps, {samples} samples: FD vs activation bits at W{w_bits}"  # the benchmark's harness
+    steps = table.settings.get("steps", "?")
+    samples = table.settings.get("samples", "?")
+    # the benchmark's harness: digits16 with DDIM
+    title = f"digits16, ddim {steps} steps, {samples} samples: FD vs activation bits at W{w_bits}"
     data = {"title": title, "results": str(results), "w_bits": w_bits, "fp_fd": table.fp_fd, "fd": table.fd}
     return _save(_draw_fd_vs_bits(table, title), out / name, data)
 
@@ -140,9 +143,8 @@ def _draw_distributions(
 ) -> Figure:
     """One panel per layer, both densities on shared bins; log density (a_t's tails span decades)."""
     figure = _figure(4.6 * len(distributions), 4.0)
-    for ax, layer, (edges, raw, diff) in zip(
-        figure.subplots(1, len(distributions), squeeze=False)[0], distributions, histograms
-    ):
+    panels = figure.subplots(1, len(distributions), squeeze=False)[0]
+    for ax, layer, (edges, raw, diff) in zip(panels, distributions, histograms):
         ax.stairs(raw, edges, fill=True, alpha=0.45, color="tab:red", label=f"input $a_t$ (std {layer.raw.std:.3g})")
         ax.stairs(
             diff,
@@ -189,7 +191,8 @@ def _draw_fd_vs_bits(table: FdTable, title: str) -> Figure:
     figure = _figure(7.0, 4.6)
     ax = figure.subplots()
     colors = {base: f"C{index}" for index, base in enumerate(table.fd)}
-    schemes = sorted({scheme for by_scheme in table.fd.values() for scheme in by_scheme}, key=lambda s: s != "modiff")
+    all_schemes = {scheme for by_scheme in table.fd.values() for scheme in by_scheme}
+    schemes = sorted(all_schemes, key=lambda scheme: scheme != "modiff")  # modiff first
     styles = {scheme: SCHEME_STYLES.get(scheme, (":", "^", scheme)) for scheme in schemes}
     for base, by_scheme in table.fd.items():
         for scheme, points in by_scheme.items():

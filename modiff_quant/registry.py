@@ -68,9 +68,8 @@ class Registry(Generic[T]):
         if name not in self._items:
             self._load_plugin(name)
         if name not in self._items:
-            raise UnknownNameError(
-                f"unknown {self.kind} {shown(name)}{did_you_mean(name, self.names())} (known: {', '.join(self.names())})"
-            )
+            suggestion = did_you_mean(name, self.names())
+            raise UnknownNameError(f"unknown {self.kind} {shown(name)}{suggestion} (known: {', '.join(self.names())})")
         return self._items[name]
 
     def __contains__(self, name: str) -> bool:

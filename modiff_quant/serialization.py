@@ -84,9 +84,9 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
     unsaveable = [name for name, layer in layers.items() if layer.packed and layer.source_weight_digest is None]
     if unsaveable:
         raise RuntimeError(
-            f"save_quantized() cannot store {', '.join(unsaveable[:3])}{', ...' if len(unsaveable) > 3 else ''}: packed weights are re-made "
-            "from the float weights on load, but these were packed before modiff_quant prepared the model (torchao quantize_); "
-            "apply the recipe with modiff_quant.prepare to a float model instead"
+            f"save_quantized() cannot store {_first_few(unsaveable)}: packed weights are re-made "
+            "from the float weights on load, but these were packed before modiff_quant prepared the model "
+            "(torchao quantize_); apply the recipe with modiff_quant.prepare to a float model instead"
         )
     tensors = {
         f"{_LAYER_PREFIX}{name}/{key}": value
@@ -95,11 +95,13 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
         if key != "weight"
     }
     own = _own_state(model, layers)
-    coded = {
-        name: found
-        for name, layer in layers.items()
-        if not layer.packed and (found := encode(layer.weight, layer.plan.settings.w_bits)) is not None
-    }
+    coded: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> (codes, table), for the weights `encode` can code
+    for name, layer in layers.items():
+        if layer.packed:
+            continue
+        codes_and_table = encode(layer.weight, layer.plan.settings.w_bits)
+        if codes_and_table is not None:
+            coded[name] = codes_and_table
     for name, (codes, table) in coded.items():
         del own[f"{name}.weight"]
         tensors.update({f"{_CODES_PREFIX}{name}/codes": codes, f"{_CODES_PREFIX}{name}/table": table})
@@ -155,9 +157,9 @@ class _Saved:
 def _read(folder: Path) -> _Saved:
     manifest = _read_manifest(folder / PLAN)
     contents = {name: _read_checked(folder / name, manifest["files"][name]) for name in (TENSORS, RECIPE)}
-    return _Saved(
-        manifest, _parse_recipe(folder / RECIPE, contents[RECIPE]), _parse_tensors(folder / TENSORS, contents[TENSORS])
-    )
+    recipe = _parse_recipe(folder / RECIPE, contents[RECIPE])
+    tensors = _parse_tensors(folder / TENSORS, contents[TENSORS])
+    return _Saved(manifest, recipe, tensors)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -174,7 +176,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise LoadError(f"{path} is damaged or truncated ({excerpt(str(exc))}); save the model again") from None
     if _depth(manifest) > MAX_DEPTH:
         raise LoadError(
-            f"{path} is damaged: nested deeper than the {MAX_DEPTH} levels save_quantized() writes; save the model again"
+            f"{path} is damaged: nested deeper than the {MAX_DEPTH} levels save_quantized() writes; "
+            "save the model again"
         )
     absent = [key for key in _MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest]
     if not absent:
@@ -194,7 +197,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         versions = manifest["versions"]
         saved_by = versions.get("modiff_quant", "?") if isinstance(versions, dict) else "?"
         raise LoadError(
-            f"{path}: format {excerpt(manifest['format'])} (written by modiff-quant {excerpt(saved_by)}); modiff-quant {__version__} reads format {FORMAT}"
+            f"{path}: format {excerpt(manifest['format'])} (written by modiff-quant {excerpt(saved_by)}); "
+            f"modiff-quant {__version__} reads format {FORMAT}"
         )
     for key in _MANIFEST_KEYS:
         bad = _MANIFEST[key](manifest[key])
@@ -203,9 +207,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
                 f"{path} is damaged: '{excerpt(key + bad)}' is not as save_quantized() writes it; save the model again"
             )
     if len(manifest) > len(_MANIFEST_KEYS):
-        raise LoadError(
-            f"{path} is damaged: unknown fields {excerpt(', '.join(sorted(set(manifest) - set(_MANIFEST_KEYS))))}; save the model again"
-        )
+        unknown = ", ".join(sorted(set(manifest) - set(_MANIFEST_KEYS)))
+        raise LoadError(f"{path} is damaged: unknown fields {excerpt(unknown)}; save the model again")
     return manifest
 
 
@@ -322,14 +325,15 @@ def _read_checked(path: Path, facts: dict[str, Any]) -> bytes:
         raise LoadError(f"{path} not found (part of the saved model)")
     if path.name == RECIPE and facts["bytes"] > MAX_RECIPE_BYTES:
         raise LoadError(
-            f"{path}: {PLAN} says it has {facts['bytes']} bytes, more than the {MAX_RECIPE_BYTES} of any recipe save_quantized() writes"
+            f"{path}: {PLAN} says it has {facts['bytes']} bytes, "
+            f"more than the {MAX_RECIPE_BYTES} of any recipe save_quantized() writes"
         )
     size = path.stat().st_size
     content = _read_at_most(path, size) if size == facts["bytes"] else b""
     if len(content) != facts["bytes"]:
-        raise LoadError(
-            f"{path} is truncated or was replaced: {size if size != facts['bytes'] else len(content)} bytes, {facts['bytes']} were saved"
-        )
+        # the file's size, or what could be read of it when it shrank while being read
+        found_bytes = size if size != facts["bytes"] else len(content)
+        raise LoadError(f"{path} is truncated or was replaced: {found_bytes} bytes, {facts['bytes']} were saved")
     if hashlib.sha256(content).hexdigest() != facts["sha256"]:
         raise LoadError(f"{path} is corrupt: its SHA-256 differs from the one saved in {PLAN}")
     return content
@@ -350,7 +354,8 @@ def _parse_tensors(path: Path, content: bytes) -> dict[str, Tensor]:
     header = int.from_bytes(content[:8], "little")
     if header > MAX_HEADER_BYTES:
         raise LoadError(
-            f"{path}: its header claims {header} bytes, more than the {MAX_HEADER_BYTES} of any model save_quantized() writes"
+            f"{path}: its header claims {header} bytes, "
+            f"more than the {MAX_HEADER_BYTES} of any model save_quantized() writes"
         )
     try:
         return load_safetensors(content)
@@ -376,19 +381,26 @@ def _check_plan(saved: _Saved, plan: dict[str, Any]) -> None:
                 raise LoadError(f"{kind[:-1]} '{excerpt(name)}' of the saved model is not in this model{hint}")
         for name in found:
             if name not in expected:
+                saved_class = excerpt(saved.manifest["model_class"])
                 raise LoadError(
-                    f"this model has {kind[:-1]} '{name}', which the saved {excerpt(saved.manifest['model_class'])} does not: a different architecture"
+                    f"this model has {kind[:-1]} '{name}', which the saved {saved_class} does not: "
+                    "a different architecture"
                 )
             if found[name] != expected[name]:
+                differences = _differences(expected[name], found[name])
                 raise LoadError(
-                    f"{kind[:-1]} '{name}': the saved recipe resolves differently on this model ({_differences(expected[name], found[name])})"
+                    f"{kind[:-1]} '{name}': the saved recipe resolves differently on this model ({differences})"
                 )
 
 
 def _differences(saved: dict[str, Any], found: dict[str, Any]) -> str:
-    flat = {**saved, **saved.get("settings", {})}, {**found, **found.get("settings", {})}
-    keys = sorted(k for k in {*flat[0], *flat[1]} if k != "settings" and flat[0].get(k) != flat[1].get(k))
-    return "; ".join(f"{k}: saved {excerpt(flat[0].get(k))}, here {flat[1].get(k)!r}" for k in keys)
+    """The fields, settings included, in which two layer or block plans differ."""
+    saved_flat = {**saved, **saved.get("settings", {})}
+    found_flat = {**found, **found.get("settings", {})}
+    differing = sorted(
+        key for key in {*saved_flat, *found_flat} if key != "settings" and saved_flat.get(key) != found_flat.get(key)
+    )
+    return "; ".join(f"{key}: saved {excerpt(saved_flat.get(key))}, here {found_flat.get(key)!r}" for key in differing)
 
 
 def _installed(plan: Plan) -> dict[str, LayerPlan]:
@@ -410,7 +422,8 @@ def _model_tensors(saved: _Saved, plan: Plan) -> dict[str, Tensor]:
         if name not in installed:
             raise LoadError(f"{where}, but that is no quantized layer of the saved recipe")
         if name in saved.packed or f"{name}.weight" in own:
-            raise LoadError(f"{where}, but also as {'packed' if name in saved.packed else f'floats in {TENSORS}'}")
+            also_as = "packed" if name in saved.packed else f"floats in {TENSORS}"
+            raise LoadError(f"{where}, but also as {also_as}")
         parts = [saved.tensors.get(f"{_CODES_PREFIX}{name}/{part}") for part in ("codes", "table")]
         if None in parts:
             raise LoadError(f"{where}, but {TENSORS} lacks its codes or table")
@@ -428,15 +441,15 @@ def _check_tensors(saved: _Saved, own: dict[str, Tensor], model: nn.Module, plan
     packed = {f"{name}.weight" for name in saved.packed}
     extra = sorted(set(state) - set(own) - packed)
     if extra:
-        raise LoadError(
-            f"this model has tensors the saved {excerpt(saved.manifest['model_class'])} does not: {', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}"
-        )
+        saved_class = excerpt(saved.manifest["model_class"])
+        raise LoadError(f"this model has tensors the saved {saved_class} does not: {_first_few(extra)}")
     for key, value in own.items():
         if key not in state:
             raise LoadError(f"tensor '{excerpt(key)}' of the saved model is not in this model")
         if state[key].shape != value.shape or state[key].dtype != value.dtype:
             raise LoadError(
-                f"tensor '{key}': saved as {excerpt(list(value.shape))} {value.dtype}, this model has {list(state[key].shape)} {state[key].dtype}"
+                f"tensor '{key}': saved as {excerpt(list(value.shape))} {value.dtype}, "
+                f"this model has {list(state[key].shape)} {state[key].dtype}"
             )
         if value.is_floating_point() and not bool(value.isfinite().all()) and bool(state[key].isfinite().all()):
             raise LoadError(
@@ -445,8 +458,10 @@ def _check_tensors(saved: _Saved, own: dict[str, Tensor], model: nn.Module, plan
     installed = _installed(plan)
     for name, digest in saved.packed.items():
         if name not in installed or f"{name}.weight" in own or weight_digest(state[f"{name}.weight"]) != digest:
+            packer = installed[name].settings.base_quantizer if name in installed else "a base quantizer"
             raise LoadError(
-                f"layer '{excerpt(name)}': its weight was packed by {installed[name].settings.base_quantizer if name in installed else 'a base quantizer'} and is re-made on load from the float weight, but this model's float weight is not the one it was made from"
+                f"layer '{excerpt(name)}': its weight was packed by {packer} and is re-made on load "
+                "from the float weight, but this model's float weight is not the one it was made from"
             )
 
 
@@ -458,7 +473,8 @@ def _layer_states(saved: _Saved, own: dict[str, Tensor], model: nn.Module, plan:
             name, _, part = key.removeprefix(_LAYER_PREFIX).partition("/")
             if name not in states or not part or part == "weight":
                 raise LoadError(
-                    f"tensor '{excerpt(key)}' of {TENSORS} belongs to no quantizer of a quantized layer of the saved recipe"
+                    f"tensor '{excerpt(key)}' of {TENSORS} belongs to no quantizer "
+                    "of a quantized layer of the saved recipe"
                 )
             states[name][part] = value
     modules = dict(model.named_modules())
@@ -474,9 +490,8 @@ def _layer_states(saved: _Saved, own: dict[str, Tensor], model: nn.Module, plan:
         except ValueError as exc:
             raise LoadError(f"layer '{name}': {exc}") from None
         if name not in saved.packed:
-            state["weight"] = own[
-                f"{name}.weight"
-            ]  # as quantized: load_calibration_state would re-quantize without it
+            # the weight as quantized: load_calibration_state would re-quantize without it
+            state["weight"] = own[f"{name}.weight"]
     return states
 
 
@@ -489,6 +504,12 @@ def _own_state(model: nn.Module, layers: dict[str, QuantizedLayer]) -> dict[str,
     skip = tuple(f"{name}.act_quantizers." for name in layers)
     packed = {f"{name}.weight" for name, layer in layers.items() if layer.packed}
     return {key: value for key, value in model.state_dict().items() if not key.startswith(skip) and key not in packed}
+
+
+def _first_few(names: list[str]) -> str:
+    """The first three names, and ', ...' when there are more."""
+    more = ", ..." if len(names) > 3 else ""
+    return f"{', '.join(names[:3])}{more}"
 
 
 def _file_facts(content: bytes) -> dict[str, Any]:

@@ -37,9 +37,8 @@ def encode(weight: Tensor, bits: int) -> tuple[Tensor, Tensor] | None:
     if width > 1 << bits:
         return None
     codes = torch.empty_like(ranks).scatter_(1, order, ranks)
-    table = torch.zeros(weight.shape[0], width, dtype=patterns.dtype, device=patterns.device).scatter_(
-        1, ranks, ordered
-    )
+    table = torch.zeros(weight.shape[0], width, dtype=patterns.dtype, device=patterns.device)
+    table.scatter_(1, ranks, ordered)  # each channel's distinct values, ascending
     return codes.to(torch.uint8).reshape(weight.shape), table.view(weight.dtype)
 
 
@@ -55,10 +54,12 @@ def decode(codes: Tensor, table: Tensor) -> Tensor:
         or not 0 < table.shape[1] <= 1 << MAX_BITS
     ):
         raise ValueError(
-            f"the table must be float with {codes.shape[0]} rows of 1 to {1 << MAX_BITS} values, got {table.dtype} {list(table.shape)}"
+            f"the table must be float with {codes.shape[0]} rows of 1 to {1 << MAX_BITS} values, "
+            f"got {table.dtype} {list(table.shape)}"
         )
     if not bool(table.isfinite().all()):
         raise ValueError("the table holds non-finite values")
     if codes.numel() and int(codes.max()) >= table.shape[1]:
         raise ValueError(f"code {int(codes.max())} is past the {table.shape[1]} values of the table")
-    return table.gather(1, codes.reshape(codes.shape[0], -1).long()).reshape(codes.shape)
+    codes_per_row = codes.reshape(codes.shape[0], -1).long()
+    return table.gather(1, codes_per_row).reshape(codes.shape)

@@ -90,7 +90,8 @@ def _plain(value: Any, what: str) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(item, f"{what}[{index}]") for index, item in enumerate(value)]
     raise ValueError(
-        f"{what}: {type(value).__name__} {value!r:.80} is not recipe data (mappings, lists, numbers, strings, booleans, None or classes)"
+        f"{what}: {type(value).__name__} {value!r:.80} is not recipe data "
+        "(mappings, lists, numbers, strings, booleans, None or classes)"
     )
 
 

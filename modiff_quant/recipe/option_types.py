@@ -91,10 +91,12 @@ def _why_not(value: Any, hint: Any) -> str:
     """The reason a value that looks right is refused, where there is a common one."""
     if isinstance(value, str) and len(value) <= 40 and _EXPONENT_TEXT.fullmatch(value) and _conforms(1.0, hint):
         number = repr(float(value))
-        number = (
-            number.replace("e", ".0e", 1) if "e" in number and "." not in number else number
-        )  # as PyYAML writes floats
-        return f" (text: YAML 1.1 reads exponent notation as a number only with a dot and a signed exponent; write {number})"
+        if "e" in number and "." not in number:  # 1e-05 -> 1.0e-05, as PyYAML writes floats
+            number = number.replace("e", ".0e", 1)
+        return (
+            " (text: YAML 1.1 reads exponent notation as a number only with a dot and a signed exponent; "
+            f"write {number})"
+        )
     if isinstance(value, float) and math.isnan(value):
         return " (NaN is never a valid option)"
     return ""

@@ -151,7 +151,8 @@ def load_located(text: str, file: str, budget: Budget | None = None) -> Any:
 
     def sequence(loader: Loader, node: yaml.Node) -> LocatedList:
         result = LocatedList(loader.construct_sequence(node, deep=True))  # checks that the node is a sequence
-        result.location, result.item_locations = _at(file, node), [_at(file, item) for item in node.value]
+        result.location = _at(file, node)
+        result.item_locations = [_at(file, item) for item in node.value]
         return result
 
     def number(construct: Any) -> Any:
@@ -159,7 +160,8 @@ def load_located(text: str, file: str, budget: Budget | None = None) -> Any:
             if isinstance(node, yaml.ScalarNode) and len(node.value) > MAX_NUMBER_CHARS:
                 raise RecipeError(
                     _at(file, node),
-                    f"a number of {len(node.value)} characters ({shown(node.value, 40)}); the limit is {MAX_NUMBER_CHARS}",
+                    f"a number of {len(node.value)} characters ({shown(node.value, 40)}); "
+                    f"the limit is {MAX_NUMBER_CHARS}",
                 )
             return construct(loader, node)
 
@@ -174,9 +176,7 @@ def load_located(text: str, file: str, budget: Budget | None = None) -> Any:
         return yaml.load(text, Loader=Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = (
-            min(mark.line + 1, _line_at(text, len(text))) if mark else 1
-        )  # the end of the text may be past its last line
+        line = min(mark.line + 1, _line_at(text, len(text))) if mark else 1  # the end may be past the last line
         raise RecipeError(Location(file, line), f"invalid YAML: {exc.problem or exc}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(Location(file, 1), f"invalid YAML: {clip(str(exc), 200)}") from None
@@ -207,12 +207,12 @@ def _check_shape(text: str, file: str, budget: Budget) -> None:
             continue
         if not isinstance(event, yaml.NodeEvent):
             continue
-        # an alias of a node still open (recursive) counts as a scalar here: the constructor refuses it
-        values, height = (
-            anchors.get(event.anchor, (1, 0))
-            if isinstance(event, yaml.AliasEvent)
-            else (1, int(isinstance(event, yaml.CollectionStartEvent)))
-        )
+        if isinstance(event, yaml.AliasEvent):
+            # an alias of a node still open (recursive) counts as a scalar here: the constructor refuses it
+            values, height = anchors.get(event.anchor, (1, 0))
+        else:  # a scalar, or the start of a mapping or list (one level high until its end event)
+            values = 1
+            height = 1 if isinstance(event, yaml.CollectionStartEvent) else 0
         budget.values -= values
         where = Location(file, event.start_mark.line + 1)
         if len(stack) + height > MAX_DEPTH:
@@ -220,7 +220,8 @@ def _check_shape(text: str, file: str, budget: Budget) -> None:
         if budget.values < 0:
             raise RecipeError(
                 where,
-                f"more than {MAX_VALUES:,} values (aliases counted as what they stand for) in the recipe and the files it extends",
+                f"more than {MAX_VALUES:,} values (aliases counted as what they stand for) "
+                "in the recipe and the files it extends",
             )
         if isinstance(event, yaml.CollectionStartEvent):
             stack.append(_Open(event.anchor))
