@@ -5,6 +5,7 @@ worked example of each workflow."""
 from __future__ import annotations
 
 import copy
+import gc
 import re
 import sys
 
@@ -16,6 +17,7 @@ from modiff_quant.backends.torchao_config import MoDiffConfig, recipe_to_fqn_con
 from modiff_quant.backends.torchao_int4 import TorchaoActivationQuantizer, torchao
 
 import modiff_quant as mq
+from modiff_quant import deferred
 from modiff_quant.base_quantizer import DynamicActivationQuantizer
 from modiff_quant.layers import QuantizedLayer
 from modiff_quant.models import load_model
@@ -412,3 +414,24 @@ def test_readme_workflow_examples_run(workflow, digits):
     assert mq.api.is_prepared(namespace["unet"])
     reference = sample(digits)
     assert 0 < ((images - reference).norm() / reference.norm()).item() < 0.5  # quantized, still the same digits
+
+
+def test_api_accessors_do_not_walk_the_model_when_no_layer_is_marked(write_recipe):
+    """Every accessor binds layers marked by quantize_ first; with none marked anywhere it must not
+    walk the model (the diffusers cache_context hook calls one on every denoiser call)."""
+    gc.collect()  # marks of models other tests dropped
+    assert not deferred._marked, "a model with layers marked by quantize_ is still alive"
+    model = mq.prepare(tiny_unet(), write_recipe("version: 1\ndefaults: {w_bits: 8, a_bits: 8}\n"))
+    mq.convert(model)
+    walks = []
+    named_modules = model.named_modules
+
+    def counting(*args, **kwargs):
+        walks.append(1)
+        return named_modules(*args, **kwargs)
+
+    model.named_modules = counting
+    mq.plan_of(model)
+    with mq.sampling(model):
+        mq.reset(model)
+    assert walks == []
