@@ -26,7 +26,8 @@ FAST_QDIFFUSION = "{name: qdiffusion, weight_iters: 60, act_iters: 30, calibrati
 
 def recipe_text(base: str, scheme: str = "modiff", w_bits: int = 4, a_bits: int | str = 4, extra: str = "") -> str:
     return (
-        f"version: 1\ndefaults:\n  base_quantizer: {base}\n  scheme: {scheme}\n  w_bits: {w_bits}\n  a_bits: {a_bits}\n"
+        f"version: 1\ndefaults:\n  base_quantizer: {base}\n  scheme: {scheme}\n"
+        f"  w_bits: {w_bits}\n  a_bits: {a_bits}\n"
         f"  a_granularity: tensor\n  w_granularity: channel\n{extra}"
     )
 

@@ -275,13 +275,15 @@ def test_plugin_through_its_entry_points_runs_the_documented_recipes(installed_p
 def test_plugin_errors_name_the_recipe_line(installed_plugin, write_recipe):
     with pytest.raises(
         mq.RecipeError,
-        match=r"recipe.yaml:3: base quantizer 'pow2' rejects its options \(activations must be 'dynamic' or 'static', got 'dynamc'\); it accepts: activations",
+        match=r"recipe.yaml:3: base quantizer 'pow2' rejects its options "
+        r"\(activations must be 'dynamic' or 'static', got 'dynamc'\); it accepts: activations",
     ):
         mq.load_recipe(write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: pow2, activations: dynamc}\n"))
     path = write_recipe("version: 1\ndefaults:\n  base_quantizer: pow2\n  w_granularity: channel\n  w_bits: 12\n")
     with pytest.raises(
         mq.RecipeError,
-        match=r"recipe.yaml:5: layer 'conv_in' \(Conv2d\): base quantizer 'pow2': stores weights as int8: w_bits 2-8 or float, got w_bits 12",
+        match=r"recipe.yaml:5: layer 'conv_in' \(Conv2d\): base quantizer 'pow2': "
+        r"stores weights as int8: w_bits 2-8 or float, got w_bits 12",
     ):
         mq.load_recipe(path).resolve(tiny_unet())
 

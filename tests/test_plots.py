@@ -85,7 +85,8 @@ def test_step_error_curves_order_plain_no_compensation_and_modiff(harness):
 def test_ablation_overrides_rules_that_set_the_ablated_settings(write_recipe, harness):
     """A rule that turns compensation off (or sets a scheme) must not leak into another variant."""
     path = write_recipe(
-        "version: 1\nextends: w8a4-modiff\nrules:\n  - match: conv_in\n    error_compensation: false\n    scheme: plain\n"
+        "version: 1\nextends: w8a4-modiff\nrules:\n"
+        "  - match: conv_in\n    error_compensation: false\n    scheme: plain\n"
     )
     variants = ablation_recipes(path)
     settings = {label: recipe.resolve(harness.model).layers["conv_in"].settings for label, recipe in variants.items()}
@@ -189,7 +190,8 @@ def test_missing_results_file_and_unknown_layer_are_named(tmp_path, capsys, harn
     assert "nowhere.json' not found" in capsys.readouterr().err
     with pytest.raises(
         ValueError,
-        match=r"'down_blocks.0.resnet.0.conv1' is not a Linear/Conv layer of the model; did you mean 'down_blocks.0.resnets.0.conv1'",
+        match=r"'down_blocks.0.resnet.0.conv1' is not a Linear/Conv layer of the model; "
+        r"did you mean 'down_blocks.0.resnets.0.conv1'",
     ):
         record_distributions(harness, ["down_blocks.0.resnet.0.conv1"])
     assert main(["plot", "distributions", "--layers", "mid_block.attentions.0.to_qq", "--out", str(tmp_path)]) == 2

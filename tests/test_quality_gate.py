@@ -78,7 +78,8 @@ def test_bad_baselines_files_are_clear_errors(tmp_path, capsys):
         ),
         ("version: 1\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n", ":3: setting 'a' names no model"),
         (
-            "version: 1\ndefaults: {model: digits16}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\ncomparisons:\n  - {metric: fd, worse: a, better: b, ratio: 2}\n",
+            "version: 1\ndefaults: {model: digits16}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n"
+            "comparisons:\n  - {metric: fd, worse: a, better: b, ratio: 2}\n",
             ":7: comparison names unknown setting 'b'",
         ),
     ]
@@ -116,7 +117,8 @@ def test_a_setting_evaluated_twice_gives_bit_identical_images(tmp_path):
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        "version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n",
+        "version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n"
+        "  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n",
         encoding="utf-8",
     )
     first, second = (

@@ -231,7 +231,10 @@ def test_weights_with_more_values_than_codes_stay_float():
 LIST_AND_MAPPING_OPTIONS = {
     "static": "{name: static, observer: mse, observer_options: {p: 2.4}}",
     "ptq4dm": "{name: ptq4dm, observer_options: {p: 2.4, grid: 20, max_values: 4096}, samples: 64}",
-    "qdiffusion": "{name: qdiffusion, observer: mse, observer_options: {p: 2.4, grid: 10}, beta: [20, 2], blocks: [ResnetBlock2D, Attention], weight_iters: 2, act_iters: 2, samples_per_step: 8}",
+    "qdiffusion": (
+        "{name: qdiffusion, observer: mse, observer_options: {p: 2.4, grid: 10}, beta: [20, 2], "
+        "blocks: [ResnetBlock2D, Attention], weight_iters: 2, act_iters: 2, samples_per_step: 8}"
+    ),
 }
 OPTION_RECIPES = ["w8a4-modiff"] + [
     name for name in mq.shipped_recipes() if mq.load_recipe(name).defaults.base_quantizer in LIST_AND_MAPPING_OPTIONS
