@@ -106,6 +106,7 @@ def test_convert_without_calibration_names_the_layer(write_recipe):
         mq.convert(model)
 
 
+@pytest.mark.slow
 def test_calibrating_a_unet_with_cfg_like_calls(write_recipe):
     """Calibration through a diffusers UNet with the L_p-search observer, two branches per step:
     every delta observer gets data, and the converted model runs and stays finite."""
@@ -234,6 +235,7 @@ def test_uniform_steps_of_a_short_trajectory_are_all_its_steps():
         assert [pick.call.step for pick in uniform_steps(record, 20, 2)] == list(range(length))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", [2, 4])
 def test_qdiffusion_modiff_calibrates_on_a_few_steps(write_recipe, steps):
     """MoDiff learns from temporal differences, so calibration needs picks after the first step;

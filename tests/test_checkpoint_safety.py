@@ -531,6 +531,7 @@ def tamper_recipe(draw: Callable[[Any], Any], files: dict[str, bytes]) -> dict[s
 TAMPERINGS = {"bytes": tamper_bytes, "plan": tamper_plan, "tensors": tamper_tensors, "recipe": tamper_recipe}
 
 
+@pytest.mark.slow
 @settings(
     max_examples=settings.default.max_examples if LONG else 80,
     derandomize=not LONG,

@@ -26,6 +26,8 @@ FAST = {
 """Options of the shipped calibrated methods for the tests: calibration sees every step of the
 test trajectory (the premise of the identity limit) and the optimisation is short."""
 
+CALIBRATED = {"qdiffusion", "ptq4dm", "brevitas"}
+"""Base quantizers whose conformance runs calibrate (5-25 s a test on 2 shared cores): the slow tier."""
 STEPS = 8
 SQNR_FLOOR_DB = 20.0  # torchao's test threshold for its own int8 paths
 IDENTITY_LIMIT = 1e-3  # relative error with 16-bit activations and float weights
@@ -83,7 +85,10 @@ def layers(model) -> list[QuantizedLayer]:
     return [m for m in model.modules() if isinstance(m, QuantizedLayer)]
 
 
-@pytest.mark.parametrize("base", BASE_QUANTIZERS.names())
+@pytest.mark.parametrize(
+    "base",
+    [pytest.param(name, marks=pytest.mark.slow) if name in CALIBRATED else name for name in BASE_QUANTIZERS.names()],
+)
 class TestBaseQuantizerConformance:
     def test_bits_are_honoured(self, base, model, inputs, write_recipe):
         """W4A4: at most 16 weight levels per output channel (per part of a split layer); an activation

@@ -253,6 +253,7 @@ def test_plugin_entry_points_name_the_documented_classes():
     assert groups["modiff_quant.observers"] == {"clipped_minmax": f"{PLUGIN_MODULE}:ClippedMinMaxObserver"}
 
 
+@pytest.mark.slow
 def test_plugin_through_its_entry_points_runs_the_documented_recipes(installed_plugin, trajectory, tmp_path):
     assert "pow2" in BASE_QUANTIZERS.names() and "clipped_minmax" in OBSERVERS.names()
     assert PLUGIN_MODULE not in sys.modules  # listed without being imported

@@ -248,6 +248,7 @@ def test_modiff_config_errors_name_what_is_wrong(digits, write_recipe):
 # Brevitas
 
 
+@pytest.mark.slow
 def test_brevitas_calibration_modes(write_recipe):
     """`range` (default) covers every observed step; `per_call` is Brevitas' own average of
     per-call statistics, which clips the steps whose range is widest."""
@@ -349,6 +350,7 @@ def test_registered_injectors_are_found_by_name_and_by_path(write_recipe):
         INJECTORS._items.pop("MyWeightQuant")
 
 
+@pytest.mark.slow
 def test_brevitas_converted_model_is_adopted(digits, write_recipe):
     """A layerwise_quantize'd UNet: every QuantConv2d/QuantLinear is adopted with its own
     injectors and bits (weights quantized exactly as Brevitas does), a rule overrides bits,
@@ -414,7 +416,9 @@ def sample(unet: torch.nn.Module) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("workflow", ["torchao workflow", "Brevitas workflow", "recipe workflow"])
+@pytest.mark.parametrize(
+    "workflow", ["torchao workflow", pytest.param("Brevitas workflow", marks=pytest.mark.slow), "recipe workflow"]
+)
 def test_readme_workflow_examples_run(workflow, digits):
     code = readme_example(workflow).replace("UNet2DModel(...)", "copy.deepcopy(digits)")
     namespace = {"copy": copy, "digits": digits, "sample": sample, "mq": mq, "torch": torch}

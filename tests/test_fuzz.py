@@ -60,7 +60,7 @@ PAYLOAD = f"{PAYLOAD_PREFIX}MODULE"  # replaced by the session's payload module 
 
 # a hang that the per-call bound cannot interrupt (C code) fails the run instead of hanging CI;
 # generous, as shrinking a failure replays slow cases many times
-pytestmark = pytest.mark.timeout(900, method="thread")
+pytestmark = [pytest.mark.timeout(900, method="thread"), pytest.mark.slow]
 
 
 def fuzz_settings(share: float) -> settings:

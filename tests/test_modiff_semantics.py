@@ -27,6 +27,7 @@ def worst_relative_error(reference: list[torch.Tensor], outputs: list[torch.Tens
     return max(float((o - r).norm() / r.norm()) for r, o in zip(reference, outputs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("settings", "tolerance"),
     [

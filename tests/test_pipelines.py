@@ -137,6 +137,7 @@ def test_attach_errors_name_the_components(tmp_path):
         mq.attach(pipe, "w8a4-modiff")
 
 
+@pytest.mark.slow
 def test_calibrate_through_the_pipeline_then_ship_the_denoiser(tmp_path):
     pipe = tiny_sd_pipeline(tmp_path)
     unet = mq.attach(pipe, "w8a4-modiff-ptq4dm")

@@ -64,6 +64,7 @@ def test_temporal_differences_are_much_narrower_than_inputs(harness):
         )
 
 
+@pytest.mark.slow
 def test_step_error_curves_order_plain_no_compensation_and_modiff(harness):
     """Fig. 3 at W8A4: one value per step; MoDiff's error is below plain's and below MoDiff
     without error compensation, which starts equal (same full-precision first step) and drifts."""
@@ -99,6 +100,7 @@ def test_ablation_overrides_rules_that_set_the_ablated_settings(write_recipe, ha
     assert variants["MoDiff"].defaults.a_bits == 4 and variants["MoDiff"].name == "recipe (MoDiff)"
 
 
+@pytest.mark.slow
 def test_plot_command_writes_the_three_figures_with_their_data(tmp_path):
     results = _results(
         tmp_path,
@@ -127,6 +129,7 @@ def test_plot_command_writes_the_three_figures_with_their_data(tmp_path):
     )  # W4 rows left out
 
 
+@pytest.mark.slow
 def test_eval_out_adds_the_step_error_and_distribution_plots_to_its_report(tmp_path):
     result = tmp_path / "result.json"
     assert (

@@ -653,6 +653,7 @@ def test_fuzz_random_bytes(tmp_path, data, header):
     check_outcome(write_bytes(tmp_path, (b"version: 1\n" if header else b"") + data))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     document=recipes,

@@ -145,7 +145,9 @@ def test_shipped_recipes_are_the_expected_set():
     assert set(shipped_recipes()) == set(SHIPPED)
 
 
-@pytest.mark.parametrize("name", sorted(SHIPPED))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if "brevitas" in n else n for n in sorted(SHIPPED)]
+)
 def test_shipped_recipe_resolves_on_cifar10_unet(name, unet):
     """Each shipped recipe loads by name and covers all 113 Linear/Conv layers with its W/A,
     scheme, base quantizer and activation granularity."""

@@ -63,7 +63,9 @@ def saved(tmp_path_factory) -> Path:
     return mq.save_quantized(model, tmp_path_factory.mktemp("saved"))
 
 
-@pytest.mark.parametrize("recipe", ["w8a4-modiff", "w8a4-modiff-ptq4dm", "adaptive-cache", "int4"])
+@pytest.mark.parametrize(
+    "recipe", ["w8a4-modiff", pytest.param("w8a4-modiff-ptq4dm", marks=pytest.mark.slow), "adaptive-cache", "int4"]
+)
 def test_save_load_sample_is_bit_identical(tmp_path, recipe):
     model, inputs = converted(recipe_path(recipe, tmp_path))
     assert any(layer.packed for layer in model.modules() if isinstance(layer, QuantizedLayer)) == (recipe == "int4")
@@ -241,7 +243,9 @@ OPTION_RECIPES = ["w8a4-modiff"] + [
 ]
 
 
-@pytest.mark.parametrize("name", OPTION_RECIPES)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if "qdiffusion" in n else n for n in OPTION_RECIPES]
+)
 def test_options_holding_mappings_and_lists_round_trip(tmp_path, name):
     """Every shipped recipe on a base quantizer that takes mapping or list options, with such
     options (w8a4-modiff on `static`): saved as plain YAML, loaded bit-identically."""
