@@ -220,6 +220,7 @@ def test_calibration_cache_round_trips(write_recipe, tmp_path, monkeypatch):
         quantize(model, recipe, ddim_inputs(model, steps=6, seed=5), cache_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_a_damaged_calibration_cache_is_a_warned_miss(write_recipe, tmp_path):
     """A cache file that is truncated, or whose scale was tampered with, is checked in full before
     any layer takes it: a warning, a fresh calibration, and the same outputs as a clean run."""
@@ -261,6 +262,7 @@ def test_dynamic_split_needs_calibration(write_recipe):
         mq.convert(quantized)
 
 
+@pytest.mark.slow
 def test_adaround_runs_with_float_activations(write_recipe):
     """Weight-only Q-Diffusion (float activations, no static scale anywhere) still needs and
     uses calibration data: its weights are reconstructed."""

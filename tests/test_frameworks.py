@@ -79,6 +79,7 @@ def test_torchao_int4_packs_linear_weights_and_reports_every_storage(digits, wri
     assert torch.isfinite(trajectory(model)).all()
 
 
+@pytest.mark.slow
 def test_packed_weights_round_trip_through_the_calibration_cache(digits, write_recipe, tmp_path):
     """Packed int4 weights are not stored in the cache; loading re-packs them identically."""
     path = write_recipe("version: 1\nextends: w8a4-modiff-torchao\ndefaults:\n  w_bits: 4\n")
@@ -196,6 +197,7 @@ def test_recipe_as_fqn_to_config_computes_as_prepare(digits):
     assert relative(trajectory(by_torchao), trajectory(by_recipe)) <= EQUIVALENCE
 
 
+@pytest.mark.slow
 def test_modiff_config_binds_through_modiff_quant_functions_and_calibrates(digits):
     """A calibrated base quantizer: quantize_ marks, calibrate() binds, convert() calibrates."""
     model = copy.deepcopy(digits)

@@ -244,7 +244,8 @@ OPTION_RECIPES = ["w8a4-modiff"] + [
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if "qdiffusion" in n else n for n in OPTION_RECIPES]
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if "qdiffusion" in n or "ptq4dm" in n else n for n in OPTION_RECIPES],
 )
 def test_options_holding_mappings_and_lists_round_trip(tmp_path, name):
     """Every shipped recipe on a base quantizer that takes mapping or list options, with such
