@@ -100,7 +100,8 @@ def main() -> None:
 
 def _table(fp: dict, rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        f"digits16, DDIM {args.steps} steps, {args.samples} samples; FD to held-out digits (full precision: {fp['fd']:.1f}); PSNR vs FP in dB",
+        f"digits16, DDIM {args.steps} steps, {args.samples} samples; "
+        f"FD to held-out digits (full precision: {fp['fd']:.1f}); PSNR vs FP in dB",
         "",
         "| base | bits | FD plain | FD MoDiff | PSNR plain | PSNR MoDiff |",
         "|---|---|---|---|---|---|",
@@ -112,7 +113,8 @@ def _table(fp: dict, rows: list[dict], args: argparse.Namespace) -> str:
             if len(pair) == 2:
                 plain, modiff = pair["plain"], pair["modiff"]
                 lines.append(
-                    f"| {base} | W{w_bits}A{a_bits} | {plain['fd']:.1f} | {modiff['fd']:.1f} | {plain['psnr_vs_fp']:.1f} | {modiff['psnr_vs_fp']:.1f} |"
+                    f"| {base} | W{w_bits}A{a_bits} | {plain['fd']:.1f} | {modiff['fd']:.1f} | "
+                    f"{plain['psnr_vs_fp']:.1f} | {modiff['psnr_vs_fp']:.1f} |"
                 )
     return "\n".join(lines) + "\n"
 

@@ -115,17 +115,21 @@ def _child(job: tuple[str, int, int, str], repeats: int) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]], calibration: dict[str, Any]) -> str:
     lines = [
-        "| model | batch | steps | mode | s / trajectory | × fp32 | PSNR vs fp32 (dB) | peak RSS (MB) | state (MB / image) |",
+        "| model | batch | steps | mode | s / trajectory | × fp32 | PSNR vs fp32 (dB) | peak RSS (MB) "
+        "| state (MB / image) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         psnr = "-" if r["psnr_vs_fp32"] is None else f"{r['psnr_vs_fp32']:.1f}"
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['steps']} | {r['mode']} | {r['seconds']:.2f} | {r['ratio_to_fp32']:.2f} | {psnr} | {r['peak_rss_mb']:.0f} | {r['state_bytes_per_image'] / 1e6:.2f} |"
+            f"| {r['model']} | {r['batch']} | {r['steps']} | {r['mode']} | {r['seconds']:.2f} "
+            f"| {r['ratio_to_fp32']:.2f} | {psnr} | {r['peak_rss_mb']:.0f} | {r['state_bytes_per_image'] / 1e6:.2f} |"
         )
     lines.append("")
     lines.append(
-        f"Calibration: {calibration['recipe']} on {calibration['model']} ({calibration['calibration_samples']} samples × {calibration['steps']} steps): {calibration['seconds']:.1f} s."
+        f"Calibration: {calibration['recipe']} on {calibration['model']} "
+        f"({calibration['calibration_samples']} samples × {calibration['steps']} steps): "
+        f"{calibration['seconds']:.1f} s."
     )
     return "\n".join(lines) + "\n"
 

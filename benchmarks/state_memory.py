@@ -73,16 +73,19 @@ def main() -> None:
         )
     full = rows[0]
     lines = [
-        f"W8A4 MoDiff, digits16 DDIM {args.steps} steps, {args.samples} samples (FD with float32 state {full['fd']:.2f}).",
+        f"W8A4 MoDiff, digits16 DDIM {args.steps} steps, {args.samples} samples "
+        f"(FD with float32 state {full['fd']:.2f}).",
         "",
-        "| â | ô | digits16 MB / image | CIFAR-10 MB / image | share of float32 | FD | FD change | FD to FP | PSNR vs FP (dB) |",
+        "| â | ô | digits16 MB / image | CIFAR-10 MB / image | share of float32 | FD | FD change | FD to FP "
+        "| PSNR vs FP (dB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         share = r["cifar10_bytes_per_image"] / full["cifar10_bytes_per_image"]
         lines.append(
-            f"| {r['input_cache']} | {r['output_cache']} | {r['cache_bytes_per_image'] / 1e6:.2f} | {r['cifar10_bytes_per_image'] / 1e6:.1f} | "
-            f"{share:.1%} | {r['fd']:.2f} | {r['fd'] / full['fd'] - 1:+.1%} | {r['fd_to_fp']:.2f} | {r['psnr_vs_fp']:.1f} |"
+            f"| {r['input_cache']} | {r['output_cache']} | {r['cache_bytes_per_image'] / 1e6:.2f} "
+            f"| {r['cifar10_bytes_per_image'] / 1e6:.1f} | {share:.1%} | {r['fd']:.2f} "
+            f"| {r['fd'] / full['fd'] - 1:+.1%} | {r['fd_to_fp']:.2f} | {r['psnr_vs_fp']:.1f} |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(

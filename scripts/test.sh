@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # The test suite: set up, then pytest (unit, property-based and integration tests).
+# `bash scripts/test.sh --fast [pytest args]` is the fast tier: everything but the tests marked
+# `slow` (those that sample many steps, calibrate, or run the quality gate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 bash scripts/setup.sh
+if [ "${1:-}" = "--fast" ]; then
+    shift
+    exec .venv/bin/python -m pytest -p no:cacheprovider -m "not slow" "$@"
+fi
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

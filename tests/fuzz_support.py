@@ -146,7 +146,8 @@ class Outcome:
             problems.append(
                 (
                     "unlisted import",
-                    f"{self.what} imported modules that are neither stdlib nor installed: {', '.join(self.unlisted_imports)}",
+                    f"{self.what} imported modules that are neither stdlib nor installed: "
+                    f"{', '.join(self.unlisted_imports)}",
                 )
             )
         if self.payload_ran:
@@ -177,7 +178,10 @@ def _where(error: BaseException) -> str:
     frame = (ours or frames or [None])[-1]
     if frame is None:
         return "?"
-    return f"{Path(frame.filename).relative_to(REPO) if frame.filename.startswith(str(REPO)) else frame.filename}:{frame.lineno} ({frame.name})"
+    return (
+        f"{Path(frame.filename).relative_to(REPO) if frame.filename.startswith(str(REPO)) else frame.filename}"
+        f":{frame.lineno} ({frame.name})"
+    )
 
 
 def _peak_rss_mb() -> float:
@@ -282,7 +286,8 @@ class ModelSnapshot(Terse):
         found = []
         if set(now.tensors) != set(self.tensors):
             found.append(
-                f"state_dict keys changed: +{sorted(set(now.tensors) - set(self.tensors))[:3]} -{sorted(set(self.tensors) - set(now.tensors))[:3]}"
+                f"state_dict keys changed: +{sorted(set(now.tensors) - set(self.tensors))[:3]} "
+                f"-{sorted(set(self.tensors) - set(now.tensors))[:3]}"
             )
         changed = [
             k for k in self.tensors.keys() & now.tensors.keys() if not _same_tensor(self.tensors[k], now.tensors[k])
@@ -296,7 +301,8 @@ class ModelSnapshot(Terse):
         ]
         if reclassed or set(now.classes) != set(self.classes):
             found.append(
-                f"modules re-classed or added/removed: {sorted(reclassed)[:3]} {sorted(set(now.classes) ^ set(self.classes))[:3]}"
+                f"modules re-classed or added/removed: {sorted(reclassed)[:3]} "
+                f"{sorted(set(now.classes) ^ set(self.classes))[:3]}"
             )
         hooked = sorted(n for n in self.hooks.keys() & now.hooks.keys() if self.hooks[n] != now.hooks[n])
         if hooked:

@@ -26,7 +26,8 @@ FAST_QDIFFUSION = "{name: qdiffusion, weight_iters: 60, act_iters: 30, calibrati
 
 def recipe_text(base: str, scheme: str = "modiff", w_bits: int = 4, a_bits: int | str = 4, extra: str = "") -> str:
     return (
-        f"version: 1\ndefaults:\n  base_quantizer: {base}\n  scheme: {scheme}\n  w_bits: {w_bits}\n  a_bits: {a_bits}\n"
+        f"version: 1\ndefaults:\n  base_quantizer: {base}\n  scheme: {scheme}\n"
+        f"  w_bits: {w_bits}\n  a_bits: {a_bits}\n"
         f"  a_granularity: tensor\n  w_granularity: channel\n{extra}"
     )
 
@@ -111,6 +112,7 @@ def test_shortcut_split_finds_the_concatenating_convolutions_of_the_cifar10_unet
     assert found["up_blocks.0.resnets.0.conv_shortcut"] == 256 and found["up_blocks.3.resnets.2.conv_shortcut"] == 128
 
 
+@pytest.mark.slow
 def test_qdiffusion_splits_by_default_and_a_rule_turns_it_off(write_recipe):
     model = tiny_unet()
     inputs = ddim_inputs(model, steps=6)
@@ -130,6 +132,7 @@ def test_qdiffusion_splits_by_default_and_a_rule_turns_it_off(write_recipe):
     assert all(m.split_at is None for m in off.modules() if isinstance(m, QuantizedLayer))
 
 
+@pytest.mark.slow
 def test_split_quantizers_quantize_each_part_on_its_own_scale(write_recipe):
     """A split layer's two input parts get different static scales and the quantized model runs."""
     model = tiny_unet()
@@ -142,6 +145,7 @@ def test_split_quantizers_quantize_each_part_on_its_own_scale(write_recipe):
     assert all(torch.isfinite(o).all() for o in sample_outputs(quantized, inputs))
 
 
+@pytest.mark.slow
 def test_adaround_rounding_converges_and_beats_nearest(write_recipe):
     """After reconstruction almost every rounding variable is decided (h(V) within 1e-3 of 0 or 1;
     the rest is rounded at V ≥ 0) and, on the calibration data, the learned rounding
@@ -165,6 +169,7 @@ def test_adaround_rounding_converges_and_beats_nearest(write_recipe):
     assert sum(entry["loss"] for entry in weights) < sum(entry["loss_nearest"] for entry in weights)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", [FAST_QDIFFUSION, "{name: ptq4dm, samples: 64}"])
 def test_modiff_improves_the_base_quantizer_at_a4(write_recipe, base):
     """On the bundled model's 50-step DDIM trajectories, MoDiff over each base quantizer tracks
@@ -192,6 +197,7 @@ def sample_outputs_float(model: torch.nn.Module, inputs) -> list[torch.Tensor]:
         return [model(x, t).sample for x, t in inputs]
 
 
+@pytest.mark.slow
 def test_calibration_cache_round_trips(write_recipe, tmp_path, monkeypatch):
     """The second convert with the same model, recipe and calibration data loads the first one's
     outcome (no reconstruction runs) and samples bit-identically; other data misses the cache."""
@@ -214,6 +220,7 @@ def test_calibration_cache_round_trips(write_recipe, tmp_path, monkeypatch):
         quantize(model, recipe, ddim_inputs(model, steps=6, seed=5), cache_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_a_damaged_calibration_cache_is_a_warned_miss(write_recipe, tmp_path):
     """A cache file that is truncated, or whose scale was tampered with, is checked in full before
     any layer takes it: a warning, a fresh calibration, and the same outputs as a clean run."""
@@ -255,6 +262,7 @@ def test_dynamic_split_needs_calibration(write_recipe):
         mq.convert(quantized)
 
 
+@pytest.mark.slow
 def test_adaround_runs_with_float_activations(write_recipe):
     """Weight-only Q-Diffusion (float activations, no static scale anywhere) still needs and
     uses calibration data: its weights are reconstructed."""

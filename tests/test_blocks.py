@@ -25,7 +25,8 @@ def count_calls(module: torch.nn.Module) -> list[int]:
 def test_block_is_skipped_on_its_steps_and_returns_the_cached_output(write_recipe):
     model = tiny_unet()
     recipe = write_recipe(
-        "version: 1\nstrict: true\nrules:\n  - match: re:up_blocks\\.0|mid_block\n    a_bits: 0\n    steps: {start: 1, every: 2}\n"
+        "version: 1\nstrict: true\nrules:\n  - match: re:up_blocks\\.0|mid_block\n"
+        "    a_bits: 0\n    steps: {start: 1, every: 2}\n"
     )
     mq.convert(mq.prepare(model, recipe))
     up0 = model.up_blocks[0]

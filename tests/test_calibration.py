@@ -16,7 +16,10 @@ from modiff_quant.quant import Granularity, QuantSpec, qparams
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
-STATIC = "version: 1\ndefaults:\n  base_quantizer: {{name: static, observer: {observer}}}\n  w_bits: float\n  a_bits: 4\n  a_granularity: tensor\n  scheme: {scheme}\n"
+STATIC = (
+    "version: 1\ndefaults:\n  base_quantizer: {{name: static, observer: {observer}}}\n"
+    "  w_bits: float\n  a_bits: 4\n  a_granularity: tensor\n  scheme: {scheme}\n"
+)
 
 
 def trajectory(steps: int = 12, seed: int = 0) -> list[torch.Tensor]:
@@ -103,6 +106,7 @@ def test_convert_without_calibration_names_the_layer(write_recipe):
         mq.convert(model)
 
 
+@pytest.mark.slow
 def test_calibrating_a_unet_with_cfg_like_calls(write_recipe):
     """Calibration through a diffusers UNet with the L_p-search observer, two branches per step:
     every delta observer gets data, and the converted model runs and stays finite."""
@@ -231,12 +235,14 @@ def test_uniform_steps_of_a_short_trajectory_are_all_its_steps():
         assert [pick.call.step for pick in uniform_steps(record, 20, 2)] == list(range(length))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", [2, 4])
 def test_qdiffusion_modiff_calibrates_on_a_few_steps(write_recipe, steps):
     """MoDiff learns from temporal differences, so calibration needs picks after the first step;
     a 2- or 4-step trajectory has them (it used to fail in convert with 'no data observed')."""
     recipe = write_recipe(
-        "version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n"
+        "version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n"
+        "  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n"
     )
     model = tiny_unet()
     inputs = ddim_inputs(model, steps)
@@ -254,7 +260,8 @@ def test_modiff_calibration_on_one_step_says_what_it_needs(write_recipe):
     """A one-step calibration has no temporal difference to observe: a clear error before the
     replay, not 'no data observed' after it."""
     recipe = write_recipe(
-        "version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n"
+        "version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n"
+        "  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n"
     )
     model = tiny_unet()
     quantized = mq.prepare(copy.deepcopy(model), recipe)
@@ -262,6 +269,7 @@ def test_modiff_calibration_on_one_step_says_what_it_needs(write_recipe):
         quantized(*ddim_inputs(model, 1)[0])
     with pytest.raises(
         ValueError,
-        match=r"qdiffusion: MoDiff calibrates on temporal differences .* only steps \[0\]: record trajectories of 2 or more steps",
+        match=r"qdiffusion: MoDiff calibrates on temporal differences .* only steps \[0\]: "
+        r"record trajectories of 2 or more steps",
     ):
         mq.convert(quantized)

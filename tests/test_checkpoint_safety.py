@@ -200,7 +200,8 @@ def setting(key: str, value: Callable[[torch.Tensor], torch.Tensor]) -> Callable
 TENSOR_CASES = {
     "scale of another shape": (
         setting(scale_of(SPLIT), lambda s: torch.ones(1, 3, 1, 1)),
-        rf"layer '{SPLIT}': tensors 'modiff/{SPLIT}/delta.0.\*' \(its delta quantizer 0\) cannot be used: scale and zero_point must be float tensors of one shape",
+        rf"layer '{SPLIT}': tensors 'modiff/{SPLIT}/delta.0.\*' \(its delta quantizer 0\) cannot be used: "
+        r"scale and zero_point must be float tensors of one shape",
     ),
     "scale and zero point of another width": (
         lambda t: t.update(
@@ -230,7 +231,8 @@ TENSOR_CASES = {
     ),
     "split point past the input": (
         setting(f"modiff/{SPLIT}/split_at", lambda s: torch.tensor(48)),
-        rf"tensor 'modiff/{SPLIT}/split_at' must be one int64 in 1..47 of a layer that splits its input, got torch.int64 \[\] 48",
+        rf"tensor 'modiff/{SPLIT}/split_at' must be one int64 in 1..47 of a layer that splits its input, "
+        r"got torch.int64 \[\] 48",
     ),
     "split point of two values": (
         setting(f"modiff/{SPLIT}/split_at", lambda s: torch.tensor([32, 16])),
@@ -238,7 +240,8 @@ TENSOR_CASES = {
     ),
     "zero point lost": (
         lambda t: t.pop(scale_of(GROUPS).replace("scale", "zero_point")),
-        rf"tensors 'modiff/{GROUPS}/delta.0.\*' \(its delta quantizer 0\) cannot be used: expected scale and zero_point, got scale$",
+        rf"tensors 'modiff/{GROUPS}/delta.0.\*' \(its delta quantizer 0\) cannot be used: "
+        r"expected scale and zero_point, got scale$",
     ),
     "split point as float": (
         setting(f"modiff/{SPLIT}/split_at", lambda s: s.double()),
@@ -250,7 +253,8 @@ TENSOR_CASES = {
     ),
     "second half of an unsplit input": (
         lambda t: t.pop(f"modiff/{SPLIT}/split_at"),
-        rf"tensors 'modiff/{SPLIT}/raw.0.\*' \(its raw quantizer 0\) cannot be used: unexpected second\.\w+, second\.\w+ \(the input is not split\)",
+        rf"tensors 'modiff/{SPLIT}/raw.0.\*' \(its raw quantizer 0\) cannot be used: "
+        r"unexpected second\.\w+, second\.\w+ \(the input is not split\)",
     ),
     "state of a float layer": (
         lambda t: t.update({"modiff/conv_in/delta.0.scale": torch.ones(1)}),
@@ -272,7 +276,8 @@ TENSOR_CASES = {
     ),
     "code past its table": (
         setting(f"codes/{GROUPS}/codes", lambda c: torch.full_like(c, 255)),
-        rf"layer '{GROUPS}': its coded weight \(codes/{GROUPS}/\) is damaged: code 255 is past the \d+ values of the table",
+        rf"layer '{GROUPS}': its coded weight \(codes/{GROUPS}/\) is damaged: "
+        r"code 255 is past the \d+ values of the table",
     ),
     "NaN in a weight table": (
         setting(f"codes/{GROUPS}/table", lambda t: torch.full_like(t, float("nan"))),
@@ -363,7 +368,8 @@ FILE_CASES = {
     ),
     "recipe extends another file": (
         extending,
-        r"recipe.yaml:\d+: a saved recipe is flat \(save_quantized\(\) merges the extends chain\), but this one extends another",
+        r"recipe.yaml:\d+: a saved recipe is flat \(save_quantized\(\) merges the extends chain\), "
+        r"but this one extends another",
     ),
     "recipe not UTF-8": (
         lambda f: {**f, RECIPE: f[RECIPE] + b"# \xff\n"},
@@ -525,6 +531,7 @@ def tamper_recipe(draw: Callable[[Any], Any], files: dict[str, bytes]) -> dict[s
 TAMPERINGS = {"bytes": tamper_bytes, "plan": tamper_plan, "tensors": tamper_tensors, "recipe": tamper_recipe}
 
 
+@pytest.mark.slow
 @settings(
     max_examples=settings.default.max_examples if LONG else 80,
     derandomize=not LONG,

@@ -66,6 +66,7 @@ def test_console_script_reports_a_bad_option_in_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "modiff-quant: error: argument --bops-float-bits: expected an integer from 1 to 64, got -8 (see 'modiff-quant bops --help')"
+        "modiff-quant: error: argument --bops-float-bits: expected an integer from 1 to 64, got -8 "
+        "(see 'modiff-quant bops --help')"
     ]
     assert not (tmp_path / "b.json").exists()

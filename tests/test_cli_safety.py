@@ -105,10 +105,16 @@ BASELINES = {
     "worse-list": _SETTING
     + "    metrics: {fd: {value: 1}}\ncomparisons:\n  - {metric: fd, worse: [a], better: a, ratio: 2}\n",
     "defaults-number": "version: 1\ndefaults: 3\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n",
-    "steps-zero": "version: 1\ndefaults: {model: digits16, steps: 0}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n",
-    "steps-too-many": "version: 1\ndefaults: {model: digits16, steps: 2000}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n",
+    "steps-zero": (
+        "version: 1\ndefaults: {model: digits16, steps: 0}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n"
+    ),
+    "steps-too-many": (
+        "version: 1\ndefaults: {model: digits16, steps: 2000}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n"
+    ),
     "seed-text": "version: 1\ndefaults: {model: digits16, seed: x}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n",
-    "sampler-unknown": "version: 1\ndefaults: {model: digits16, sampler: euler}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n",
+    "sampler-unknown": (
+        "version: 1\ndefaults: {model: digits16, sampler: euler}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n"
+    ),
     "model-unknown": "version: 1\ndefaults: {model: digits61}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n",
     "second-recipe-unknown": _SETTING
     + "    metrics: {fd: {value: 1}}\n  b:\n    recipe: w8a4-modif\n    metrics: {fd: {value: 1}}\n",

@@ -26,6 +26,8 @@ FAST = {
 """Options of the shipped calibrated methods for the tests: calibration sees every step of the
 test trajectory (the premise of the identity limit) and the optimisation is short."""
 
+CALIBRATED = {"qdiffusion", "ptq4dm", "brevitas"}
+"""Base quantizers whose conformance runs calibrate (5-25 s a test on 2 shared cores): the slow tier."""
 STEPS = 8
 SQNR_FLOOR_DB = 20.0  # torchao's test threshold for its own int8 paths
 IDENTITY_LIMIT = 1e-3  # relative error with 16-bit activations and float weights
@@ -33,7 +35,8 @@ IDENTITY_LIMIT = 1e-3  # relative error with 16-bit activations and float weight
 
 def recipe(base: str, scheme: str = "modiff", w_bits: int | str = 8, a_bits: int | str = 8, rules: str = "") -> str:
     return (
-        f"version: 1\ndefaults:\n  base_quantizer: {FAST.get(base, base)}\n  scheme: {scheme}\n  w_bits: {w_bits}\n  a_bits: {a_bits}\n"
+        f"version: 1\ndefaults:\n  base_quantizer: {FAST.get(base, base)}\n  scheme: {scheme}\n"
+        f"  w_bits: {w_bits}\n  a_bits: {a_bits}\n"
         f"  w_granularity: channel\n  a_granularity: tensor\n  a_symmetric: false\n{rules}"
     )
 
@@ -82,11 +85,14 @@ def layers(model) -> list[QuantizedLayer]:
     return [m for m in model.modules() if isinstance(m, QuantizedLayer)]
 
 
-@pytest.mark.parametrize("base", BASE_QUANTIZERS.names())
+@pytest.mark.parametrize(
+    "base",
+    [pytest.param(name, marks=pytest.mark.slow) if name in CALIBRATED else name for name in BASE_QUANTIZERS.names()],
+)
 class TestBaseQuantizerConformance:
     def test_bits_are_honoured(self, base, model, inputs, write_recipe):
-        """W4A4: at most 16 weight levels per output channel (per part of a split layer); an activation quantizer's output
-        (per-tensor) takes at most 16 values."""
+        """W4A4: at most 16 weight levels per output channel (per part of a split layer); an activation
+        quantizer's output (per-tensor) takes at most 16 values."""
         quantized = quantize(model, write_recipe(recipe(base, w_bits=4, a_bits=4)), inputs)
         for layer in layers(quantized):
             weight = dequantized_weight(layer)

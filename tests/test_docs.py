@@ -253,6 +253,7 @@ def test_plugin_entry_points_name_the_documented_classes():
     assert groups["modiff_quant.observers"] == {"clipped_minmax": f"{PLUGIN_MODULE}:ClippedMinMaxObserver"}
 
 
+@pytest.mark.slow
 def test_plugin_through_its_entry_points_runs_the_documented_recipes(installed_plugin, trajectory, tmp_path):
     assert "pow2" in BASE_QUANTIZERS.names() and "clipped_minmax" in OBSERVERS.names()
     assert PLUGIN_MODULE not in sys.modules  # listed without being imported
@@ -275,13 +276,15 @@ def test_plugin_through_its_entry_points_runs_the_documented_recipes(installed_p
 def test_plugin_errors_name_the_recipe_line(installed_plugin, write_recipe):
     with pytest.raises(
         mq.RecipeError,
-        match=r"recipe.yaml:3: base quantizer 'pow2' rejects its options \(activations must be 'dynamic' or 'static', got 'dynamc'\); it accepts: activations",
+        match=r"recipe.yaml:3: base quantizer 'pow2' rejects its options "
+        r"\(activations must be 'dynamic' or 'static', got 'dynamc'\); it accepts: activations",
     ):
         mq.load_recipe(write_recipe("version: 1\ndefaults:\n  base_quantizer: {name: pow2, activations: dynamc}\n"))
     path = write_recipe("version: 1\ndefaults:\n  base_quantizer: pow2\n  w_granularity: channel\n  w_bits: 12\n")
     with pytest.raises(
         mq.RecipeError,
-        match=r"recipe.yaml:5: layer 'conv_in' \(Conv2d\): base quantizer 'pow2': stores weights as int8: w_bits 2-8 or float, got w_bits 12",
+        match=r"recipe.yaml:5: layer 'conv_in' \(Conv2d\): base quantizer 'pow2': "
+        r"stores weights as int8: w_bits 2-8 or float, got w_bits 12",
     ):
         mq.load_recipe(path).resolve(tiny_unet())
 

@@ -63,11 +63,13 @@ def test_torchao_int4_packs_linear_weights_and_reports_every_storage(digits, wri
     kernel); convs are int4 IntxUnpackedToInt8Tensor groups, dequantized; conv_in (9 inputs) falls
     back to one group per channel, and explain says so for every layer."""
     path = write_recipe(
-        "version: 1\ndefaults:\n  base_quantizer: torchao_int4\n  w_bits: 4\n  w_granularity: group:32\n  w_symmetric: false\n  a_bits: 8\n"
+        "version: 1\ndefaults:\n  base_quantizer: torchao_int4\n  w_bits: 4\n  w_granularity: group:32\n"
+        "  w_symmetric: false\n  a_bits: 8\n"
     )
     explained = mq.load_recipe(path).explain(digits)
     assert re.search(
-        r"conv_in +IntxUnpackedToInt8Tensor int4 asymmetric, group 9, dequantized \(fallback: channel; flattened input 9 is not a multiple of 32\)",
+        r"conv_in +IntxUnpackedToInt8Tensor int4 asymmetric, group 9, dequantized "
+        r"\(fallback: channel; flattened input 9 is not a multiple of 32\)",
         explained,
     )
     assert re.search(r"time_embedding\.linear_1 +Int4OpaqueTensor \(CPU int4 kernel\), group 32", explained)
@@ -79,6 +81,7 @@ def test_torchao_int4_packs_linear_weights_and_reports_every_storage(digits, wri
     assert torch.isfinite(trajectory(model)).all()
 
 
+@pytest.mark.slow
 def test_packed_weights_round_trip_through_the_calibration_cache(digits, write_recipe, tmp_path):
     """Packed int4 weights are not stored in the cache; loading re-packs them identically."""
     path = write_recipe("version: 1\nextends: w8a4-modiff-torchao\ndefaults:\n  w_bits: 4\n")
@@ -97,7 +100,8 @@ def test_packed_weights_round_trip_through_the_calibration_cache(digits, write_r
 
 def test_torchao_int4_float_fallback_and_bit_errors(digits, write_recipe):
     path = write_recipe(
-        "version: 1\ndefaults:\n  base_quantizer: {name: torchao_int4, fallback: float}\n  w_bits: 4\n  w_granularity: group:32\n"
+        "version: 1\ndefaults:\n  base_quantizer: {name: torchao_int4, fallback: float}\n"
+        "  w_bits: 4\n  w_granularity: group:32\n"
     )
     assert re.search(
         r"conv_in +float: flattened input 9 is not a multiple of group 32 \(fallback: float\)",
@@ -124,7 +128,8 @@ def test_torchao_int4_uses_the_cuda_int4_tensor_on_gpu(write_recipe):
     """On CUDA the packed path is torchao's Int4Tensor (as the stable Int4WeightOnlyConfig, bf16)."""
     layer = torch.nn.Sequential(torch.nn.Linear(128, 64)).cuda().to(torch.bfloat16)
     path = write_recipe(
-        "version: 1\ndefaults:\n  base_quantizer: torchao_int4\n  w_bits: 4\n  w_granularity: group:32\n  w_symmetric: false\n  a_bits: float\n  scheme: plain\n"
+        "version: 1\ndefaults:\n  base_quantizer: torchao_int4\n  w_bits: 4\n  w_granularity: group:32\n"
+        "  w_symmetric: false\n  a_bits: float\n  scheme: plain\n"
     )
     model = mq.convert(mq.prepare(copy.deepcopy(layer), path))
     assert isinstance(model[0].weight.data, ao.quantization.Int4Tensor)
@@ -179,7 +184,8 @@ def test_modiff_config_in_quantize_computes_as_the_equivalent_recipe(digits, wri
     assert relative(outputs, trajectory(digits)) > 1e-3  # it did quantize
     with pytest.raises(
         RuntimeError,
-        match=r"save_quantized\(\) cannot store time_embedding\.linear_1, .*packed before modiff_quant prepared the model",
+        match=r"save_quantized\(\) cannot store time_embedding\.linear_1, "
+        r".*packed before modiff_quant prepared the model",
     ):
         mq.save_quantized(by_torchao, tmp_path)
 
@@ -193,6 +199,7 @@ def test_recipe_as_fqn_to_config_computes_as_prepare(digits):
     assert relative(trajectory(by_torchao), trajectory(by_recipe)) <= EQUIVALENCE
 
 
+@pytest.mark.slow
 def test_modiff_config_binds_through_modiff_quant_functions_and_calibrates(digits):
     """A calibrated base quantizer: quantize_ marks, calibrate() binds, convert() calibrates."""
     model = copy.deepcopy(digits)
@@ -223,7 +230,8 @@ def test_modiff_config_errors_name_what_is_wrong(digits, write_recipe):
     quantize_(packed, PrototypeInt4WeightOnlyConfig(group_size=32))
     with pytest.raises(
         mq.RecipeError,
-        match=r"layer 'time_embedding.linear_1' \(Linear\): its weight is already quantized \(Int4OpaqueTensor\); set w_bits: float",
+        match=r"layer 'time_embedding.linear_1' \(Linear\): "
+        r"its weight is already quantized \(Int4OpaqueTensor\); set w_bits: float",
     ):
         mq.prepare(packed, "w8a8-modiff")
     with pytest.raises(
@@ -244,6 +252,7 @@ def test_modiff_config_errors_name_what_is_wrong(digits, write_recipe):
 # Brevitas
 
 
+@pytest.mark.slow
 def test_brevitas_calibration_modes(write_recipe):
     """`range` (default) covers every observed step; `per_call` is Brevitas' own average of
     per-call statistics, which clips the steps whose range is widest."""
@@ -252,7 +261,8 @@ def test_brevitas_calibration_modes(write_recipe):
     errors = {}
     for mode in ("range", "per_call"):
         path = write_recipe(
-            f"version: 1\ndefaults:\n  base_quantizer: {{name: brevitas, calibration: {mode}}}\n  w_bits: float\n  a_bits: 16\n  a_granularity: tensor\n",
+            f"version: 1\ndefaults:\n  base_quantizer: {{name: brevitas, calibration: {mode}}}\n"
+            "  w_bits: float\n  a_bits: 16\n  a_granularity: tensor\n",
             name=f"{mode}.yaml",
         )
         quantized = mq.prepare(copy.deepcopy(model), path)
@@ -279,7 +289,8 @@ def test_brevitas_injector_names_are_checked_at_the_recipe_line(write_recipe):
     )
     with pytest.raises(
         mq.RecipeError,
-        match=r"recipe.yaml:3: base quantizer 'brevitas' rejects its options \(no Brevitas quantizer injector 'Int8WeightPerChanelFloat'.*did you mean 'Int8WeightPerChannelFloat'",
+        match=r"recipe.yaml:3: base quantizer 'brevitas' rejects its options "
+        r"\(no Brevitas quantizer injector 'Int8WeightPerChanelFloat'.*did you mean 'Int8WeightPerChannelFloat'",
     ):
         mq.load_recipe(path)
     path = write_recipe(
@@ -309,7 +320,8 @@ def test_a_recipe_never_imports_a_module_outside_brevitas(tmp_path, monkeypatch)
         "import pathlib\npathlib.Path('PWNED').write_text('ran')\nclass X:\n    pass\n", encoding="utf-8"
     )
     (tmp_path / "recipe.yaml").write_text(
-        "version: 1\ndefaults:\n  base_quantizer: {name: brevitas, weight_quant: 'payload:X'}\n  a_granularity: tensor\n",
+        "version: 1\ndefaults:\n  base_quantizer: {name: brevitas, weight_quant: 'payload:X'}\n"
+        "  a_granularity: tensor\n",
         encoding="utf-8",
     )
     monkeypatch.chdir(tmp_path)
@@ -342,6 +354,7 @@ def test_registered_injectors_are_found_by_name_and_by_path(write_recipe):
         INJECTORS._items.pop("MyWeightQuant")
 
 
+@pytest.mark.slow
 def test_brevitas_converted_model_is_adopted(digits, write_recipe):
     """A layerwise_quantize'd UNet: every QuantConv2d/QuantLinear is adopted with its own
     injectors and bits (weights quantized exactly as Brevitas does), a rule overrides bits,
@@ -362,7 +375,10 @@ def test_brevitas_converted_model_is_adopted(digits, write_recipe):
     )
     errors = {}
     for scheme in ("plain", "modiff"):
-        four_bit = f"version: 1\ndefaults:\n  scheme: {scheme}\nrules:\n  - match: [QuantConv2d, QuantLinear]\n    a_bits: 4\n"
+        four_bit = (
+            f"version: 1\ndefaults:\n  scheme: {scheme}\n"
+            "rules:\n  - match: [QuantConv2d, QuantLinear]\n    a_bits: 4\n"
+        )
         adopted = mq.prepare(copy.deepcopy(brevitas_model), write_recipe(four_bit, name=f"{scheme}.yaml"))
         with mq.calibrate(adopted), torch.no_grad():
             for x, t in inputs:
@@ -404,7 +420,9 @@ def sample(unet: torch.nn.Module) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("workflow", ["torchao workflow", "Brevitas workflow", "recipe workflow"])
+@pytest.mark.parametrize(
+    "workflow", ["torchao workflow", pytest.param("Brevitas workflow", marks=pytest.mark.slow), "recipe workflow"]
+)
 def test_readme_workflow_examples_run(workflow, digits):
     code = readme_example(workflow).replace("UNet2DModel(...)", "copy.deepcopy(digits)")
     namespace = {"copy": copy, "digits": digits, "sample": sample, "mq": mq, "torch": torch}

@@ -60,7 +60,7 @@ PAYLOAD = f"{PAYLOAD_PREFIX}MODULE"  # replaced by the session's payload module 
 
 # a hang that the per-call bound cannot interrupt (C code) fails the run instead of hanging CI;
 # generous, as shrinking a failure replays slow cases many times
-pytestmark = pytest.mark.timeout(900, method="thread")
+pytestmark = [pytest.mark.timeout(900, method="thread"), pytest.mark.slow]
 
 
 def fuzz_settings(share: float) -> settings:
@@ -780,7 +780,10 @@ def test_recipe_grammar_covers_every_key():
 # =============================================================================================
 # 2. saved checkpoints
 
-CALIBRATED = "version: 1\nextends: w8a4-modiff-ptq4dm\ndefaults:\n  base_quantizer: {name: ptq4dm, samples: 32, observer: minmax}\n"
+CALIBRATED = (
+    "version: 1\nextends: w8a4-modiff-ptq4dm\ndefaults:\n"
+    "  base_quantizer: {name: ptq4dm, samples: 32, observer: minmax}\n"
+)
 """PTQ4DM's NDTC calibration with min-max scales: the same saved tensors as the shipped recipe,
 calibrated in a second instead of ten."""
 CHECKPOINT_RECIPES = {"w8a4-modiff": 2, "ptq4dm-minmax": 4}  # recipe -> DDIM calibration steps
@@ -1180,7 +1183,8 @@ def test_checkpoints_from_strangers(env, float_unet, checkpoints, case):
             elif not torch.isfinite(step.value).all():
                 report.add(
                     "non-finite output after load_quantized",
-                    f"load_quantized accepted the checkpoint, then one sampling step gave {int((~torch.isfinite(step.value)).sum())} non-finite values",
+                    "load_quantized accepted the checkpoint, then one sampling step gave "
+                    f"{int((~torch.isfinite(step.value)).sum())} non-finite values",
                 )
         report.check()
 
@@ -1352,7 +1356,8 @@ def cli_files(tmp_path_factory, env) -> Iterator[CliFiles]:
         "good.yaml": ("version: 1\nextends: w8a4-modiff\n", VALID),
         "broken.yaml": ("version: 1\ndefaults: {a_bits: 4\n", INVALID),
         "payload.yaml": (
-            f"version: 1\ndefaults:\n  a_granularity: tensor\n  base_quantizer: {{name: brevitas, weight_quant: '{payload.name}:X'}}\n",
+            "version: 1\ndefaults:\n  a_granularity: tensor\n"
+            f"  base_quantizer: {{name: brevitas, weight_quant: '{payload.name}:X'}}\n",
             INVALID,
         ),
         "strict.yaml": ("version: 1\nstrict: true\nrules:\n  - {match: no_such_layer, a_bits: 8}\n", INVALID),
@@ -1599,7 +1604,10 @@ class CliCase(Terse):
     baseline: bytes = b""
 
     def __repr__(self) -> str:
-        return f"CliCase(argv={list(self.argv)!r}, verdict={('VALID', 'EITHER', 'INVALID')[self.verdict]} ({self.why}), baseline={_short(self.baseline, 300)})"
+        return (
+            f"CliCase(argv={list(self.argv)!r}, verdict={('VALID', 'EITHER', 'INVALID')[self.verdict]} ({self.why}), "
+            f"baseline={_short(self.baseline, 300)})"
+        )
 
 
 def _options(

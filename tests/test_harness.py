@@ -67,6 +67,7 @@ def test_grid_has_one_labelled_row_per_setting(tmp_path):
     assert image.size == (110 + 16 * 16 * 3, 2 * (16 * 3 + 4))
 
 
+@pytest.mark.slow
 def test_eval_runs_on_the_cifar_architecture(tmp_path):
     """Acceptance: `eval --model cifar10-ddpm --recipe w8a3-modiff --samples 2 --steps 10` runs and
     writes the JSON contract (FD is null: no feature extractor for CIFAR here)."""
@@ -114,6 +115,7 @@ def test_eval_runs_on_the_cifar_architecture(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_digits16_samples_are_as_close_to_real_digits_as_real_digits_are():
     """Acceptance (at test size): FD of full-precision digits16 samples to the held-out digits is
     within 2x of the FD between real training and held-out digits (same sample count)."""
@@ -132,6 +134,7 @@ def test_digits16_samples_are_as_close_to_real_digits_as_real_digits_are():
     assert len(classes.unique()) == 10  # every digit appears: no mode collapse
 
 
+@pytest.mark.slow
 def test_demo_writes_the_table_grid_and_report(tmp_path, capsys):
     """The main job, shortened: FP vs W8A4 plain vs MoDiff on digits16, same noise."""
     assert main(["demo", "--steps", "20", "--samples", "16", "--out", str(tmp_path)]) == 0

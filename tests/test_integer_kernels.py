@@ -99,8 +99,8 @@ def test_layouts_shapes_and_per_tensor_weights(no_grad: None) -> None:
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert_close(out, reference(conv, x, weight))
     assert torch.equal(x, kept)
-    for x in (activation(conv, 7, batch=1), torch.randint(-7, 8, (2, 16, 5, 4)).float(), x):
-        assert_close(kernel.run(x, torch.tensor(1.0)), reference(conv, x, weight))
+    for other in (activation(conv, 7, batch=1), torch.randint(-7, 8, (2, 16, 5, 4)).float(), x):
+        assert_close(kernel.run(other, torch.tensor(1.0)), reference(conv, other, weight))
     conv1d = LAYERS["conv1d"]()
     weight = lattice_weight(conv1d, 8)
     x = activation(conv1d, 100).transpose(1, 2).contiguous().transpose(1, 2)

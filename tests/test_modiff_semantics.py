@@ -27,6 +27,7 @@ def worst_relative_error(reference: list[torch.Tensor], outputs: list[torch.Tens
     return max(float((o - r).norm() / r.norm()) for r, o in zip(reference, outputs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("settings", "tolerance"),
     [
@@ -118,7 +119,8 @@ def test_zero_bit_step_skips_the_layer_and_returns_the_cached_output(write_recip
     exactly the cached ô; the step after it computes again."""
     model = single_linear()
     recipe = write_recipe(
-        f"version: 1\ndefaults:\n  scheme: {scheme}\n  a_bits: 4\nrules:\n  - match: '0'\n    a_bits: 0\n    steps: [2, 3]\n"
+        f"version: 1\ndefaults:\n  scheme: {scheme}\n  a_bits: 4\n"
+        "rules:\n  - match: '0'\n    a_bits: 0\n    steps: [2, 3]\n"
     )
     quantized = mq.convert(mq.prepare(model, recipe))
     layer = quantized[0]

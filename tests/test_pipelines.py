@@ -65,9 +65,10 @@ def test_swapping_the_scheduler_needs_nothing_else(tmp_path, scheduler):
 def test_dit_pipeline_transformer_and_ddim_pipeline_unet(tmp_path):
     dit = tiny_dit_pipeline()
     mq.attach(dit, "w8a4-modiff")
-    run = lambda: (
-        dit([0, 1], num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="np").images
-    )  # noqa: E731
+
+    def run():
+        return dit([0, 1], num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="np").images
+
     assert (run() == run()).all()
     ddim = DDIMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler(clip_sample=False))
     ddim.set_progress_bar_config(disable=True)
@@ -136,6 +137,7 @@ def test_attach_errors_name_the_components(tmp_path):
         mq.attach(pipe, "w8a4-modiff")
 
 
+@pytest.mark.slow
 def test_calibrate_through_the_pipeline_then_ship_the_denoiser(tmp_path):
     pipe = tiny_sd_pipeline(tmp_path)
     unet = mq.attach(pipe, "w8a4-modiff-ptq4dm")

@@ -64,6 +64,7 @@ def test_temporal_differences_are_much_narrower_than_inputs(harness):
         )
 
 
+@pytest.mark.slow
 def test_step_error_curves_order_plain_no_compensation_and_modiff(harness):
     """Fig. 3 at W8A4: one value per step; MoDiff's error is below plain's and below MoDiff
     without error compensation, which starts equal (same full-precision first step) and drifts."""
@@ -85,7 +86,8 @@ def test_step_error_curves_order_plain_no_compensation_and_modiff(harness):
 def test_ablation_overrides_rules_that_set_the_ablated_settings(write_recipe, harness):
     """A rule that turns compensation off (or sets a scheme) must not leak into another variant."""
     path = write_recipe(
-        "version: 1\nextends: w8a4-modiff\nrules:\n  - match: conv_in\n    error_compensation: false\n    scheme: plain\n"
+        "version: 1\nextends: w8a4-modiff\nrules:\n"
+        "  - match: conv_in\n    error_compensation: false\n    scheme: plain\n"
     )
     variants = ablation_recipes(path)
     settings = {label: recipe.resolve(harness.model).layers["conv_in"].settings for label, recipe in variants.items()}
@@ -98,6 +100,7 @@ def test_ablation_overrides_rules_that_set_the_ablated_settings(write_recipe, ha
     assert variants["MoDiff"].defaults.a_bits == 4 and variants["MoDiff"].name == "recipe (MoDiff)"
 
 
+@pytest.mark.slow
 def test_plot_command_writes_the_three_figures_with_their_data(tmp_path):
     results = _results(
         tmp_path,
@@ -126,6 +129,7 @@ def test_plot_command_writes_the_three_figures_with_their_data(tmp_path):
     )  # W4 rows left out
 
 
+@pytest.mark.slow
 def test_eval_out_adds_the_step_error_and_distribution_plots_to_its_report(tmp_path):
     result = tmp_path / "result.json"
     assert (
@@ -189,7 +193,8 @@ def test_missing_results_file_and_unknown_layer_are_named(tmp_path, capsys, harn
     assert "nowhere.json' not found" in capsys.readouterr().err
     with pytest.raises(
         ValueError,
-        match=r"'down_blocks.0.resnet.0.conv1' is not a Linear/Conv layer of the model; did you mean 'down_blocks.0.resnets.0.conv1'",
+        match=r"'down_blocks.0.resnet.0.conv1' is not a Linear/Conv layer of the model; "
+        r"did you mean 'down_blocks.0.resnets.0.conv1'",
     ):
         record_distributions(harness, ["down_blocks.0.resnet.0.conv1"])
     assert main(["plot", "distributions", "--layers", "mid_block.attentions.0.to_qq", "--out", str(tmp_path)]) == 2

@@ -20,12 +20,14 @@ from modiff_quant.cli import main
 BASELINE = Path(__file__).parent / "baselines" / "digits16.yaml"
 
 
+@pytest.mark.slow
 def test_project_quality_gate_passes(capsys):
     assert main(["gate", "--baseline", str(BASELINE)]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     assert "quality gate passed" in out and "FAIL" not in out
 
 
+@pytest.mark.slow
 def test_gate_fails_on_a_planted_regression(tmp_path, capsys):
     """MoDiff without error compensation, checked against the MoDiff W8A4 baseline, must fail."""
     (tmp_path / "no-ec.yaml").write_text(
@@ -78,7 +80,8 @@ def test_bad_baselines_files_are_clear_errors(tmp_path, capsys):
         ),
         ("version: 1\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n", ":3: setting 'a' names no model"),
         (
-            "version: 1\ndefaults: {model: digits16}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\ncomparisons:\n  - {metric: fd, worse: a, better: b, ratio: 2}\n",
+            "version: 1\ndefaults: {model: digits16}\nsettings:\n  a:\n    metrics: {fd: {value: 1}}\n"
+            "comparisons:\n  - {metric: fd, worse: a, better: b, ratio: 2}\n",
             ":7: comparison names unknown setting 'b'",
         ),
     ]
@@ -109,6 +112,7 @@ def test_an_update_that_fails_midway_leaves_the_baselines_as_they_were(tmp_path,
     assert path.stat().st_mode & 0o777 == 0o644
 
 
+@pytest.mark.slow
 def test_a_setting_evaluated_twice_gives_bit_identical_images(tmp_path):
     """What the gate and the README's demo table rely on: on one machine, fresh harnesses give
     the same images for the same setting, calibration and reconstruction included."""
@@ -116,7 +120,8 @@ def test_a_setting_evaluated_twice_gives_bit_identical_images(tmp_path):
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        "version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n",
+        "version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n"
+        "  base_quantizer: {name: qdiffusion, weight_iters: 1, act_iters: 1, samples_per_step: 2}\n",
         encoding="utf-8",
     )
     first, second = (

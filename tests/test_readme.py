@@ -4,6 +4,7 @@ quickstart runs on a tiny StableDiffusionPipeline in place of the local model.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import README, code_blocks, readme_example, tiny_sd_pipeline
 
@@ -34,6 +35,7 @@ def test_readme_own_loop_quickstart_runs():
     assert torch.isfinite(namespace["x"]).all()
 
 
+@pytest.mark.slow
 def test_readme_diffusers_quickstart_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the example saves to a relative folder
     tokenizer_folder = tmp_path / "tokenizer"

@@ -466,7 +466,10 @@ def test_brevitas_options_take_injector_classes():
     )
 
 
-TORCHAO = "version: 1\ndefaults:\n  base_quantizer: {base}\n  w_bits: 4\n  w_symmetric: false\n  w_granularity: {granularity}\n"
+TORCHAO = (
+    "version: 1\ndefaults:\n  base_quantizer: {base}\n  w_bits: 4\n  w_symmetric: false\n"
+    "  w_granularity: {granularity}\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -650,6 +653,7 @@ def test_fuzz_random_bytes(tmp_path, data, header):
     check_outcome(write_bytes(tmp_path, (b"version: 1\n" if header else b"") + data))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     document=recipes,

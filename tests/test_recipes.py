@@ -145,7 +145,9 @@ def test_shipped_recipes_are_the_expected_set():
     assert set(shipped_recipes()) == set(SHIPPED)
 
 
-@pytest.mark.parametrize("name", sorted(SHIPPED))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if "brevitas" in n else n for n in sorted(SHIPPED)]
+)
 def test_shipped_recipe_resolves_on_cifar10_unet(name, unet):
     """Each shipped recipe loads by name and covers all 113 Linear/Conv layers with its W/A,
     scheme, base quantizer and activation granularity."""
@@ -523,7 +525,8 @@ RESOLVE_ERRORS = [
     ),
     (
         "warmup-without-ec",
-        "version: 1\ndefaults:\n  error_compensation: false\nrules:\n  - match: time_embedding.linear_1\n    first_step: warmup:2\n",
+        "version: 1\ndefaults:\n  error_compensation: false\n"
+        "rules:\n  - match: time_embedding.linear_1\n    first_step: warmup:2\n",
         "first_step: warmup:2",
         ["layer 'time_embedding.linear_1'", "error_compensation: true"],
     ),
@@ -535,7 +538,8 @@ RESOLVE_ERRORS = [
     ),
     (
         "group-not-dividing",
-        "version: 1\nrules:\n  - match: Conv2d\n    a_granularity: group:4\n  - match: conv_in\n    a_granularity: group:2\n",
+        "version: 1\nrules:\n  - match: Conv2d\n    a_granularity: group:4\n"
+        "  - match: conv_in\n    a_granularity: group:2\n",
         "a_granularity: group:2",
         ["layer 'conv_in'", "group:2", "got 3"],
     ),
@@ -894,7 +898,10 @@ def test_public_api_exports_recipe_entry_points():
 def test_with_base_quantizer_swaps_every_layer(tmp_path):
     """`--base-quantizer` / `Recipe.with_base_quantizer`: one switch puts every layer, rules
     included, on another base quantizer with its default options."""
-    text = "version: 1\ndefaults:\n  base_quantizer: {name: static, observer: mse}\nrules:\n  - match: fc\n    base_quantizer: static\n    a_bits: 4\n"
+    text = (
+        "version: 1\ndefaults:\n  base_quantizer: {name: static, observer: mse}\n"
+        "rules:\n  - match: fc\n    base_quantizer: static\n    a_bits: 4\n"
+    )
     recipe = load_recipe(str(write(tmp_path, text)))
     plan = recipe.with_base_quantizer("dynamic").resolve(TinyNet())
     assert all(

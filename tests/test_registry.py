@@ -257,7 +257,9 @@ def test_broken_plugin_cannot_break_import_in_fresh_interpreter(fake_plugin):
                 pass
             else:
                 raise AssertionError("broken plugin resolved")
-        assert any(issubclass(w.category, RuntimeWarning) and {fake_plugin["broken"]!r} in str(w.message) for w in caught)
+        assert any(
+            issubclass(w.category, RuntimeWarning) and {fake_plugin["broken"]!r} in str(w.message) for w in caught
+        )
         assert BASE_QUANTIZERS.get("dynamic").__name__ == "DynamicQuantizer"
         assert BASE_QUANTIZERS.get({fake_plugin["good"]!r}).__name__ == "FakeQuantizer"
         print("ok")

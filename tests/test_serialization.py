@@ -63,7 +63,9 @@ def saved(tmp_path_factory) -> Path:
     return mq.save_quantized(model, tmp_path_factory.mktemp("saved"))
 
 
-@pytest.mark.parametrize("recipe", ["w8a4-modiff", "w8a4-modiff-ptq4dm", "adaptive-cache", "int4"])
+@pytest.mark.parametrize(
+    "recipe", ["w8a4-modiff", pytest.param("w8a4-modiff-ptq4dm", marks=pytest.mark.slow), "adaptive-cache", "int4"]
+)
 def test_save_load_sample_is_bit_identical(tmp_path, recipe):
     model, inputs = converted(recipe_path(recipe, tmp_path))
     assert any(layer.packed for layer in model.modules() if isinstance(layer, QuantizedLayer)) == (recipe == "int4")
@@ -231,14 +233,20 @@ def test_weights_with_more_values_than_codes_stay_float():
 LIST_AND_MAPPING_OPTIONS = {
     "static": "{name: static, observer: mse, observer_options: {p: 2.4}}",
     "ptq4dm": "{name: ptq4dm, observer_options: {p: 2.4, grid: 20, max_values: 4096}, samples: 64}",
-    "qdiffusion": "{name: qdiffusion, observer: mse, observer_options: {p: 2.4, grid: 10}, beta: [20, 2], blocks: [ResnetBlock2D, Attention], weight_iters: 2, act_iters: 2, samples_per_step: 8}",
+    "qdiffusion": (
+        "{name: qdiffusion, observer: mse, observer_options: {p: 2.4, grid: 10}, beta: [20, 2], "
+        "blocks: [ResnetBlock2D, Attention], weight_iters: 2, act_iters: 2, samples_per_step: 8}"
+    ),
 }
 OPTION_RECIPES = ["w8a4-modiff"] + [
     name for name in mq.shipped_recipes() if mq.load_recipe(name).defaults.base_quantizer in LIST_AND_MAPPING_OPTIONS
 ]
 
 
-@pytest.mark.parametrize("name", OPTION_RECIPES)
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if "qdiffusion" in n or "ptq4dm" in n else n for n in OPTION_RECIPES],
+)
 def test_options_holding_mappings_and_lists_round_trip(tmp_path, name):
     """Every shipped recipe on a base quantizer that takes mapping or list options, with such
     options (w8a4-modiff on `static`): saved as plain YAML, loaded bit-identically."""

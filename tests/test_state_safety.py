@@ -58,6 +58,7 @@ def test_timestep_jump_after_a_broken_off_loop_starts_a_new_trajectory():
     assert all(torch.equal(a, b) for a, b in zip(resumed, clean_run(inputs[6:])))
 
 
+@pytest.mark.slow
 def test_interleaved_trajectories_warn_and_never_mix_states():
     """Two same-shape loops offset in time on one model: the loop that starts while the other is
     mid-run is warned about, and no call ever computes on the other loop's state: each output is
@@ -75,6 +76,7 @@ def test_interleaved_trajectories_warn_and_never_mix_states():
     assert any(not torch.equal(out, clean[run][i]) for run, i, out in outputs)  # the restarts really happened
 
 
+@pytest.mark.slow
 def test_guidance_dropped_mid_run_warns_and_never_mixes_branches():
     """Two-call CFG without branch names that stops calling the uncond branch after 4 steps: the
     call that breaks the pattern starts a new trajectory with a warning."""

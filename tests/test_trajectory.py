@@ -25,6 +25,7 @@ def run(model: torch.nn.Module, inputs: list) -> list[torch.Tensor]:
     return [model(x, t).sample for x, t in inputs]
 
 
+@pytest.mark.slow
 def test_same_sampling_twice_is_bit_identical():
     """Acceptance: two identical runs give identical outputs, inside sampling() or by detection."""
     model = converted()
