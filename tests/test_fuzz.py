@@ -53,7 +53,10 @@ from modiff_quant.serialization import PLAN, RECIPE, TENSORS
 from modiff_quant.settings import SETTING_PARSERS
 
 LOAD_LIMIT = 3.0  # seconds: load_recipe of any file
-MODEL_LIMIT = 5.0  # resolve, explain, prepare on the tiny UNet; load_quantized; one sampling step
+# resolve, explain, prepare on the tiny UNet; load_quantized; one sampling step. A hang detector, not a
+# speed target: a Brevitas recipe's load + resolve + prepare takes ~4.2 s of wall time on a 2-core CPU
+# without VNNI/AMX, which broke the old 5 s bound with no change to the library
+MODEL_LIMIT = 15.0
 CLI_LIMIT = 15.0  # one modiff-quant command up to its expensive work
 
 PAYLOAD = f"{PAYLOAD_PREFIX}MODULE"  # replaced by the session's payload module name when files are written
