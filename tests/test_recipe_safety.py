@@ -31,19 +31,23 @@ from modiff_quant.registry import BASE_QUANTIZERS
 from modiff_quant.settings import SETTING_PARSERS
 
 FAST = 1.0  # seconds of CPU: every input here is small, so a load that needs more is a hang in the making
+AT_LIMIT = 3.0  # seconds of CPU for the largest documents the limits allow (0.4-1.4 s measured on 2-core CPUs)
 PATIENT = 10.0  # seconds of wall time: a load that blocks (reads a pipe, waits on a lock) uses no CPU
 
 
 class Bounded:
-    """Asserts that its block took under FAST seconds of this process's CPU time (which other
+    """Asserts that its block took under `cpu` seconds of this process's CPU time (which other
     processes on a busy machine do not inflate) and under PATIENT seconds of wall time."""
+
+    def __init__(self, cpu: float = FAST) -> None:
+        self.limit = cpu
 
     def __enter__(self) -> None:
         self.cpu, self.wall = time.process_time(), time.perf_counter()
 
     def __exit__(self, *exc_info: object) -> None:
         cpu, wall = time.process_time() - self.cpu, time.perf_counter() - self.wall
-        assert cpu < FAST and wall < PATIENT, f"took {cpu:.2f} s of CPU, {wall:.2f} s in all"
+        assert cpu < self.limit and wall < PATIENT, f"took {cpu:.2f} s of CPU, {wall:.2f} s in all"
 
 
 def write_bytes(tmp_path: Path, data: bytes, name: str = "recipe.yaml") -> Path:
@@ -267,14 +271,15 @@ def test_size_limit_is_shared_along_the_extends_chain(tmp_path):
 
 def test_documents_at_the_value_limit_load_fast(tmp_path):
     """The slowest documents within the limits (every value a separate rule, or a flat list) load
-    in well under a second (about 0.25 s of CPU on a 2-core machine)."""
+    within AT_LIMIT: 0.25 s of CPU on one 2-core machine, 0.4-1.4 s on a slower one without
+    VNNI/AMX (1.2 s inside the full suite); a parse superlinear in the values would take minutes."""
     rules = b"".join(b"  - {match: down_blocks.%d.conv1, a_bits: 4}\n" for i in range((source.MAX_VALUES - 10) // 5))
     for name, data in (
         ("rules", b"version: 1\nrules:\n" + rules),
         ("list", b"version: 1\ndescription: [" + b"1, " * (source.MAX_VALUES - 10) + b"]\n"),
     ):
         path = write_bytes(tmp_path, data, f"{name}.yaml")
-        with Bounded():
+        with Bounded(AT_LIMIT):
             try:
                 load_recipe(path)
             except RecipeError as error:
