@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .imports import quiet_imports
+from .quoting import first_few
 from .registry import did_you_mean
 from .serialization import LoadError
 
@@ -145,7 +146,7 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         listed = "; ".join(
-            f"{what} {len(names)}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+            f"{what} {len(names)}: {first_few(names)}"
             for what, names in (("missing", missing), ("unexpected", unexpected))
             if names
         )

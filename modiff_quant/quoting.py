@@ -46,3 +46,9 @@ def clip(text: str, limit: int = 80) -> str:
 def excerpt(value: object, limit: int = 160) -> str:
     """A string as it is, anything else as its bounded repr, cut to `limit` characters."""
     return clip(value, limit) if isinstance(value, str) else shown(value, limit)
+
+
+def first_few(names: list[str], limit: int = 3) -> str:
+    """The first `limit` names, and ', ...' when there are more: a long list named in one line."""
+    more = ", ..." if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

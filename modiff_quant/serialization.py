@@ -47,7 +47,7 @@ from .api import ensure_float, install, is_converted, mark_converted, plan_of
 from .atomic_files import write_folder
 from .layer_parts import check_calibration_state
 from .layers import QuantizedLayer, weight_digest
-from .quoting import excerpt
+from .quoting import excerpt, first_few
 from .recipe import LayerPlan, Plan, Recipe, RecipeError, flat_recipe
 from .recipe.document import plan_document, recipe_document
 from .registry import nearest
@@ -84,7 +84,7 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
     unsaveable = [name for name, layer in layers.items() if layer.packed and layer.source_weight_digest is None]
     if unsaveable:
         raise RuntimeError(
-            f"save_quantized() cannot store {_first_few(unsaveable)}: packed weights are re-made "
+            f"save_quantized() cannot store {first_few(unsaveable)}: packed weights are re-made "
             "from the float weights on load, but these were packed before modiff_quant prepared the model "
             "(torchao quantize_); apply the recipe with modiff_quant.prepare to a float model instead"
         )
@@ -442,7 +442,7 @@ def _check_tensors(saved: _Saved, own: dict[str, Tensor], model: nn.Module, plan
     extra = sorted(set(state) - set(own) - packed)
     if extra:
         saved_class = excerpt(saved.manifest["model_class"])
-        raise LoadError(f"this model has tensors the saved {saved_class} does not: {_first_few(extra)}")
+        raise LoadError(f"this model has tensors the saved {saved_class} does not: {first_few(extra)}")
     for key, value in own.items():
         if key not in state:
             raise LoadError(f"tensor '{excerpt(key)}' of the saved model is not in this model")
@@ -504,12 +504,6 @@ def _own_state(model: nn.Module, layers: dict[str, QuantizedLayer]) -> dict[str,
     skip = tuple(f"{name}.act_quantizers." for name in layers)
     packed = {f"{name}.weight" for name, layer in layers.items() if layer.packed}
     return {key: value for key, value in model.state_dict().items() if not key.startswith(skip) and key not in packed}
-
-
-def _first_few(names: list[str]) -> str:
-    """The first three names, and ', ...' when there are more."""
-    more = ", ..." if len(names) > 3 else ""
-    return f"{', '.join(names[:3])}{more}"
 
 
 def _file_facts(content: bytes) -> dict[str, Any]:

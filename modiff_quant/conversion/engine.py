@@ -16,6 +16,7 @@ from ..calibration.reconstruction import Reconstruction
 from ..calibration.record import CalibrationRecord, RecordedCall
 from ..calibration.selection import Pick
 from ..layers import QuantizedLayer
+from ..quoting import first_few
 from ..schemes import RAW
 from ..trajectory import Mode, Tracker
 from .cache import CalibrationCache
@@ -30,11 +31,10 @@ def convert_layers(
     waiting = [layer.plan.name for layer in layers if layer.needs_calibration]
     if waiting and not record:
         several = len(waiting) > 1
-        names = ", ".join(waiting[:3]) + (", ..." if len(waiting) > 3 else "")
         raise RuntimeError(
-            f"{len(waiting)} layer{'s' if several else ''} ({names}) need{'' if several else 's'} calibration data "
-            "(static scales, a reconstruction or a shortcut split to detect): run the sampling loop inside "
-            "modiff_quant.calibrate(model) before convert(model)"
+            f"{len(waiting)} layer{'s' if several else ''} ({first_few(waiting)}) need{'' if several else 's'} "
+            "calibration data (static scales, a reconstruction or a shortcut split to detect): run the sampling "
+            "loop inside modiff_quant.calibrate(model) before convert(model)"
         )
     blocks = [(m.plan.name, m.plan.schedule) for m in tracker.members if isinstance(m, BlockCache)]
     cache = CalibrationCache(cache_dir, model, layers, blocks, record) if cache_dir is not None and record else None
