@@ -171,7 +171,9 @@ def state_bytes(model: nn.Module) -> int:
 
 def block_skips(model: nn.Module) -> tuple[int, int]:
     """(skipped, total) calls of the cached blocks since `prepare`."""
-    caches = [member for member in _tracker(model).members if isinstance(member, BlockCache)]
+    tracker = _tracker(model)
+    tracker.count_block_calls()
+    caches = [member for member in tracker.members if isinstance(member, BlockCache)]
     return sum(c.skips for c in caches), sum(c.calls for c in caches)
 
 

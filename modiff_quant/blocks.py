@@ -48,25 +48,31 @@ class BlockCache:
         self.calls = self.skips = 0  # since prepare(), for the skip fraction eval reports
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._tracker.mode.stateless:  # recording and reconstruction passes compute every block
+        tracker = self._tracker
+        if tracker.mode.stateless:  # recording and reconstruction passes compute every block
             return type(self._module).forward(self._module, *args, **kwargs)
-        branch, step = self._tracker.position
-        state = self._tracker.state(self._slot)
+        lane = tracker.lane()
+        branch, scheduled = lane.call_branch, tracker.phase(self._slot)
+        state = tracker.state(self._slot)
         cached = state.outputs.get(branch)
-        self.calls += 1
         probe = _first_tensor(args, kwargs) if self.plan.skip_threshold is not None else None
-        if (
-            cached is not None
-            and self.plan.schedule.contains(step)
-            and (probe is None or self._changed_little(state.inputs[branch], probe))
-        ):
-            self.skips += 1
+        if cached is not None and scheduled and (probe is None or self._changed_little(state.inputs[branch], probe)):
+            lane.block_calls.append((self._slot, True))
             return cached.get(self.plan.name)
+        lane.block_calls.append((self._slot, False))
         output = type(self._module).forward(self._module, *args, **kwargs)
         state.outputs[branch] = CachedOutput(output)
         if probe is not None:
             state.inputs[branch] = probe.detach()
         return output
+
+    def phase(self, step: int, timestep: float | None) -> bool:
+        """Whether `step` is one of the block's 0-bit steps."""
+        return self.plan.schedule.contains(step)
+
+    def count_call(self, skipped: bool) -> None:
+        self.calls += 1
+        self.skips += skipped
 
     def _changed_little(self, reference: Tensor, x: Tensor) -> bool:
         return bool((x - reference).norm() <= self.plan.skip_threshold * reference.norm())

@@ -83,9 +83,11 @@ class QuantizedLayer(nn.Module):
                 f"{self.plan.name}: the model is prepared but not converted; call modiff_quant.convert(model) "
                 "(after running the sampling loop inside modiff_quant.calibrate(model) for calibrated base quantizers)"
             )
-        position = tracker.position
-        step = position[1]
-        state = tracker.state(self._slot).at(position)
+        lane = tracker.lane()
+        skip, _ = tracker.phase(self._slot)
+        repeat = lane.visits.get(self._slot, 0)  # a layer called again in one model call: another call site
+        lane.visits[self._slot] = repeat + 1
+        state = tracker.state(self._slot).at(lane.call_branch, repeat)
         if state.started and state.input_shape != x.shape:
             raise RuntimeError(
                 f"{self.plan.name}: input shape changed from {list(state.input_shape)} to {list(x.shape)} "
@@ -93,10 +95,14 @@ class QuantizedLayer(nn.Module):
                 "or wrap each in modiff_quant.sampling(model)"
             )
         if mode is Mode.OBSERVING:
-            return self.scheme.calibrate(self, x, state, self.plan.skips(step), observe=self in tracker.observing)
+            return self.scheme.calibrate(self, x, state, skip, observe=self in tracker.observing)
         if mode is Mode.PRIMING:
             return self.scheme.prime(self, x, state)
-        return self.scheme.forward(self, x, state, self.plan.skips(step))
+        return self.scheme.forward(self, x, state, skip)
+
+    def phase(self, step: int, timestep: float | None) -> tuple[bool, int]:
+        """(whether `step` is 0-bit, the timestep group whose activation quantizers apply)."""
+        return self.plan.skips(step), self.plan.settings.timestep_groups.index(timestep)
 
     def new_state(self) -> LayerStates:
         return LayerStates(self.plan.settings.input_cache, self.plan.settings.output_cache)
@@ -108,7 +114,8 @@ class QuantizedLayer(nn.Module):
 
     def quantizer(self, role: str) -> ActivationQuantizer:
         """The activation quantizer of `role` for the timestep group of the current model call."""
-        return self.act_quantizers[role][self.plan.settings.timestep_groups.index(self._tracker.timestep)]
+        _, group = self._tracker.phase(self._slot)
+        return self.act_quantizers[role][group]
 
     def apply_op(self, x: Tensor, *, bias: bool) -> Tensor:
         """A(x): the layer's operation with its weight (quantized in place by `convert`; inside

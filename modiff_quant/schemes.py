@@ -109,7 +109,9 @@ class ModiffScheme(Scheme):
     def _first_call(self, layer: SchemeLayer, x: Tensor, state: LayerState) -> Tensor:
         settings = layer.plan.settings
         compensate = settings.error_compensation
-        a_hat = x if settings.first_step.kind == "fp" else layer.quantizer(RAW)(x)
+        # a copy of the input: â must not be the tensor another layer keeps as its ô, or the caller's
+        # latents (changed in place by some sampling loops); compiled code would also guard on the alias
+        a_hat = x.clone() if settings.first_step.kind == "fp" else layer.quantizer(RAW)(x)
         if compensate:
             state.a_hat = a_hat
             a_hat = state.a_hat  # as stored: the output must be A of exactly what later steps subtract from

@@ -16,7 +16,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from .trajectory import CachedOutput, Position
+from .trajectory import CachedOutput
 
 StateFormat = Literal["full", "float16", "bfloat16", "int8", "int16"]
 STATE_FORMATS: tuple[str, ...] = get_args(StateFormat)
@@ -119,14 +119,10 @@ class LayerStates:
     def __init__(self, input_format: StateFormat, output_format: StateFormat) -> None:
         self.formats = input_format, output_format
         self.sites: dict[tuple[Hashable, int], LayerState] = {}
-        self._last_position: Position | None = None
-        self._repeat = 0
 
-    def at(self, position: Position) -> LayerState:
-        """The state of this call: the same position again means the next call site."""
-        self._repeat = self._repeat + 1 if position == self._last_position else 0
-        self._last_position = position
-        key = (position[0], self._repeat)
+    def at(self, branch: Hashable, site: int) -> LayerState:
+        """The state of a branch at a call site (0, 1, ...: the layer's calls within one model call)."""
+        key = (branch, site)
         if key not in self.sites:
             self.sites[key] = LayerState(*self.formats)
         return self.sites[key]

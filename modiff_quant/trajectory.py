@@ -39,6 +39,9 @@ JUMP_FACTOR = 2.5
 Every diffusers schedule stays below it (PNDM's reaches 2.0) except beta sigmas on few steps,
 whose resets cost one full-precision step and nothing else."""
 
+_PHASE_MEMO = 4096
+"""Steps whose phases are memoised before the memo starts over (a bound for endless runs)."""
+
 UNFINISHED = 1.5
 """A trajectory that ends (its timestep goes up) while still this many of its largest steps away
 from t = 0 was broken off: either an early stop or two sampling loops sharing the model."""
@@ -71,6 +74,12 @@ class Stateful(Protocol):
 
     def new_state(self) -> TrajectoryState: ...
 
+    def phase(self, step: int, timestep: float | None) -> Hashable:
+        """What this member does differently at a step (skip it? which timestep group?): a small
+        value, computed once per model call outside any compiled region, so that compiled code
+        depends on these few values and never on the step index or timestep."""
+        ...
+
 
 class Recorder(Protocol):
     """Keeps the model calls of a calibration run (`calibration.CalibrationRecord`)."""
@@ -94,7 +103,10 @@ class CachedOutput:
 
     def __init__(self, value: Any) -> None:
         self.value = value
-        self._versions = [(t, t._version) for t in iter_tensors(value)]
+        self._tensors = list(iter_tensors(value))
+        # compiled code has no version counters to read (they are the eager runtime's); there the
+        # compiler already keeps a value that later code changes in place distinct from it
+        self._versions = None if torch.compiler.is_compiling() else [t._version for t in self._tensors]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CachedOutput:
         """A copy guards its own tensors: their version counters start anew."""
@@ -102,10 +114,12 @@ class CachedOutput:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t, _ in self._versions)
+        return sum(t.nbytes for t in self._tensors)
 
     def get(self, owner: str) -> Any:
-        if any(t._version != version for t, version in self._versions):
+        if torch.compiler.is_compiling() or self._versions is None:
+            return self.value
+        if any(t._version != version for t, version in zip(self._tensors, self._versions, strict=True)):
             raise StaleCacheError(
                 f"{owner}: its cached output was modified in place by the code that consumed it; "
                 "MoDiff reuses outputs across steps, so use out-of-place ops (e.g. inplace=False) after this module"
@@ -121,10 +135,14 @@ class Lane:
         self.branch: Hashable | None = None  # set by `branch()`: overrides automatic detection
         self.pinned: tuple[Position, float | None] | None = None
         self.position: Position = (0, 0)
+        self.call_branch: Hashable = 0  # position[0], apart: compiled code reads it, never the step
         self.timestep: float | None = None  # of the current model call, if it carried one
         self.trajectory = -1
         self.in_call = False  # between a model call's pre- and post-hook
         self.states: dict[int, TrajectoryState] = {}  # member slot -> its state
+        self.phases: tuple[Hashable, ...] | None = None  # per member slot, for the current call
+        self.visits: dict[int, int] = {}  # member slot -> calls of it within the current model call
+        self.block_calls: list[tuple[int, bool]] = []  # (slot, skipped) of cached blocks, not yet counted
         self.restart()
 
     def restart(self, carried_fall: float = 0.0) -> None:
@@ -176,32 +194,78 @@ class Tracker:
         self.record: Recorder | None = None  # model calls seen inside calibrate()
         self.observing: frozenset[torch.nn.Module] = frozenset()  # replay: the layers whose observers see this call
         self._lanes: dict[int | None, Lane] = {}
+        self._local = threading.local()  # .lane: this thread's, found without a lookup compiled code cannot trace
+        self._phases: dict[tuple[int, float | None], tuple[Hashable, ...]] = {}  # (step, timestep) -> phases
         self._trajectories = 0
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without trajectory state: threads do not travel, so an unpickled model starts afresh."""
-        return {**self.__dict__, "_lanes": {}}
+        return {**self.__dict__, "_lanes": {}, "_local": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _local=threading.local())
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Tracker:
         """A deep copy continues every lane's trajectory exactly where the original is."""
         copied = Tracker.__new__(Tracker)
         memo[id(self)] = copied
-        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        copied.__dict__.update(copy.deepcopy({**self.__dict__, "_local": None}, memo), _local=threading.local())
         return copied
 
     def add(self, member: Stateful) -> int:
         """Register a layer or block cache; returns the slot its state is kept under."""
         self.members.append(member)
+        self._phases.clear()
         return len(self.members) - 1
 
     def lane(self) -> Lane:
         """The calling thread's lane (a thread that reuses a finished thread's id gets a new one)."""
+        lane = getattr(self._local, "lane", None)
+        return lane if lane is not None else self._thread_lane()
+
+    def _thread_lane(self) -> Lane:
         thread = threading.current_thread()
         lane = self._lanes.get(thread.ident)
         if lane is None or lane.thread() is not thread:
             self._prune()
             lane = self._lanes[thread.ident] = Lane(thread)
+        self._local.lane = lane
         return lane
+
+    def phase(self, slot: int) -> Hashable:
+        """The phase of the member in `slot` for the calling thread's current model call."""
+        lane = self.lane()
+        if lane.phases is None:  # a member called outside any model call (the hooks set them)
+            lane.phases = self.phases_at(*lane.position[1:], lane.timestep)
+        return lane.phases[slot]
+
+    def phases_at(self, step: int, timestep: float | None) -> tuple[Hashable, ...]:
+        """Every member's phase at a step (memoised: the same few steps recur in every trajectory)."""
+        key = (step, timestep)
+        phases = self._phases.get(key)
+        if phases is None:
+            if len(self._phases) > _PHASE_MEMO:
+                self._phases.clear()
+            phases = self._phases[key] = tuple(member.phase(step, timestep) for member in self.members)
+        return phases
+
+    def _enter(self, lane: Lane, position: Position, timestep: float | None) -> None:
+        """A model call (or a pinned replay) begins at `position`: its phases, no member visited yet."""
+        lane.position, lane.timestep, lane.call_branch = position, timestep, position[0]
+        lane.phases = self.phases_at(position[1], timestep)
+        lane.visits.clear()
+        self._count_block_calls(lane)
+
+    def _count_block_calls(self, lane: Lane) -> None:
+        """Add the block calls of the lane's finished model calls to each cache's counts (counted
+        here, outside compiled code, which must not depend on a growing number)."""
+        for slot, skipped in lane.block_calls:
+            self.members[slot].count_call(skipped)  # type: ignore[attr-defined]
+        lane.block_calls.clear()
+
+    def count_block_calls(self) -> None:
+        """Bring the calling thread's block-call counts up to date."""
+        self._count_block_calls(self.lane())
 
     def state(self, slot: int) -> TrajectoryState:
         """The calling thread's state of the member in `slot`, created at the first call of its trajectory."""
@@ -242,11 +306,13 @@ class Tracker:
         """Forget the calling thread's trajectory state (a sampling run of this thread begins or ends)."""
         self.lane().restart()
 
+    @torch.compiler.disable
     def on_model_call(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Forward pre-hook of the prepared model."""
+        """Forward pre-hook of the prepared model (run eagerly when the model is compiled: the
+        bookkeeping of steps and branches stays out of the compiled graphs and their guards)."""
         lane = self.lane()
         if lane.pinned is not None:
-            lane.position, lane.timestep = lane.pinned
+            self._enter(lane, *lane.pinned)
             return
         sample = _find_sample(args, kwargs)
         t = _find_timestep(args, kwargs)
@@ -258,12 +324,13 @@ class Tracker:
         lane.in_call = True
         if not lane.calls:
             lane.trajectory, self._trajectories = self._trajectories, self._trajectories + 1
-        lane.signature, lane.timestep = signature, t
+        lane.signature = signature
         lane.note_fall(t)
-        lane.position = _advance(lane, t)
+        self._enter(lane, _advance(lane, t), t)
         if self.mode is Mode.CALIBRATING and self.record is not None:
             self.record.add(lane.trajectory, lane.position, t, args, kwargs)
 
+    @torch.compiler.disable
     def on_model_return(
         self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
@@ -286,7 +353,7 @@ class Tracker:
                     "if two sampling loops share this model, their calls interleave and each call restarts the "
                     "other's trajectory: run each loop in its own thread (each thread keeps its own state)",
                     RuntimeWarning,
-                    stacklevel=5,  # this method <- the hook <- torch Module call internals (2 frames) <- the caller
+                    stacklevel=7,  # this method <- the hook <- compiler.disable wrappers (2) <- Module call internals (2) <- caller
                 )
             # a trajectory of one call says nothing about its schedule: keep what the one before handed on
             if not lane.falls:
@@ -300,7 +367,7 @@ class Tracker:
                 f"after {lane.calls} calls without a new timestep sequence; starting a new trajectory "
                 "(wrap each sampling run in modiff_quant.sampling(model) to make this explicit)",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=7,
             )
             lane.restart()
         elif t is not None and lane.last_t is not None and lane.jumps_to(t):
@@ -320,7 +387,7 @@ class Tracker:
                 "branch's state); name the branches with modiff_quant.branch(model, key) or diffusers' "
                 "cache_context to keep them",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=7,
             )
             lane.restart(carried_fall=lane.reference_fall)
 
@@ -329,7 +396,7 @@ class Tracker:
         """Model and block calls inside run at this position (replay of recorded calls: no detection)."""
         lane = self.lane()
         previous, lane.pinned = lane.pinned, ((branch, step), timestep)
-        lane.position, lane.timestep = lane.pinned
+        self._enter(lane, *lane.pinned)
         try:
             yield
         finally:
