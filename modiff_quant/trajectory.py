@@ -353,7 +353,8 @@ class Tracker:
                     "if two sampling loops share this model, their calls interleave and each call restarts the "
                     "other's trajectory: run each loop in its own thread (each thread keeps its own state)",
                     RuntimeWarning,
-                    stacklevel=7,  # this method <- the hook <- compiler.disable wrappers (2) <- Module call internals (2) <- caller
+                    # this method <- the hook <- compiler.disable's wrappers (2) <- Module call internals (2) <- caller
+                    stacklevel=7,
                 )
             # a trajectory of one call says nothing about its schedule: keep what the one before handed on
             if not lane.falls:
