@@ -21,29 +21,70 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-MODES: dict[str, tuple[str | None, str]] = {
-    # mode: (recipe, execution); None: the float model itself
-    "fp32": (None, "float32"),
-    "bf16-autocast": (None, "bfloat16"),
-    "plain-fake": ("w8a4-plain", "fake"),
-    "modiff-fake": ("w8a4-modiff", "fake"),
-    "modiff-integer": ("w8a4-modiff", "integer"),
-    "modiff-lean-state": ("w8a4-modiff-lean", "fake"),
-    "deepcache": ("deepcache", "float32"),
-    "adaptive-cache": ("adaptive-cache", "float32"),
-    "modiff-deepcache": ("w8a8-modiff-deepcache", "fake"),
+
+@dataclass(frozen=True)
+class Mode:
+    """One way to sample: the float model (recipe None), torchao's W8A8 peer, or a recipe; run in
+    eager PyTorch or through `torch.compile` (`compile_mode` None: eager)."""
+
+    recipe: str | None = None
+    execution: str = "fake"  # fake or integer (recipes); float32, bfloat16 or torchao-int8 (no recipe)
+    compile_mode: str | None = None
+
+
+COMPILED = "default"
+MODES: dict[str, Mode] = {
+    "fp32": Mode(execution="float32"),
+    "fp32-compiled": Mode(execution="float32", compile_mode=COMPILED),
+    "bf16-autocast": Mode(execution="bfloat16"),
+    "bf16-autocast-compiled": Mode(execution="bfloat16", compile_mode=COMPILED),
+    "torchao-w8a8-compiled": Mode(execution="torchao-int8", compile_mode=COMPILED),
+    "plain-fake": Mode("w8a4-plain"),
+    "plain-fake-compiled": Mode("w8a4-plain", compile_mode=COMPILED),
+    "modiff-fake": Mode("w8a4-modiff"),
+    "modiff-fake-compiled": Mode("w8a4-modiff", compile_mode=COMPILED),
+    "modiff-fake-max-autotune": Mode("w8a4-modiff", compile_mode="max-autotune-no-cudagraphs"),
+    "modiff-integer": Mode("w8a4-modiff", "integer"),
+    "modiff-integer-compiled": Mode("w8a4-modiff", "integer", COMPILED),
+    "modiff-lean-state": Mode("w8a4-modiff-lean"),
+    "deepcache": Mode("deepcache", "float32"),
+    "adaptive-cache": Mode("adaptive-cache", "float32"),
+    "modiff-deepcache": Mode("w8a8-modiff-deepcache"),
+    "modiff-deepcache-compiled": Mode("w8a8-modiff-deepcache", compile_mode=COMPILED),
 }
+DEFAULT_MODES = [name for name in MODES if name != "modiff-fake-max-autotune"]  # autotuning takes many minutes
 SETTINGS = (("digits16", 1, 100), ("digits16", 16, 100), ("cifar10-ddpm", 1, 10), ("cifar10-ddpm", 16, 10))
 """(model, batch, steps): digits16 samples whole 100-step trajectories; the CIFAR-10 UNet is
 timed on 10 steps (its cost per step does not depend on the step count)."""
 
 
-def run_mode(model_name: str, batch: int, steps: int, mode: str, repeats: int) -> dict[str, Any]:
+def build(model: torch.nn.Module, mode: Mode) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The module to call for `mode` and the prepared model behind it (None when not MoDiff's)."""
+    import modiff_quant as mq
+
+    if mode.recipe is None:
+        net = copy.deepcopy(model)
+        if mode.execution == "torchao-int8":
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+            quantize_(net, Int8DynamicActivationInt8WeightConfig())
+        prepared = None
+    else:
+        net = prepared = mq.convert(mq.prepare(copy.deepcopy(model), mode.recipe))
+        if mode.execution == "integer":
+            mq.set_execution(prepared, "integer")
+    if mode.compile_mode is not None:
+        net = torch.compile(net, mode=mode.compile_mode)
+    return net, prepared
+
+
+def run_mode(model_name: str, batch: int, steps: int, mode_name: str, repeats: int) -> dict[str, Any]:
     """Time one mode in this process; returns seconds per trajectory, PSNR vs float32, memory."""
     import modiff_quant as mq
     from modiff_quant.api import state_bytes
@@ -52,38 +93,44 @@ def run_mode(model_name: str, batch: int, steps: int, mode: str, repeats: int) -
     from modiff_quant.samplers import make_scheduler, sample
 
     torch.manual_seed(0)
+    mode = MODES[mode_name]
+    if mode.execution == "integer":
+        from modiff_quant.integer_kernels import unavailable_reason
+
+        if unavailable_reason() is not None:
+            return {"skipped": unavailable_reason()}
     model = load_model(model_name)
     noise = torch.randn(batch, *sample_shape(model), generator=torch.Generator().manual_seed(0))
-    recipe, execution = MODES[mode]
-    quantized = None if recipe is None else mq.convert(mq.prepare(copy.deepcopy(model), recipe))
-    if quantized is not None and execution == "integer":
-        mq.set_execution(quantized, "integer")
+    net, prepared = build(model, mode)
+    autocast = mode.execution == "bfloat16"
 
     def trajectory(net: torch.nn.Module, autocast: bool = False) -> torch.Tensor:
         scheduler = make_scheduler("ddim", training_schedule(model_name))
         with (
-            mq.sampling(net) if net is quantized else nullcontext(),
+            mq.sampling(prepared) if prepared is not None and net is not model else nullcontext(),
             torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext(),
         ):
             return sample(net, noise, scheduler, steps, progress=False).float()
 
     reference = trajectory(model)
-    net, autocast = (quantized, False) if quantized is not None else (model, execution == "bfloat16")
-    trajectory(net, autocast)  # warm-up: allocations, kernel selection, integer weight packing caches
+    start = time.perf_counter()
+    trajectory(net, autocast)  # warm-up: compilation, allocations, kernel selection, weight packing caches
+    warm_up = time.perf_counter() - start
     seconds, images = [], reference
     for _ in range(repeats):
         start = time.perf_counter()
         images = trajectory(net, autocast)
         seconds.append(time.perf_counter() - start)
     cache = 0
-    if quantized is not None:
-        with mq.sampling(quantized):
-            sample(quantized, noise, make_scheduler("ddim", training_schedule(model_name)), 2, progress=False)
-            cache = state_bytes(quantized) // batch
+    if prepared is not None:
+        with mq.sampling(prepared):
+            sample(net, noise, make_scheduler("ddim", training_schedule(model_name)), 2, progress=False)
+            cache = state_bytes(prepared) // batch
     return {
         "seconds": statistics.median(seconds),
         "seconds_all": seconds,
-        "psnr_vs_fp32": None if mode == "fp32" else psnr_vs(reference, images),
+        "warm_up_seconds": warm_up,
+        "psnr_vs_fp32": None if mode_name == "fp32" else psnr_vs(reference, images),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "state_bytes_per_image": cache,
     }
@@ -113,18 +160,24 @@ def _child(job: tuple[str, int, int, str], repeats: int) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(rows: list[dict[str, Any]], calibration: dict[str, Any]) -> str:
+def table(rows: list[dict[str, Any]], calibration: dict[str, Any] | None) -> str:
     lines = [
-        "| model | batch | steps | mode | s / trajectory | × fp32 | PSNR vs fp32 (dB) | peak RSS (MB) "
-        "| state (MB / image) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | steps | mode | s / trajectory | × fp32 | × fp32 compiled | PSNR vs fp32 (dB) "
+        "| peak RSS (MB) | state (MB / image) | warm-up (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['steps']} | {r['mode']} | not run: {r['skipped']} |")
+            continue
         psnr = "-" if r["psnr_vs_fp32"] is None else f"{r['psnr_vs_fp32']:.1f}"
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['steps']} | {r['mode']} | {r['seconds']:.2f} "
-            f"| {r['ratio_to_fp32']:.2f} | {psnr} | {r['peak_rss_mb']:.0f} | {r['state_bytes_per_image'] / 1e6:.2f} |"
+            f"| {r['ratio_to_fp32']:.2f} | {_ratio(r['ratio_to_fp32_compiled'])} | {psnr} | {r['peak_rss_mb']:.0f} "
+            f"| {r['state_bytes_per_image'] / 1e6:.2f} | {r['warm_up_seconds']:.1f} |"
         )
+    if calibration is None:
+        return "\n".join(lines) + "\n"
     lines.append("")
     lines.append(
         f"Calibration: {calibration['recipe']} on {calibration['model']} "
@@ -134,12 +187,18 @@ def table(rows: list[dict[str, Any]], calibration: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/speed"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
     parser.add_argument("--models", nargs="+", default=["digits16", "cifar10-ddpm"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--no-calibration", action="store_true", help="skip timing a calibration")
     parser.add_argument("--child", nargs=4, metavar=("MODEL", "BATCH", "STEPS", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -149,14 +208,16 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     modes = ["fp32", *(mode for mode in args.modes if mode != "fp32")]  # every ratio is to fp32
-    jobs = [(m, b, s, mode) for m, b, s in SETTINGS if m in args.models for mode in modes]
+    jobs = [(m, b, s, mode) for m, b, s in SETTINGS if m in args.models and b in args.batches for mode in modes]
     rows = []
     for job in tqdm(jobs, desc="benchmarks"):
         rows.append({**dict(zip(("model", "batch", "steps", "mode"), job)), **_child(job, args.repeats)})
-    for row in rows:
-        fp32 = next(r for r in rows if (r["model"], r["batch"], r["mode"]) == (row["model"], row["batch"], "fp32"))
-        row["ratio_to_fp32"] = row["seconds"] / fp32["seconds"]
-    calibration = time_calibration()
+    timed = [r for r in rows if "skipped" not in r]
+    for row in timed:
+        for peer in ("fp32", "fp32-compiled"):
+            found = [r for r in timed if (r["model"], r["batch"], r["mode"]) == (row["model"], row["batch"], peer)]
+            row[f"ratio_to_{peer.replace('-', '_')}"] = row["seconds"] / found[0]["seconds"] if found else None
+    calibration = None if args.no_calibration else time_calibration()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(
         json.dumps(

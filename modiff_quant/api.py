@@ -171,10 +171,8 @@ def state_bytes(model: nn.Module) -> int:
 
 def block_skips(model: nn.Module) -> tuple[int, int]:
     """(skipped, total) calls of the cached blocks since `prepare`."""
-    tracker = _tracker(model)
-    tracker.count_block_calls()
-    caches = [member for member in tracker.members if isinstance(member, BlockCache)]
-    return sum(c.skips for c in caches), sum(c.calls for c in caches)
+    counts = [member.counts for member in _tracker(model).members if isinstance(member, BlockCache)]
+    return sum(skipped for skipped, _ in counts), sum(total for _, total in counts)
 
 
 def reset(model: nn.Module) -> None:

@@ -45,7 +45,6 @@ class BlockCache:
         self._tracker = tracker
         self._module = module  # the class forward is called on it: a bound method would pickle as this cache
         self._slot = tracker.add(self)
-        self.calls = self.skips = 0  # since prepare(), for the skip fraction eval reports
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tracker = self._tracker
@@ -70,9 +69,10 @@ class BlockCache:
         """Whether `step` is one of the block's 0-bit steps."""
         return self.plan.schedule.contains(step)
 
-    def count_call(self, skipped: bool) -> None:
-        self.calls += 1
-        self.skips += skipped
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(skipped, total) calls since prepare(), for the skip fraction eval reports."""
+        return self._tracker.block_counts(self._slot)
 
     def _changed_little(self, reference: Tensor, x: Tensor) -> bool:
         return bool((x - reference).norm() <= self.plan.skip_threshold * reference.norm())

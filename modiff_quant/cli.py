@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import torch
 
 from .bops import BopsConventions, count_bops, count_macs
-from .evaluate import CALIBRATION_SAMPLES, POSITIVE, SEEDS, Harness, integer_error
+from .evaluate import CALIBRATION_SAMPLES, COMPILE_MODES, FLOAT_DTYPES, POSITIVE, SEEDS, Harness, integer_error
 from .gate import format_checks, run_gate
 from .models import load_model, sample_shape
 from .plots import (
@@ -153,6 +153,9 @@ def _harness(args: argparse.Namespace) -> Harness:
         weights=args.weights,
         calibration_cache=args.calibration_cache,
         bops_conventions=_conventions(args),
+        device=args.device,
+        dtype=args.dtype,
+        compile_mode=args.compile,
     )
 
 
@@ -240,7 +243,8 @@ def _plot_fd_vs_bits(args: argparse.Namespace) -> None:
 def _gate(args: argparse.Namespace) -> int:
     if args.update and (problem := _unwritable(args.baseline, folder=False)):
         raise UsageError(f"argument --baseline: {str(args.baseline)!r} {problem} (--update rewrites it)")
-    checks, recorded = run_gate(args.baseline, update=args.update)
+    execution = {"device": args.device, "dtype": args.dtype, "compile_mode": args.compile}
+    checks, recorded = run_gate(args.baseline, update=args.update, execution=execution)
     print(format_checks(checks))
     failed = [check for check in checks if not check.passed]
     if recorded:
@@ -273,7 +277,22 @@ def _sampling_options(parser: argparse.ArgumentParser, *, model: str | None, sam
         type=OutputPath(folder=True),
         help="folder where calibrations are saved and reused by later runs",
     )
+    _execution_options(parser)
     _bops_options(parser)
+
+
+def _execution_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="torch device to sample on, e.g. cpu, cuda, cuda:1")
+    parser.add_argument(
+        "--dtype", default="float32", choices=list(FLOAT_DTYPES), help="float type of the model's float parts"
+    )
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=COMPILE_MODES,
+        help="sample through torch.compile (optionally with this mode)",
+    )
 
 
 def _bops_options(parser: argparse.ArgumentParser) -> None:
@@ -381,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gate.add_argument("--baseline", type=Path, required=True)
     gate.add_argument("--update", action="store_true", help="record the current values as the new baselines")
+    _execution_options(gate)
     gate.set_defaults(run=_gate)
     return parser
 

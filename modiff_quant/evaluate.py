@@ -44,6 +44,10 @@ FD_MODELS = ("digits16",)  # models whose samples the bundled feature extractor 
 CALIBRATION_SAMPLES = 32
 CALIBRATION_SEED_OFFSET = 1_000_003  # calibration noise never coincides with any evaluation seed
 POSITIVE = range(1, 2**63)
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Float types a harness may run the model's float parts in (`dtype`)."""
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""`torch.compile` modes a harness may sample with (`compile_mode`)."""
 SEEDS = range(2**32)  # torch takes 64-bit seeds; the harness adds offsets and batch indices to this one
 
 
@@ -82,6 +86,9 @@ class Harness:
         weights: str | None = None,
         calibration_cache: str | Path | None = None,
         bops_conventions: BopsConventions = PAPER_CONVENTIONS,
+        device: str = "cpu",
+        dtype: str = "float32",
+        compile_mode: str | None = None,
     ) -> None:
         for name, value, allowed in (
             ("samples", samples, POSITIVE),
@@ -90,6 +97,13 @@ class Harness:
         ):
             if error := integer_error(value, allowed):
                 raise ValueError(f"{name}: {error}")
+        self.device = checked_device(device)
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {shown(dtype)}")
+        self.dtype = FLOAT_DTYPES[dtype]
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {shown(compile_mode)}")
+        self.compile_mode = compile_mode
         self.training = training_schedule(model)
         check_steps(sampler, self.training, steps)
         self.bops_conventions = bops_conventions
@@ -100,8 +114,8 @@ class Harness:
         self.seed = seed
         self.batch_size = batch_size
         self.calibration_cache = calibration_cache
-        self.model = load_model(model, seed=seed, weights=weights)
-        self.noise = self._noise(samples, seed)
+        self.model = load_model(model, seed=seed, weights=weights).to(self.device, self.dtype)
+        self.noise = self._noise(samples, seed)  # drawn on the CPU: the same noise on every device
 
     def _noise(self, count: int, seed: int) -> Tensor:
         return torch.randn(count, *sample_shape(self.model), generator=torch.Generator().manual_seed(seed))
@@ -112,7 +126,7 @@ class Harness:
 
     @cached_property
     def _macs(self) -> list[MacEntry]:
-        return count_macs(self.model, self.noise[:1], torch.tensor(0))  # MACs do not depend on t
+        return count_macs(self.model, self._on_device(self.noise[:1]), torch.tensor(0))  # MACs do not depend on t
 
     @cached_property
     def _classifier(self) -> nn.Module:
@@ -157,7 +171,7 @@ class Harness:
                     reset(quantized)
                     sample(
                         quantized,
-                        batch,
+                        self._on_device(batch),
                         make_scheduler(self.sampler, self.training),
                         self.steps,
                         seed=seed + index,
@@ -207,13 +221,18 @@ class Harness:
             "fd_to_fp": frechet_distance(features, self._reference_features),
         }
 
+    def _on_device(self, noise: Tensor) -> Tensor:
+        return noise.to(self.device, self.dtype)
+
     def _generate(self, model: nn.Module, desc: str) -> Run:
         """Samples of the harness's noise, batch by batch; batch i draws sampler noise from seed + i
         in every model."""
         prepared = is_prepared(model)
+        net = model if self.compile_mode is None else torch.compile(model, mode=self.compile_mode)
         with torch.no_grad():
-            # untimed warm-up (first-call allocations); sampling() resets its state
-            model(self.noise[:1], torch.tensor(0))
+            # untimed warm-up (first-call allocations); sampling() resets its state; compiled
+            # models compile in the first batch, whose shapes the warm-up does not have
+            model(self._on_device(self.noise[:1]), torch.tensor(0, device=self.device))
         skips_before, calls_before = block_skips(model) if prepared else (0, 0)  # the warm-up's count
         start, batches, cache = time.perf_counter(), [], 0
         epsilons: list[list[Tensor]] = [[] for _ in range(self.steps)]
@@ -222,20 +241,36 @@ class Harness:
                 scheduler = make_scheduler(self.sampler, self.training)
                 batches.append(
                     sample(
-                        model,
-                        batch,
+                        net,
+                        self._on_device(batch),
                         scheduler,
                         self.steps,
                         seed=self.seed + index,
                         desc=desc,
-                        on_step=lambda step, eps: epsilons[step].append(eps),
+                        on_step=lambda step, eps: epsilons[step].append(eps.float().cpu()),
                     )
+                    .float()
+                    .cpu()
                 )
                 cache = max(cache, state_bytes(model) // len(batch) if prepared else 0)
         seconds = time.perf_counter() - start
         skips, calls = block_skips(model) if prepared else (0, 0)
         skip_fraction = (skips - skips_before) / (calls - calls_before) if calls > calls_before else None
         return Run(torch.cat(batches), seconds, cache, [torch.cat(step) for step in epsilons], skip_fraction)
+
+
+def checked_device(device: str) -> torch.device:
+    """`device` as a torch.device, refused at once when this machine has no such device."""
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {shown(device)} is not a torch device ({exc})") from None
+    if found.type != "cpu":
+        backend = getattr(torch, found.type, None)
+        count = backend.device_count() if backend is not None and backend.is_available() else 0
+        if count == 0 or (found.index or 0) >= count:
+            raise ValueError(f"device: {shown(device)} is not available on this machine ({count} {found.type} devices)")
+    return found
 
 
 def step_relative_errors(reference: list[Tensor], predictions: list[Tensor]) -> list[float]:

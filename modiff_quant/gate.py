@@ -66,10 +66,12 @@ class _Comparison:
     amount: float  # a ratio for lower-is-better metrics, a margin for higher-is-better ones
 
 
-def run_gate(path: Path, *, update: bool = False) -> tuple[list[Check], bool]:
-    """Evaluate a baselines file; returns the checks and whether new values were recorded."""
+def run_gate(path: Path, *, update: bool = False, execution: dict[str, Any] | None = None) -> tuple[list[Check], bool]:
+    """Evaluate a baselines file; returns the checks and whether new values were recorded.
+    `execution` holds Harness options (device, dtype, compile_mode) every setting runs with: the
+    same tolerances hold there."""
     settings, lines, comparisons = _parse(path)
-    results = _evaluate(settings, lines)
+    results = _evaluate(settings, lines, execution or {})
     checks = [
         check
         for name, setting in settings.items()
@@ -198,7 +200,9 @@ def _number(value: Any) -> float | None:
     )
 
 
-def _evaluate(settings: dict[str, dict[str, Any]], lines: dict[str, Location]) -> dict[str, dict[str, Any]]:
+def _evaluate(
+    settings: dict[str, dict[str, Any]], lines: dict[str, Location], execution: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
     """Metrics per setting; settings sharing model, noise and sampler share one FP reference.
     Every model is loaded and every recipe checked before the first one is sampled."""
     harnesses: dict[tuple[Any, ...], Harness] = {}
@@ -208,7 +212,7 @@ def _evaluate(settings: dict[str, dict[str, Any]], lines: dict[str, Location]) -
         with _in_setting(name, lines[name]):
             if key not in harnesses:
                 given = {k: v for k, v in zip(HARNESS_KEYS, key) if v is not None}  # the rest: Harness defaults
-                harnesses[key] = Harness(**given)
+                harnesses[key] = Harness(**given, **execution)
             recipe = setting.get("recipe")
             if recipe is None:  # full precision
                 recipes[name] = None

@@ -196,6 +196,7 @@ class Tracker:
         self._lanes: dict[int | None, Lane] = {}
         self._local = threading.local()  # .lane: this thread's, found without a lookup compiled code cannot trace
         self._phases: dict[tuple[int, float | None], tuple[Hashable, ...]] = {}  # (step, timestep) -> phases
+        self._block_counts: dict[int, list[int]] = {}  # cached block's slot -> [skipped, total] calls
         self._trajectories = 0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -257,15 +258,20 @@ class Tracker:
         self._count_block_calls(lane)
 
     def _count_block_calls(self, lane: Lane) -> None:
-        """Add the block calls of the lane's finished model calls to each cache's counts (counted
-        here, outside compiled code, which must not depend on a growing number)."""
+        """Add the lane's block calls so far to `block_counts` (counted here, in the hooks, not in
+        compiled code, whose guards would change with every value of a growing count)."""
         for slot, skipped in lane.block_calls:
-            self.members[slot].count_call(skipped)  # type: ignore[attr-defined]
+            counts = self._block_counts.setdefault(slot, [0, 0])
+            counts[0] += skipped
+            counts[1] += 1
         lane.block_calls.clear()
 
-    def count_block_calls(self) -> None:
-        """Bring the calling thread's block-call counts up to date."""
+    def block_counts(self, slot: int) -> tuple[int, int]:
+        """(skipped, total) calls of the cached block in `slot` since prepare, in every thread
+        (the calling thread's up to now, other threads' up to their last finished model call)."""
         self._count_block_calls(self.lane())
+        skipped, total = self._block_counts.get(slot, (0, 0))
+        return skipped, total
 
     def state(self, slot: int) -> TrajectoryState:
         """The calling thread's state of the member in `slot`, created at the first call of its trajectory."""
@@ -337,6 +343,7 @@ class Tracker:
         """Forward hook of the prepared model: the call finished; a non-finite output must not
         poison the steps after it through the state, so the next step starts afresh."""
         lane = self.lane()
+        self._count_block_calls(lane)
         if lane.pinned is not None:
             return
         lane.in_call = False

@@ -342,6 +342,11 @@ BAD_COMMAND_LINES = [
         ["gate", "--baseline", f"{D}/second-recipe-unknown.yaml"],
         f"{D}/second-recipe-unknown.yaml:7: setting 'b': recipe 'w8a4-modif'",
     ),
+    # execution options
+    (["demo", "--device", "cuda:7"], "device: 'cuda:7' is not available on this machine"),
+    (["demo", "--device", "gpu"], "device: 'gpu' is not a torch device"),
+    (["demo", "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    (["gate", "--baseline", "b.yaml", "--compile", "fast"], "argument --compile: invalid choice: 'fast'"),
     # the parser itself
     ([], "the following arguments are required: command"),
     (["sample"], "argument command: invalid choice: 'sample'"),
