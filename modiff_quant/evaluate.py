@@ -269,7 +269,9 @@ def checked_device(device: str) -> torch.device:
         backend = getattr(torch, found.type, None)
         count = backend.device_count() if backend is not None and backend.is_available() else 0
         if count == 0 or (found.index or 0) >= count:
-            raise ValueError(f"device: {shown(device)} is not available on this machine ({count} {found.type} devices)")
+            raise ValueError(
+                f"device: {shown(device)} is not available on this machine ({count} {found.type} devices)"
+            )
     return found
 
 
