@@ -141,3 +141,26 @@ def test_demo_writes_the_table_grid_and_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in ("full precision", "w8a4-plain", "w8a4-modiff"))
     assert (tmp_path / "grid.png").is_file() and "| w8a4-modiff |" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_harness_runs_the_float_parts_in_the_dtype_asked(dtype):
+    from modiff_quant.evaluate import Harness
+
+    harness = Harness("digits16", steps=4, samples=4, batch_size=4, dtype=dtype)
+    assert next(harness.model.parameters()).dtype == getattr(torch, dtype)
+    metrics, run = harness.evaluate("w8a4-modiff")
+    assert run.images.dtype == torch.float32 and run.images.device.type == "cpu"
+    assert np.isfinite(metrics["psnr_vs_fp"]) and metrics["cache_bytes_per_image"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_harness_samples_on_cuda_from_the_cpu_noise():
+    from modiff_quant.evaluate import Harness
+
+    cpu = Harness("digits16", steps=4, samples=4, batch_size=4)
+    cuda = Harness("digits16", steps=4, samples=4, batch_size=4, device="cuda")
+    metrics, run = cuda.evaluate("w8a4-modiff")
+    assert next(cuda.model.parameters()).is_cuda and run.images.device.type == "cpu"
+    assert torch.allclose(cuda.reference.images, cpu.reference.images, atol=1e-3)
+    assert metrics["psnr_vs_fp"] > 20
