@@ -151,10 +151,14 @@ def time_calibration() -> dict[str, Any]:
     }
 
 
-def _child(job: tuple[str, int, int, str], repeats: int) -> dict[str, Any]:
+def _child(job: tuple[str, int, int, str], repeats: int, limit: float) -> dict[str, Any]:
+    """One mode in a fresh process; a mode still running after `limit` seconds is reported as such."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     command = [sys.executable, __file__, "--child", *map(str, job), "--repeats", str(repeats)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"still running after {limit:.0f} s (warm-up and {repeats} trajectories)"}
     if done.returncode:
         raise RuntimeError(f"benchmark {job} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -199,6 +203,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["digits16", "cifar10-ddpm"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--no-calibration", action="store_true", help="skip timing a calibration")
+    parser.add_argument("--limit", type=float, default=1800.0, help="seconds a mode may take in all")
     parser.add_argument("--child", nargs=4, metavar=("MODEL", "BATCH", "STEPS", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -210,15 +215,20 @@ def main() -> None:
     modes = ["fp32", *(mode for mode in args.modes if mode != "fp32")]  # every ratio is to fp32
     jobs = [(m, b, s, mode) for m, b, s in SETTINGS if m in args.models and b in args.batches for mode in modes]
     rows = []
-    for job in tqdm(jobs, desc="benchmarks"):
-        rows.append({**dict(zip(("model", "batch", "steps", "mode"), job)), **_child(job, args.repeats)})
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "rows.jsonl").open("w", encoding="utf-8") as progress:  # what is done, should a run stop
+        for job in tqdm(jobs, desc="benchmarks"):
+            rows.append(
+                {**dict(zip(("model", "batch", "steps", "mode"), job)), **_child(job, args.repeats, args.limit)}
+            )
+            progress.write(json.dumps(rows[-1]) + "\n")
+            progress.flush()
     timed = [r for r in rows if "skipped" not in r]
     for row in timed:
         for peer in ("fp32", "fp32-compiled"):
             found = [r for r in timed if (r["model"], r["batch"], r["mode"]) == (row["model"], row["batch"], peer)]
             row[f"ratio_to_{peer.replace('-', '_')}"] = row["seconds"] / found[0]["seconds"] if found else None
     calibration = None if args.no_calibration else time_calibration()
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(
         json.dumps(
             {"threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows, "calibration": calibration},
