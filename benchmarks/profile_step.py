@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from speed import MODES, build
+from speed import MODES, build, trajectory
 
 TOP = 20
 
@@ -26,9 +25,7 @@ def profile_mode(model_name: str, batch: int, steps: int, mode_name: str) -> dic
     """Self CPU time per op name over one trajectory of `mode_name` (after a warm-up one)."""
     import torch._inductor.config as inductor_config
 
-    import modiff_quant as mq
-    from modiff_quant.models import load_model, sample_shape, training_schedule
-    from modiff_quant.samplers import make_scheduler, sample
+    from modiff_quant.models import load_model, sample_shape
 
     inductor_config.cpp.enable_kernel_profile = True  # generated kernels appear in the profile by name
     torch.manual_seed(0)
@@ -36,17 +33,10 @@ def profile_mode(model_name: str, batch: int, steps: int, mode_name: str) -> dic
     noise = torch.randn(batch, *sample_shape(model), generator=torch.Generator().manual_seed(0))
     mode = MODES[mode_name]
     net, prepared = build(model, mode)
-
-    def trajectory() -> None:
-        with (
-            mq.sampling(prepared) if prepared is not None else nullcontext(),
-            torch.autocast("cpu", dtype=torch.bfloat16) if mode.execution == "bfloat16" else nullcontext(),
-        ):
-            sample(net, noise, make_scheduler("ddim", training_schedule(model_name)), steps, progress=False)
-
-    trajectory()
+    options = {"prepared": prepared, "autocast": mode.execution == "bfloat16"}
+    trajectory(net, noise, model_name, steps, **options)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        trajectory()
+        trajectory(net, noise, model_name, steps, **options)
     events = [event for event in profiler.key_averages() if event.self_cpu_time_total > 0]
     total = sum(event.self_cpu_time_total for event in events)
     events.sort(key=lambda event: event.self_cpu_time_total, reverse=True)

@@ -84,6 +84,28 @@ def build(model: torch.nn.Module, mode: Mode) -> tuple[torch.nn.Module, torch.nn
     return net, prepared
 
 
+def trajectory(
+    net: torch.nn.Module,
+    noise: torch.Tensor,
+    model_name: str,
+    steps: int,
+    *,
+    prepared: torch.nn.Module | None = None,
+    autocast: bool = False,
+) -> torch.Tensor:
+    """One DDIM trajectory of `net` from `noise`: in the sampling scope of the prepared model behind
+    it (if any), under bf16 autocast when asked."""
+    import modiff_quant as mq
+    from modiff_quant.models import training_schedule
+    from modiff_quant.samplers import make_scheduler, sample
+
+    with (
+        mq.sampling(prepared) if prepared is not None else nullcontext(),
+        torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext(),
+    ):
+        return sample(net, noise, make_scheduler("ddim", training_schedule(model_name)), steps, progress=False).float()
+
+
 def run_mode(model_name: str, batch: int, steps: int, mode_name: str, repeats: int) -> dict[str, Any]:
     """Time one mode in this process; returns seconds per trajectory, PSNR vs float32, memory."""
     import modiff_quant as mq
@@ -102,24 +124,15 @@ def run_mode(model_name: str, batch: int, steps: int, mode_name: str, repeats: i
     model = load_model(model_name)
     noise = torch.randn(batch, *sample_shape(model), generator=torch.Generator().manual_seed(0))
     net, prepared = build(model, mode)
-    autocast = mode.execution == "bfloat16"
-
-    def trajectory(net: torch.nn.Module, autocast: bool = False) -> torch.Tensor:
-        scheduler = make_scheduler("ddim", training_schedule(model_name))
-        with (
-            mq.sampling(prepared) if prepared is not None and net is not model else nullcontext(),
-            torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext(),
-        ):
-            return sample(net, noise, scheduler, steps, progress=False).float()
-
-    reference = trajectory(model)
+    options = {"prepared": prepared, "autocast": mode.execution == "bfloat16"}
+    reference = trajectory(model, noise, model_name, steps)
     start = time.perf_counter()
-    trajectory(net, autocast)  # warm-up: compilation, allocations, kernel selection, weight packing caches
+    trajectory(net, noise, model_name, steps, **options)  # warm-up: compilation, allocations, packing caches
     warm_up = time.perf_counter() - start
     seconds, images = [], reference
     for _ in range(repeats):
         start = time.perf_counter()
-        images = trajectory(net, autocast)
+        images = trajectory(net, noise, model_name, steps, **options)
         seconds.append(time.perf_counter() - start)
     cache = 0
     if prepared is not None:
