@@ -237,7 +237,7 @@ class Tracker:
         """The phase of the member in `slot` for the calling thread's current model call."""
         lane = self.lane()
         if lane.phases is None:  # a member called outside any model call (the hooks set them)
-            lane.phases = self.phases_at(*lane.position[1:], lane.timestep)
+            lane.phases = self.phases_at(lane.position[1], lane.timestep)
         return lane.phases[slot]
 
     def phases_at(self, step: int, timestep: float | None) -> tuple[Hashable, ...]:
