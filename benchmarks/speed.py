@@ -101,13 +101,14 @@ def trajectory(
 
     with (
         mq.sampling(prepared) if prepared is not None else nullcontext(),
-        torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext(),
+        torch.autocast(noise.device.type, dtype=torch.bfloat16) if autocast else nullcontext(),
     ):
-        return sample(net, noise, make_scheduler("ddim", training_schedule(model_name)), steps, progress=False).float()
+        images = sample(net, noise, make_scheduler("ddim", training_schedule(model_name)), steps, progress=False)
+        return images.float().cpu()  # on the host: a finished trajectory on any device
 
 
-def run_mode(model_name: str, batch: int, steps: int, mode_name: str, repeats: int) -> dict[str, Any]:
-    """Time one mode in this process; returns seconds per trajectory, PSNR vs float32, memory."""
+def run_mode(model_name: str, batch: int, steps: int, mode_name: str, repeats: int, device: str) -> dict[str, Any]:
+    """Time one mode in this process on `device`; returns seconds per trajectory, PSNR vs float32, memory."""
     import modiff_quant as mq
     from modiff_quant.api import state_bytes
     from modiff_quant.metrics import psnr_vs
@@ -121,8 +122,10 @@ def run_mode(model_name: str, batch: int, steps: int, mode_name: str, repeats: i
 
         if unavailable_reason() is not None:
             return {"skipped": unavailable_reason()}
-    model = load_model(model_name)
-    noise = torch.randn(batch, *sample_shape(model), generator=torch.Generator().manual_seed(0))
+        if device != "cpu":
+            return {"skipped": "integer execution runs oneDNN's CPU kernels"}
+    model = load_model(model_name).to(device)
+    noise = torch.randn(batch, *sample_shape(model), generator=torch.Generator().manual_seed(0)).to(device)
     net, prepared = build(model, mode)
     options = {"prepared": prepared, "autocast": mode.execution == "bfloat16"}
     reference = trajectory(model, noise, model_name, steps)
@@ -145,6 +148,7 @@ def run_mode(model_name: str, batch: int, steps: int, mode_name: str, repeats: i
         "warm_up_seconds": warm_up,
         "psnr_vs_fp32": None if mode_name == "fp32" else psnr_vs(reference, images),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if noise.is_cuda else None,
         "state_bytes_per_image": cache,
     }
 
@@ -164,10 +168,10 @@ def time_calibration() -> dict[str, Any]:
     }
 
 
-def _child(job: tuple[str, int, int, str], repeats: int, limit: float) -> dict[str, Any]:
+def _child(job: tuple[str, int, int, str], repeats: int, limit: float, device: str) -> dict[str, Any]:
     """One mode in a fresh process; a mode still running after `limit` seconds is reported as such."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    command = [sys.executable, __file__, "--child", *map(str, job), "--repeats", str(repeats)]
+    command = [sys.executable, __file__, "--child", *map(str, job), "--repeats", str(repeats), "--device", device]
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=limit)
     except subprocess.TimeoutExpired:
@@ -217,12 +221,16 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--no-calibration", action="store_true", help="skip timing a calibration")
     parser.add_argument("--limit", type=float, default=1800.0, help="seconds a mode may take in all")
+    parser.add_argument("--device", default="cpu", help="torch device to sample on (default cpu)")
     parser.add_argument("--child", nargs=4, metavar=("MODEL", "BATCH", "STEPS", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         model, batch, steps, mode = args.child
-        print(json.dumps(run_mode(model, int(batch), int(steps), mode, args.repeats)))
+        print(json.dumps(run_mode(model, int(batch), int(steps), mode, args.repeats, args.device)))
         return
+    from modiff_quant.evaluate import checked_device
+
+    checked_device(args.device)  # refused before any work
     from tqdm.auto import tqdm
 
     modes = ["fp32", *(mode for mode in args.modes if mode != "fp32")]  # every ratio is to fp32
@@ -232,7 +240,10 @@ def main() -> None:
     with (args.out / "rows.jsonl").open("w", encoding="utf-8") as progress:  # what is done, should a run stop
         for job in tqdm(jobs, desc="benchmarks"):
             rows.append(
-                {**dict(zip(("model", "batch", "steps", "mode"), job)), **_child(job, args.repeats, args.limit)}
+                {
+                    **dict(zip(("model", "batch", "steps", "mode"), job)),
+                    **_child(job, args.repeats, args.limit, args.device),
+                }
             )
             progress.write(json.dumps(rows[-1]) + "\n")
             progress.flush()
@@ -244,7 +255,13 @@ def main() -> None:
     calibration = None if args.no_calibration else time_calibration()
     (args.out / "results.json").write_text(
         json.dumps(
-            {"threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows, "calibration": calibration},
+            {
+                "threads": torch.get_num_threads(),
+                "device": args.device,
+                "repeats": args.repeats,
+                "rows": rows,
+                "calibration": calibration,
+            },
             indent=1,
         ),
         encoding="utf-8",

@@ -3,11 +3,18 @@ activation codes, accumulated in int32 by oneDNN's u8×s8 kernels.
 
 Fake quantization runs each layer in float on dequantized values; since the layer is linear, the
 same result (to float32 rounding) comes from running it on the integer codes and scaling the
-output, which oneDNN does 5-10× faster than a float convolution on CPUs with VNNI or AMX.
+output, which oneDNN does 5-10× faster than a float convolution on CPUs with VNNI or AMX, and
+about 1.6× faster on AVX2 alone.
 
 The kernels take uint8 activations with a zero point, so centered codes (c − z) are shifted into
-[0, 255]; codes spanning more than 256 values (8-bit codes minus a per-sample zero point) are
-split into two pieces that each fit, and the two outputs summed (exact by linearity).
+[0, U]. U is 255 on CPUs with VNNI or AMX. Without them oneDNN multiplies with 16-bit pairwise
+sums (vpmaddubsw) that saturate above 127·128·2, so U is 127 there: 4-bit codes fit either way.
+Codes spanning more than U values (8-bit codes minus a per-sample zero point) are split into
+pieces that each fit, and the outputs summed (exact by linearity).
+
+Everything here traces under torch.compile without a host sync when the caller gives static
+code bounds: the zero point, the pieces and the sign are Python ints known from the bounds, and
+scales stay tensors (applied after the product, where inductor fuses them with the accumulation).
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from torch import Tensor, nn
 
 _OPS = ("qconv_prepack", "qconv2d_pointwise", "qlinear_prepack", "qlinear_pointwise")
 _CODE_LIMIT = 255  # |centered| bound: 8-bit codes minus an 8-bit zero point
+_PROBE_WIDTH = 64
+_POST_OPS = (1.0, 0, torch.float32, "none", [], "")  # output scale, zero point, dtype; no fused op
 
 
 class UnsupportedWeights(ValueError):
@@ -33,66 +42,51 @@ class _ConvParams(NamedTuple):
     groups: int
 
 
-@functools.cache
-def unavailable_reason() -> str | None:
-    """Why integer execution cannot run here, or None when it can.
+_POINTWISE = _ConvParams([1, 1], [0, 0], [1, 1], 1)  # a Linear as a 1×1 convolution
 
-    Besides checking that the oneDNN int8 ops exist (x86 builds only), runs worst-case uint8
-    codes (255, zero point 128) against weights 127 through both kernels: CPUs without VNNI/AMX
-    take a path that saturates 16-bit sums of 255·127 products or halves the weights, which would
-    silently break exactness.
-    """
+
+def _probe(code: int) -> list[float]:
+    """Outputs of a linear and a 1×1 convolution on uint8 inputs `code` (zero point 1) against
+    weights of -128 (the worst case for a saturating 16-bit pairwise sum) and of 127 (odd, so a
+    kernel that halves the weights shows)."""
+    codes = torch.full((1, _PROBE_WIDTH), code, dtype=torch.uint8)
+    weight = torch.tensor([[-128], [127]], dtype=torch.int8).expand(2, _PROBE_WIDTH).contiguous()
+    ones, zeros = torch.ones(2), torch.zeros(2, dtype=torch.int64)
+    linear = torch.ops.onednn.qlinear_pointwise(
+        codes, 1.0, 1, torch.ops.onednn.qlinear_prepack(weight, None), ones, zeros, None, *_POST_OPS
+    )
+    conv_params = ([1, 1], [0, 0], [1, 1], 1)
+    image = codes.view(1, _PROBE_WIDTH, 1, 1)
+    packed = torch.ops.onednn.qconv_prepack(
+        weight.view(2, _PROBE_WIDTH, 1, 1), ones, 1.0, 1, *conv_params, list(image.shape)
+    )
+    conv = torch.ops.onednn.qconv2d_pointwise(image, 1.0, 1, packed, ones, zeros, None, *conv_params, *_POST_OPS)
+    return [*linear.flatten().tolist(), *conv.flatten().tolist()]
+
+
+@functools.cache
+def code_range() -> int | None:
+    """U: the largest uint8 input the kernels multiply exactly here (255 or 127), None if neither."""
+    if not all(hasattr(torch.ops.onednn, name) for name in _OPS):
+        return None
+    for limit in (255, 127):
+        exact = [_PROBE_WIDTH * (limit - 1) * w for w in (-128, 127)] * 2
+        if _probe(limit) == exact:
+            return limit
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why integer execution cannot run here, or None when it can."""
     if not all(hasattr(torch.ops.onednn, name) for name in _OPS):
         return (
             "integer execution needs the oneDNN int8 ops (torch.ops.onednn.qconv2d_pointwise, qlinear_pointwise), "
             "which this torch build lacks"
         )
-    codes = torch.full((1, 64), 255, dtype=torch.uint8)
-    weight = torch.full((1, 64), 127, dtype=torch.int8)
-    ones, zeros = torch.ones(1), torch.zeros(1, dtype=torch.int64)
-    expected = 64 * 127 * 127
-    linear = torch.ops.onednn.qlinear_pointwise(
-        codes,
-        1.0,
-        128,
-        torch.ops.onednn.qlinear_prepack(weight, None),
-        ones,
-        zeros,
-        None,
-        1.0,
-        0,
-        torch.float32,
-        "none",
-        [],
-        "",
-    )
-    packed = torch.ops.onednn.qconv_prepack(
-        weight.view(1, 64, 1, 1), ones, 1.0, 128, [1, 1], [0, 0], [1, 1], 1, [1, 64, 1, 1]
-    )
-    conv = torch.ops.onednn.qconv2d_pointwise(
-        codes.view(1, 64, 1, 1),
-        1.0,
-        128,
-        packed,
-        ones,
-        zeros,
-        None,
-        [1, 1],
-        [0, 0],
-        [1, 1],
-        1,
-        1.0,
-        0,
-        torch.float32,
-        "none",
-        [],
-        "",
-    )
-    if linear.item() != expected or conv.item() != expected:
-        got = f"{linear.item():.0f} / {conv.item():.0f}"
+    if code_range() is None:
         return (
-            f"oneDNN int8 kernels are not exact on this CPU (probe gave {got}, expected {expected}); "
-            "integer execution needs VNNI or AMX"
+            "oneDNN int8 kernels are not exact on this CPU even for 7-bit inputs; "
+            "integer execution needs AVX2, VNNI or AMX"
         )
     return None
 
@@ -101,12 +95,16 @@ class IntegerWeights:
     """The int8 weights of one layer, prepacked for the oneDNN kernels, and `run` on activation codes."""
 
     def __init__(self, codes: Tensor, scales: Tensor, conv: _ConvParams | None, unit_height: bool) -> None:
-        self._codes = codes  # int8, shaped as the kernel takes them (Conv1d with a unit height)
-        self._packed: dict[tuple[int, ...], Tensor] = {}  # see `_packed_weights`
+        linear = conv is None
+        self._codes = codes.view(*codes.shape, 1, 1) if linear else codes  # int8, as the conv kernel takes them
         self._scales = scales
         self._zero_points = torch.zeros(scales.numel(), dtype=torch.int64)
-        self._conv = conv  # as the 2-d kernel takes them; None for Linear
+        self._conv = _POINTWISE if conv is None else conv  # as the 2-d kernel takes them
         self._unit_height = unit_height  # Conv1d, run as a Conv2d over [B, C, 1, L]
+        self._limit = code_range() or 0  # U; from_layer has checked that the kernels exist
+        self._linear = torch.ops.onednn.qlinear_prepack(codes, None) if linear else None
+        self._any_shape = self._pack(None)
+        self._packed: dict[tuple[int, ...], Tensor] = {}  # see `_packed_weights`
 
     @classmethod
     def from_layer(cls, layer: nn.Module, weight: Tensor, bits: int) -> IntegerWeights:
@@ -154,82 +152,67 @@ class IntegerWeights:
         integral values, or an integer tensor), within [-255, 255]; `scale` is one scale (any
         shape with one element) or one per sample, shaped [B, 1, ..., 1]. `bounds` are inclusive
         bounds on `centered` the caller guarantees (e.g. its quantizer's code range minus the
-        zero points); without them one min/max pass over `centered` measures them. The output
-        keeps the memory format of `centered`, as F.conv2d does. Inference only: no gradient.
+        zero points). Eager calls measure the codes (one min/max pass and a host sync) when no
+        bounds are given or when the bounds span more than one kernel call takes, which often
+        saves a piece; compiled calls use the bounds as given. The output keeps the memory
+        format of `centered`, as F.conv2d does. Inference only: no gradient.
         """
-        low, high = bounds if bounds is not None else _measure(centered)
+        if bounds is None or (bounds[1] - bounds[0] > self._limit and not torch.compiler.is_compiling()):
+            bounds = _measure(centered)
+        low, high = bounds
         if low < -_CODE_LIMIT or high > _CODE_LIMIT:
             raise ValueError(f"integer execution takes centered codes within ±{_CODE_LIMIT}, got [{low}, {high}]")
-        per_tensor = scale.numel() == 1
-        x_scale = float(scale) if per_tensor else 1.0
-        if high - low <= _CODE_LIMIT:
-            out = self._kernel(centered, low, high, x_scale)
-        else:  # split c = clamp(c, -128, 127) + rest, where rest lies in [-127, 128]
-            first = centered.clamp(-128, 127)
-            out = self._kernel(first, -128, 127, x_scale)
-            out.add_(self._kernel(centered - first, -127, 128, x_scale))
-        if accumulate is not None and not per_tensor:
-            return torch.addcmul(accumulate, out, scale, out=out)
-        if not per_tensor:
-            out.mul_(scale)
-        return out if accumulate is None else out.add_(accumulate)
+        out: Tensor | None = None
+        for piece, piece_low, piece_high in _pieces(centered, low, high, self._limit):
+            part = self._kernel(piece, piece_low, piece_high)
+            out = part if out is None else out.add_(part)
+        assert out is not None
+        if scale.numel() == 1:
+            scale = scale.reshape(())
+        if accumulate is None:
+            return out.mul_(scale)
+        if torch.compiler.is_compiling():  # dynamo refuses out= on a channels-last tensor; inductor fuses anyway
+            return torch.addcmul(accumulate, out, scale)
+        return torch.addcmul(accumulate, out, scale, out=out)
 
     def _packed_weights(self, shape: tuple[int, ...]) -> Tensor:
-        """The weights packed for a convolution input shape (one packing for Linear), on first use.
+        """The convolution weights packed for an input shape.
 
-        oneDNN picks the weight blocking per input shape; a convolution call whose packing does
-        not match repacks the weights on every call (0.3 ms for 256×256×3×3). Packings are for a
-        nonzero input zero point, which `_encode` always uses.
+        oneDNN picks the weight blocking per input shape; with VNNI or AMX a convolution call
+        whose packing does not match reorders the weights on every call (0.3 ms for 256×256×3×3).
+        Eager calls therefore pack per shape on first use. Compiled code takes the packing made
+        for any shape: a packing made while tracing would be a side effect that recompiles.
+        Packings are for a nonzero input zero point, which `_encode` always uses.
         """
+        if torch.compiler.is_compiling():
+            return self._any_shape
         if shape not in self._packed:
-            if self._conv is None:
-                self._packed[shape] = torch.ops.onednn.qlinear_prepack(self._codes, None)
-            else:
-                self._packed[shape] = torch.ops.onednn.qconv_prepack(
-                    self._codes, self._scales, 1.0, 128, *self._conv, list(shape)
-                )
+            self._packed[shape] = self._pack(list(shape))
         return self._packed[shape]
 
-    def _kernel(self, centered: Tensor, low: int, high: int, x_scale: float) -> Tensor:
-        """centered·x_scale (values in [low, high], spanning at most 256) through the layer."""
-        codes, zero_point, sign = _encode(centered, low, high)
-        x_scale *= sign
-        if self._conv is None:
-            return torch.ops.onednn.qlinear_pointwise(
-                codes,
-                x_scale,
-                zero_point,
-                self._packed_weights(()),
-                self._scales,
-                self._zero_points,
-                None,
-                1.0,
-                0,
-                torch.float32,
-                "none",
-                [],
-                "",
-            )
+    def _pack(self, shape: list[int] | None) -> Tensor:
+        return torch.ops.onednn.qconv_prepack(self._codes, self._scales, 1.0, 128, *self._conv, shape)
+
+    def _kernel(self, centered: Tensor, low: int, high: int) -> Tensor:
+        """The layer on `centered` (values in [low, high], spanning at most U), unscaled."""
+        codes, zero_point, sign = _encode(centered, low, high, self._limit)
+        if self._linear is not None:
+            if not torch.compiler.is_compiling():
+                return torch.ops.onednn.qlinear_pointwise(
+                    codes, float(sign), zero_point, self._linear, self._scales, self._zero_points, None, *_POST_OPS
+                )
+            # inductor lowers qlinear only for weights frozen into the graph; a 1×1 convolution has no such limit
+            rows = codes.reshape(-1, codes.shape[-1], 1, 1)
+            return self._convolve(rows, zero_point, sign).reshape(*codes.shape[:-1], -1)
         if self._unit_height:
-            codes = codes.unsqueeze(2)
+            return self._convolve(codes.unsqueeze(2), zero_point, sign).squeeze(2)
+        return self._convolve(codes, zero_point, sign)
+
+    def _convolve(self, codes: Tensor, zero_point: int, sign: int) -> Tensor:
         packed = self._packed_weights(tuple(codes.shape))
-        out = torch.ops.onednn.qconv2d_pointwise(
-            codes,
-            x_scale,
-            zero_point,
-            packed,
-            self._scales,
-            self._zero_points,
-            None,
-            *self._conv,
-            1.0,
-            0,
-            torch.float32,
-            "none",
-            [],
-            "",
+        return torch.ops.onednn.qconv2d_pointwise(
+            codes, float(sign), zero_point, packed, self._scales, self._zero_points, None, *self._conv, *_POST_OPS
         )
-        return out.squeeze(2) if self._unit_height else out
 
 
 def _lattice(weight: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -290,21 +273,37 @@ def _measure(centered: Tensor) -> tuple[int, int]:
     return int(low), int(high)
 
 
-def _encode(centered: Tensor, low: int, high: int) -> tuple[Tensor, int, int]:
-    """uint8 codes u (in the memory format of `centered`), zero point z and sign σ with
-    σ·(u − z) = centered, for values in [low, high] spanning at most 256.
+def _pieces(centered: Tensor, low: int, high: int, limit: int) -> list[tuple[Tensor, int, int]]:
+    """(piece, its low, its high) summing to `centered` (values in [low, high]), each spanning at
+    most `limit`: with d = centered − low, the pieces are low + clamp(d, 0, U) and
+    clamp(d − i·U, 0, U) for i ≥ 1."""
+    if high - low <= limit:
+        return [(centered, low, high)]
+    pieces = [(centered.clamp(low, low + limit), low, low + limit)]
+    for start in range(low + limit, high, limit):
+        top = min(limit, high - start)
+        pieces.append(((centered - start).clamp(0, top), 0, top))
+    return pieces
+
+
+def _encode(centered: Tensor, low: int, high: int, limit: int) -> tuple[Tensor, int, int]:
+    """uint8 codes u within [0, limit] (in the memory format of `centered`), zero point z and
+    sign σ with σ·(u − z) = centered, for values in [low, high] spanning at most `limit`.
 
     z is never 0, so one weight packing (with the compensation term a nonzero z needs) serves
     every call: a call with z = 0 repacks the weights, and in this torch a packing made for
     z = 0 also strips the compensation from later packings of the same shape in any layer.
-    Codes in [0, 255] are therefore sent negated, as 255 − c with z = 255. Integer narrowing
-    wraps modulo 256, so narrowing and then shifting in uint8 is exact; narrowing through int8
-    (when the values fit) is the cheapest cast from float.
+    Values that cannot shift up into [1, limit] (e.g. [0, 255]) are sent negated, as z − c.
+    Integer narrowing wraps modulo 256, so narrowing and then shifting in uint8 is exact;
+    narrowing through int8 (when the values fit) is the cheapest cast from float.
     """
     if low >= -128 and high <= 127:
-        return centered.to(torch.int8, copy=True).view(torch.uint8).add_(128), 128, 1
-    codes = centered.to(torch.int16).to(torch.uint8)
-    if high < 255:
-        zero_point = max(1, -low)
+        codes = centered.to(torch.int8, copy=True).view(torch.uint8)
+    else:
+        codes = centered.to(torch.int16).to(torch.uint8)
+    zero_point = max(1, -low)
+    if high + zero_point <= limit:
         return codes.add_(zero_point), zero_point, 1
-    return codes.bitwise_not_(), 255, -1
+    zero_point = max(1, high)
+    codes.bitwise_not_()  # 255 − c; adding z + 1 wraps it to z − c
+    return (codes if zero_point == 255 else codes.add_(zero_point + 1)), zero_point, -1

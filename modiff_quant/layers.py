@@ -30,11 +30,10 @@ _FLOAT_WEIGHT_MODES = (Mode.CALIBRATING, Mode.OBSERVING, Mode.REFERENCE)
 Execution = Literal["fake", "integer"]
 
 
-def _code_bounds(spec: QuantSpec) -> tuple[int, int] | None:
-    """Bounds of c − z known from the spec (saving the kernels a min/max pass), or None where the
-    zero point can shift the codes too far for one 8-bit input (8-bit asymmetric)."""
-    low, high = (spec.qmin, spec.qmax) if spec.symmetric else (spec.qmin - spec.qmax, spec.qmax - spec.qmin)
-    return (low, high) if high - low <= 255 else None
+def _code_bounds(spec: QuantSpec) -> tuple[int, int]:
+    """Bounds of c − z known from the spec: compiled code splits the codes by them without a
+    measuring pass (8-bit asymmetric codes, spanning 511 values, go in pieces)."""
+    return (spec.qmin, spec.qmax) if spec.symmetric else (spec.qmin - spec.qmax, spec.qmax - spec.qmin)
 
 
 class QuantizedLayer(nn.Module):
@@ -159,6 +158,10 @@ class QuantizedLayer(nn.Module):
         if mode == "fake" or s.a_bits in (FLOAT_BITS, SKIP_BITS):
             return  # float or always-skipped activations: nothing to run on integers
         fail = f"{self.plan.name}: integer execution needs"
+        if self.weight.device.type != "cpu":
+            raise ValueError(
+                f"{fail} the model on the CPU (oneDNN's int8 kernels), this layer is on {self.weight.device}"
+            )
         if s.input_cache != "full" and s.scheme == "modiff" and s.error_compensation:
             raise ValueError(
                 f"{fail} input_cache: full (a lossy â turns the increments into non-codes), got {s.input_cache}"

@@ -23,9 +23,9 @@ SKIP_BITS = 0
 
 MIN_BITS, MAX_BITS = 2, 16
 
-Codes = tuple[Tensor, Tensor, tuple[int, int] | None]
+Codes = tuple[Tensor, Tensor, tuple[int, int]]
 """Centered integer codes of a quantized activation, their scale (per tensor or per sample) and
-bounds on the codes when the spec alone fits them in one 8-bit kernel input."""
+the bounds on the codes that the spec guarantees."""
 
 _RANGE_LIMIT = 1e38  # ranges are clipped here so dequantized float32 values stay finite
 _SCALE_FLOOR = torch.finfo(torch.float32).tiny  # below it scales lose precision (subnormals)

@@ -20,6 +20,7 @@ from torch._dynamo.utils import counters
 
 import modiff_quant as mq
 from modiff_quant.api import needs_calibration
+from modiff_quant.integer_kernels import unavailable_reason
 
 MAX_GRAPHS = 4
 FAST_QDIFFUSION = (
@@ -101,6 +102,21 @@ def test_inductor_keeps_the_graph_count_and_the_quality_of_eager(unet_and_inputs
     torch.testing.assert_close(run.outputs[0][0], expected[0])
     assert error(run.outputs[0]) <= 1.5 * error(expected)  # code flips move the error both ways, a little
     assert all(torch.equal(a, b) for a, b in zip(run.outputs[0], run.outputs[1], strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+def test_integer_execution_compiles_whole_and_agrees_with_eager(unet_and_inputs):
+    """Static code bounds, tensor scales and weights packed for any shape keep the int8 kernels in
+    the graph; they are eager's kernels (a Linear runs as a 1×1 convolution), so the output
+    differs from eager by float rounding only."""
+    model, inputs = unet_and_inputs
+    quantized = mq.set_execution(converted("w8a4-modiff", model, inputs), "integer")
+    expected = eager(quantized, inputs)
+    run = run_compiled(quantized, inputs, trajectories=2, backend="aot_eager")
+    assert run.graph_breaks == 0 and 2 <= run.graphs <= MAX_GRAPHS and run.compiles[1:] == [0]
+    for got, want in zip(run.outputs[1], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -88,3 +88,10 @@ def test_integer_execution_needs_a_converted_model_and_a_known_mode():
         mq.set_execution(model, "integer")
     with pytest.raises(ValueError, match="'fake' or 'integer'"):
         mq.set_execution(mq.convert(model), "int8")
+
+
+def test_integer_execution_on_another_device_is_refused_by_layer():
+    """oneDNN's int8 kernels are CPU kernels: a model elsewhere is refused, naming the layers."""
+    model = mq.convert(mq.prepare(tiny_unet(), "w8a4-modiff")).to("meta")
+    with pytest.raises(ValueError, match="conv_in: integer execution needs the model on the CPU .* on meta"):
+        mq.set_execution(model, "integer")

@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modiff_quant.integer_kernels import IntegerWeights, UnsupportedWeights, unavailable_reason
+from modiff_quant.integer_kernels import (
+    _PROBE_WIDTH,
+    IntegerWeights,
+    UnsupportedWeights,
+    _probe,
+    code_range,
+    unavailable_reason,
+)
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
@@ -68,11 +75,19 @@ def test_matches_float_layer(no_grad: None, name: str, bits: int, codes: int, pe
 
 
 @pytest.mark.parametrize(
-    "bounds", [(-40, 215), (0, 255), (-255, 0), (-255, 255)], ids=["shifted", "unsigned", "negative", "split"]
+    "bounds",
+    [(-40, 215), (0, 255), (-255, 0), (-255, 255), (-8, 7), (0, 127), (-120, 7)],
+    ids=["shifted", "unsigned", "negative", "split", "4bit", "unsigned7", "shifted7"],
 )
-def test_code_ranges_and_given_bounds(no_grad: None, bounds: tuple[int, int]) -> None:
-    """8-bit codes minus a zero point: one shifted call when they span ≤ 256 values (zero point 0
-    included, which has its own weight packing), two otherwise."""
+@pytest.mark.parametrize("measured", [True, False], ids=["measured", "as_given"])
+def test_code_ranges_and_given_bounds(
+    no_grad: None, monkeypatch: pytest.MonkeyPatch, bounds: tuple[int, int], measured: bool
+) -> None:
+    """Codes minus a zero point: one shifted (or negated) call when they span at most U values
+    (zero point 0 included, which has its own weight packing), pieces otherwise; with the bounds
+    used as given (compiled code: no measuring pass) as well as measured (eager)."""
+    if not measured:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.manual_seed(1)
     layer = LAYERS["conv3x3"]()
     weight = lattice_weight(layer, 8)
@@ -80,9 +95,35 @@ def test_code_ranges_and_given_bounds(no_grad: None, bounds: tuple[int, int]) ->
     x[0, 0, 0, :2] = torch.tensor(bounds, dtype=torch.float32)  # the extremes occur
     kernel = IntegerWeights.from_layer(layer, weight, 8)
     expected = reference(layer, x * 0.5, weight)
-    assert_close(kernel.run(x, torch.tensor(0.5)), expected)
     assert_close(kernel.run(x, torch.tensor(0.5), bounds=bounds), expected)
-    assert_close(kernel.run(x.to(torch.int16), torch.tensor(0.5)), expected)
+    assert_close(kernel.run(x.to(torch.int16), torch.tensor(0.5), bounds=bounds), expected)
+    if measured:
+        assert_close(kernel.run(x, torch.tensor(0.5)), expected)
+
+
+def test_kernel_input_range_is_what_the_cpu_multiplies_exactly() -> None:
+    """U is 255 with VNNI/AMX and 127 on AVX2 alone (16-bit pairwise sums saturate above it)."""
+    assert code_range() in (127, 255)
+    assert _probe(code_range()) == [_PROBE_WIDTH * (code_range() - 1) * w for w in (-128, 127)] * 2
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["linear", "conv3x3", "conv1d"])
+def test_compiles_in_one_graph_without_host_syncs(no_grad: None, backend: str, name: str) -> None:
+    """Under torch.compile(fullgraph=True) the run traces whole: static bounds (split into pieces
+    where wide), tensor scales, the packing for any shape; inductor fuses code prep and scaling."""
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    layer = LAYERS[name]()
+    weight = lattice_weight(layer, 8)
+    kernel = IntegerWeights.from_layer(layer, weight, 8)
+    run = torch.compile(kernel.run, backend=backend, fullgraph=True)
+    for bounds in [(-15, 15), (-255, 255)]:
+        x = activation(layer, bounds[1])
+        scale = torch.rand(x.shape[0], *[1] * (x.dim() - 1)) + 0.01
+        accumulate = torch.randn(reference(layer, x, weight).shape)
+        expected = reference(layer, x * scale.double(), weight) + accumulate
+        assert_close(run(x, scale, accumulate, bounds=bounds), expected)
 
 
 def test_layouts_shapes_and_per_tensor_weights(no_grad: None) -> None:
