@@ -55,12 +55,11 @@ def _probe(code: int) -> list[float]:
     linear = torch.ops.onednn.qlinear_pointwise(
         codes, 1.0, 1, torch.ops.onednn.qlinear_prepack(weight, None), ones, zeros, None, *_POST_OPS
     )
-    conv_params = ([1, 1], [0, 0], [1, 1], 1)
     image = codes.view(1, _PROBE_WIDTH, 1, 1)
     packed = torch.ops.onednn.qconv_prepack(
-        weight.view(2, _PROBE_WIDTH, 1, 1), ones, 1.0, 1, *conv_params, list(image.shape)
+        weight.view(2, _PROBE_WIDTH, 1, 1), ones, 1.0, 1, *_POINTWISE, list(image.shape)
     )
-    conv = torch.ops.onednn.qconv2d_pointwise(image, 1.0, 1, packed, ones, zeros, None, *conv_params, *_POST_OPS)
+    conv = torch.ops.onednn.qconv2d_pointwise(image, 1.0, 1, packed, ones, zeros, None, *_POINTWISE, *_POST_OPS)
     return [*linear.flatten().tolist(), *conv.flatten().tolist()]
 
 
