@@ -28,7 +28,7 @@ from modiff_quant.base_quantizer import (
     UnsupportedSetting,
 )
 from modiff_quant.imports import optional_import
-from modiff_quant.quant import FLOAT_BITS, QuantSpec
+from modiff_quant.quant import FLOAT_BITS, Granularity, QuantSpec
 from modiff_quant.registry import Registry, did_you_mean, register_base_quantizer
 
 Injector = Any  # a brevitas.inject.ExtendedInjector subclass
@@ -190,22 +190,33 @@ class BrevitasQuantizer(BaseQuantizer):
         self.act_quant = None if act_quant is None else injector(act_quant)
         self.calibration = calibration
 
-    def check_layer(self, layer: nn.Module, weight: QuantSpec, activation: QuantSpec) -> None:
-        if (
-            self.weight_quant is None
-            and not weight.is_float
-            and (weight.granularity.kind not in WEIGHT_INJECTORS or not weight.symmetric)
-        ):
-            raise UnsupportedSetting(
-                "w_granularity",
-                "chooses a Brevitas weight injector for symmetric tensor or channel weights only, "
-                f"got {weight.granularity}, symmetric {weight.symmetric}; name one with weight_quant",
-            )
+    def adaptations(self, weight: QuantSpec, activation: QuantSpec) -> dict[str, tuple[Any, str]]:
+        found: dict[str, tuple[Any, str]] = {}
+        if self.weight_quant is None and not weight.is_float:
+            if weight.granularity.kind not in WEIGHT_INJECTORS:
+                found["w_granularity"] = (
+                    Granularity("channel"),
+                    "the weight injectors it chooses are per tensor or channel",
+                )
+            if not weight.symmetric:
+                found["w_symmetric"] = (True, "the weight injectors it chooses are symmetric")
         if self.act_quant is None and not activation.is_float and activation.granularity.kind != "tensor":
+            found["a_granularity"] = (
+                Granularity("tensor"),
+                "the activation injector it chooses has one scale per tensor",
+            )
+        return found
+
+    def check_layer(self, layer: nn.Module, weight: QuantSpec, activation: QuantSpec) -> None:
+        asked = {
+            "w_granularity": weight.granularity,
+            "w_symmetric": weight.symmetric,
+            "a_granularity": activation.granularity,
+        }
+        for setting, (_, reason) in self.adaptations(weight, activation).items():
+            option = "act_quant" if setting == "a_granularity" else "weight_quant"
             raise UnsupportedSetting(
-                "a_granularity",
-                "chooses a Brevitas activation injector for a_granularity tensor only, "
-                f"got {activation.granularity}; name one with act_quant",
+                setting, f"{reason}, got {setting} {asked[setting]}; name an injector with {option}"
             )
 
     def weight_note(self, layer: nn.Module, weight: QuantSpec) -> str | None:

@@ -43,5 +43,10 @@ class StaticQuantizer(BaseQuantizer):
         scale, zero_point = self.weight_qparams(weight, spec)
         return fake_quantize_grouped(weight, scale, zero_point, spec, weight=True)
 
+    def adaptations(self, weight: QuantSpec, activation: QuantSpec) -> dict[str, tuple[Any, str]]:
+        if activation.is_float or activation.granularity.kind != "sample":
+            return {}
+        return {"a_granularity": (Granularity("tensor"), "a calibrated scale is fixed, it cannot follow each sample")}
+
     def activation_quantizer(self, spec: QuantSpec, channel_dim: int) -> ActivationQuantizer:
         return ObservedActivationQuantizer(spec, channel_dim, self.observer, **self.observer_options)

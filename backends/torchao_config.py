@@ -9,6 +9,10 @@ an existing script changes one line:
     quantize_(unet, PrototypeInt4WeightOnlyConfig(group_size=32))
     quantize_(unet, MoDiffConfig(PrototypeInt4WeightOnlyConfig(group_size=32), a_bits=8))
 
+torchao's `quantize_` visits Linear layers unless `filter_fn` says otherwise; `quantizable` also
+takes the convolutions (most of a UNet's work), whose weights torchao's configs cannot hold:
+they get MoDiff's own symmetric per-channel weights of `conv_w_bits` bits.
+
 `recipe_to_fqn_config` turns a recipe into torchao's per-module mapping, `FqnToConfig`.
 """
 
@@ -38,16 +42,19 @@ _handlers = _ao.quantization.transform_module
 class MoDiffConfig(_AOBaseConfig):
     """MoDiff around a torchao weight config.
 
-    `base_config` quantizes the weight (None: the weight stays float unless `options` set
-    `w_bits`); `a_bits` and `scheme` are the recipe keys of the same names; `options` takes any
-    other recipe key (`a_granularity`, `first_step`, `base_quantizer`, ...). Activations default
-    to torchao's affine quantization (`base_quantizer: torchao_int4`).
+    `base_config` quantizes a Linear weight (None: the weight stays float unless `options` set
+    `w_bits`); a convolution's weight, which torchao's tensor subclasses cannot convolve, gets
+    `conv_w_bits` bits (symmetric per channel) when `base_config` is given. `a_bits` and `scheme`
+    are the recipe keys of the same names; `options` takes any other recipe key (`a_granularity`,
+    `first_step`, `base_quantizer`, ...). Activations default to torchao's affine quantization
+    (`base_quantizer: torchao_int4`).
     """
 
     base_config: Any = None  # AOBaseConfig | None
     a_bits: int | str = 8
     scheme: str = "modiff"
     options: dict[str, Any] = field(default_factory=dict)
+    conv_w_bits: int | str = 8
 
     def settings(self) -> LayerSettings:
         """The layer settings this config stands for, validated like a recipe's."""
@@ -78,13 +85,22 @@ def _apply_modiff(module: nn.Module, config: MoDiffConfig) -> nn.Module:
     if type(module) not in CHANNEL_DIMS:
         kinds = ", ".join(t.__name__ for t in CHANNEL_DIMS)
         raise TypeError(
-            f"MoDiffConfig applies to exact {kinds} modules, got {type(module).__name__}; narrow quantize_'s filter_fn"
+            f"MoDiffConfig applies to exact {kinds} modules, got {type(module).__name__}; use filter_fn=quantizable"
         )
     settings = config.settings()
     if config.base_config is not None:
-        module = _handlers._QUANTIZE_CONFIG_HANDLER[type(config.base_config)](module, config.base_config)
+        if isinstance(module, nn.Linear):
+            module = _handlers._QUANTIZE_CONFIG_HANDLER[type(config.base_config)](module, config.base_config)
+        else:
+            settings = settings.updated(SETTING_PARSERS["w_bits"](config.conv_w_bits))
     defer(module, settings)
     return module
+
+
+def quantizable(module: nn.Module, fqn: str = "") -> bool:
+    """A `quantize_` filter_fn for every layer MoDiff quantizes (exact Linear, Conv1d, Conv2d),
+    not only torchao's default of Linear layers."""
+    return type(module) in CHANNEL_DIMS
 
 
 def recipe_to_fqn_config(recipe: Recipe | str, model: nn.Module) -> Any:

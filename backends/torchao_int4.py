@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from functools import cache
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from modiff_quant.base_quantizer import (
     UnsupportedSetting,
 )
 from modiff_quant.imports import optional_import
-from modiff_quant.quant import QuantSpec
+from modiff_quant.quant import Granularity, QuantSpec
 from modiff_quant.registry import register_base_quantizer
 
 PACKED_GROUP_SIZES = (32, 64, 128)
@@ -101,6 +101,11 @@ class TorchaoInt4Quantizer(BaseQuantizer):
         if fallback not in ("channel", "float"):
             raise ValueError(f"fallback must be 'channel' or 'float', got {fallback!r}")
         self.fallback = fallback
+
+    def adaptations(self, weight: QuantSpec, activation: QuantSpec) -> dict[str, tuple[Any, str]]:
+        if weight.is_float or weight.granularity.kind in ("group", "channel"):
+            return {}
+        return {"w_granularity": (Granularity("channel"), "torchao's int4 layouts scale per channel or group")}
 
     def check_layer(self, layer: nn.Module, weight: QuantSpec, activation: QuantSpec) -> None:
         if weight.is_float:

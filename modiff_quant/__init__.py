@@ -7,6 +7,7 @@ with error compensation, on top of any base quantizer, driven by YAML recipes.
 from .api import branch, calibrate, convert, plan_of, prepare, reset, sampling, set_execution
 from .base_quantizer import ActivationQuantizer, BaseQuantizer, UnsupportedSetting
 from .observers import Observer
+from .oneshot import oneshot
 from .pipelines import attach
 from .quant import Granularity, QuantSpec
 from .recipe import Recipe, RecipeError, load_recipe, shipped_recipes
@@ -32,6 +33,7 @@ __all__ = [
     "convert",
     "load_quantized",
     "load_recipe",
+    "oneshot",
     "plan_of",
     "prepare",
     "register_base_quantizer",

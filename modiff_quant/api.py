@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from torch import nn
 
@@ -62,9 +62,37 @@ def install(model: nn.Module, plan: Plan) -> nn.Module:
         install_block_cache(modules[name], block, tracker)
     setattr(model, _TRACKER, tracker)
     setattr(model, _PLAN, plan)
+    if hasattr(model, "save_pretrained"):  # a diffusers model: its own save would drop the quantization
+        model.save_pretrained = _refuse_save_pretrained
     model.register_forward_pre_hook(tracker.on_model_call, with_kwargs=True)
     model.register_forward_hook(tracker.on_model_return, with_kwargs=True)
+    model.register_load_state_dict_post_hook(_converted_by_loading)
     return model
+
+
+def _converted_by_loading(model: nn.Module, incompatible: Any) -> None:
+    """`prepare(model, recipe)` then `model.load_state_dict(converted.state_dict())`, as torchao
+    users load: once the calibrated layers have their frozen scales from the state_dict, the
+    model is the converted one (its weights are the quantized ones loaded). Layers left without
+    are reported as missing keys, so a strict load fails."""
+    if _tracker(model).mode is not Mode.PREPARED:
+        return
+    layers = [layer for layer in model.modules() if isinstance(layer, QuantizedLayer) and layer.calibrates]
+    if not any(layer.frozen for layer in layers):
+        return  # e.g. float weights loaded before calibrating
+    missing = [layer.plan.name for layer in layers if not layer.frozen]
+    if missing:
+        incompatible.missing_keys.extend(f"{name}.act_quantizers (frozen scales)" for name in missing)
+        return
+    mark_converted(model)
+
+
+def _refuse_save_pretrained(*args: Any, **kwargs: Any) -> NoReturn:
+    raise RuntimeError(
+        "save_pretrained() would write this MoDiff model's quantized layers as plain float layers, which reload "
+        "without MoDiff; save it with modiff_quant.save_quantized(model, folder) and load it with "
+        "modiff_quant.load_quantized(folder) or modiff_quant.attach(pipe, folder)"
+    )
 
 
 def mark_converted(model: nn.Module) -> None:
@@ -220,11 +248,13 @@ def bind_deferred(model: nn.Module) -> bool:
     return True
 
 
-def _bind_on_call(model: nn.Module, args: tuple[Any, ...]) -> None:
+def bind_on_call(model: nn.Module, args: tuple[Any, ...]) -> bool:
     """Bind `model` during its call and give the tracker that call (its hook was not yet
     installed when the call began; keyword arguments are not visible to the global hook)."""
-    if bind_deferred(model):
-        _tracker(model).on_model_call(model, args, {})
+    if not bind_deferred(model):
+        return False
+    _tracker(model).on_model_call(model, args, {})
+    return True
 
 
 def _tracker(model: nn.Module) -> Tracker:
@@ -235,4 +265,4 @@ def _tracker(model: nn.Module) -> Tracker:
     return tracker
 
 
-set_binder(_bind_on_call)  # layers marked by torchao's quantize_ bind through this on their first call
+set_binder(bind_on_call)  # layers marked by torchao's quantize_ bind through this on their first call

@@ -99,6 +99,20 @@ class ObservedActivationQuantizer(ActivationQuantizer):
         if self.observer is not None and x.numel():
             self.observer.observe(x)
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """A converted model's state_dict holds the frozen scale and zero point, which this
+        quantizer of a model only prepared has no buffers for yet: take them, checked."""
+        keys = (f"{prefix}scale", f"{prefix}zero_point")
+        if self.scale is None and not self.spec.is_float and all(key in state_dict for key in keys):
+            error_msgs = args[-1]
+            try:
+                self.load_frozen_state(
+                    {"scale": state_dict[keys[0]].clone(), "zero_point": state_dict[keys[1]].clone()}
+                )
+            except ValueError as exc:
+                error_msgs.append(f"{prefix.removesuffix('.')}: {exc}")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def freeze(self) -> None:
         """Fix scale and zero point, then drop the observer and the statistics it held."""
         if self.observer is not None:
@@ -207,6 +221,15 @@ class SplitActivationQuantizer(ActivationQuantizer):
                 {key.removeprefix(f"{name}."): value for key, value in state.items() if key.startswith(f"{name}.")}
             )
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        if self.split_at is None and f"{prefix}second.scale" in state_dict:
+            args[-1].append(
+                f"{prefix.removesuffix('.')}: the saved layer quantizes the two parts of a concatenated input apart, "
+                "and a state_dict does not say where they divide; load it with modiff_quant.load_quantized"
+            )
+            return
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def extra_repr(self) -> str:
         return f"split_at={self.split_at}"
 
@@ -256,6 +279,12 @@ class BaseQuantizer(ABC):
                 "w_granularity",
                 f"{granularity} needs a flattened input size divisible by {granularity.group_size}, got {width}",
             )
+
+    def adaptations(self, weight: QuantSpec, activation: QuantSpec) -> dict[str, tuple[Any, str]]:
+        """What this method cannot serve as asked, whatever the layer: recipe setting -> (the
+        value it serves instead, why). A base-quantizer swap (`Recipe.with_base_quantizer`)
+        applies them to settings it inherited; none by default."""
+        return {}
 
     def weight_note(self, layer: nn.Module, weight: QuantSpec) -> str | None:
         """How `layer`'s weight is stored when that is not plain fake quantization as asked

@@ -1,12 +1,15 @@
 """Block-level 0-bit skipping: DeepCache-style caching in the recipe language.
 
 The block keeps its class, name and attributes (pipelines inspect blocks, e.g. diffusers'
-`has_cross_attention`); only its instance `forward` is replaced by a `BlockCache`.
+`has_cross_attention`); only its instance `forward` is replaced by a `BlockCache`. A block that
+already carries diffusers hooks (group offloading, layerwise casting, ...) gets the cache as one
+more hook of its `diffusers.hooks` registry instead, so that the hooks chain in either order and
+removing one of them leaves the others in place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from torch import Tensor, nn
@@ -37,19 +40,16 @@ class BlockCache:
     """
 
     def __init__(self, module: nn.Module, plan: BlockPlan, tracker: Tracker) -> None:
-        if "forward" in vars(module):
-            raise RuntimeError(
-                f"{plan.name}: its forward is already replaced by another library's hook; cannot cache the block"
-            )
         self.plan = plan
         self._tracker = tracker
         self._module = module  # the class forward is called on it: a bound method would pickle as this cache
         self._slot = tracker.add(self)
+        self.compute: Callable[..., Any] | None = None  # the forward the cache skips (None: the block's class forward)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tracker = self._tracker
         if tracker.mode.stateless:  # recording and reconstruction passes compute every block
-            return type(self._module).forward(self._module, *args, **kwargs)
+            return self._forward(*args, **kwargs)
         lane = tracker.lane()
         branch, scheduled = lane.call_branch, tracker.phase(self._slot)
         state = tracker.state(self._slot)
@@ -59,11 +59,16 @@ class BlockCache:
             lane.block_calls.append((self._slot, True))
             return cached.get(self.plan.name)
         lane.block_calls.append((self._slot, False))
-        output = type(self._module).forward(self._module, *args, **kwargs)
+        output = self._forward(*args, **kwargs)
         state.outputs[branch] = CachedOutput(output)
         if probe is not None:
             state.inputs[branch] = probe.detach()
         return output
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compute is not None:
+            return self.compute(*args, **kwargs)
+        return type(self._module).forward(self._module, *args, **kwargs)
 
     def phase(self, step: int, timestep: float | None) -> bool:
         """Whether `step` is one of the block's 0-bit steps."""
@@ -85,7 +90,33 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     return next(value for value in (*args, *kwargs.values()) if isinstance(value, Tensor))
 
 
+BLOCK_HOOK = "modiff_quant_block_cache"
+
+
 def install_block_cache(module: nn.Module, plan: BlockPlan, tracker: Tracker) -> BlockCache:
+    """Cache `module`: as its instance forward (picklable; diffusers hooks added later wrap it),
+    or as a hook of the diffusers hooks already on it."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is not None and registry.hooks:
+        return _join_diffusers_hooks(module, registry, plan, tracker)
+    if "forward" in vars(module):
+        raise RuntimeError(
+            f"{plan.name}: its forward is already replaced by a library other than diffusers' hooks; "
+            "cannot cache the block"
+        )
     cache = BlockCache(module, plan, tracker)
     module.forward = cache
+    return cache
+
+
+def _join_diffusers_hooks(module: nn.Module, registry: Any, plan: BlockPlan, tracker: Tracker) -> BlockCache:
+    """The cache as the outermost hook of the block's registry: a skipped call runs none of the
+    hooks inside (no onloading of offloaded weights); a computed call runs them all."""
+    from diffusers.hooks import ModelHook
+
+    cache = BlockCache(module, plan, tracker)
+    hook = ModelHook()
+    hook.new_forward = lambda _module, *args, **kwargs: cache(*args, **kwargs)
+    cache.compute = lambda *args, **kwargs: hook.fn_ref.original_forward(*args, **kwargs)
+    registry.register_hook(hook, BLOCK_HOOK)
     return cache

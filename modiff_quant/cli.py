@@ -1,4 +1,4 @@
-"""`modiff-quant` command line: explain, bops, eval, demo, gate, plot.
+"""`modiff-quant` command line: list, explain, bops, eval, demo, gate, plot.
 
 A user's mistake (an option value, a path, a recipe, a checkpoint or model file) is one line
 `modiff-quant: error: ...` naming it, exit code 2, before any sampling or calibration starts;
@@ -20,19 +20,21 @@ import torch
 
 from .bops import BopsConventions, count_bops, count_macs
 from .evaluate import CALIBRATION_SAMPLES, COMPILE_MODES, FLOAT_DTYPES, POSITIVE, SEEDS, Harness, integer_error
+from .features import FEATURE_DIM
 from .gate import format_checks, run_gate
-from .models import load_model, sample_shape
+from .models import BUILTIN_MODELS, BUNDLED_MODELS, load_model, sample_shape
 from .plots import (
     write_distributions,
     write_eval_figures,
     write_fd_vs_bits,
     write_step_error,
 )
-from .recipe import RecipeError, load_recipe
-from .registry import UnknownNameError
+from .recipe import RecipeError, load_recipe, shipped_recipes
+from .registry import BASE_QUANTIZERS, OBSERVERS, SCHEMES, UnknownNameError
 from .report import save_grid, write_report
 from .samplers import SAMPLERS
 from .serialization import LoadError
+from .version import __version__
 
 FLOAT_BITS = range(1, 65)
 BOPS_STEPS = range(1, 10_001)  # longer than any training schedule; the count's work grows with it
@@ -102,6 +104,22 @@ def _unwritable(path: Path, *, folder: bool) -> str | None:
     return None
 
 
+def _list(args: argparse.Namespace) -> None:
+    """What names the other commands take: shipped recipes, registered plugins, models, samplers."""
+    recipes = {name: load_recipe(name).description for name in shipped_recipes()}
+    width = max(map(len, recipes))
+    print("recipes (shipped; `explain --recipe NAME` shows one layer by layer, or give a YAML file):")
+    print("\n".join(f"  {name:<{width}}  {description}" for name, description in recipes.items()))
+    print(f"base quantizers (--base-quantizer, or base_quantizer: in a recipe): {', '.join(BASE_QUANTIZERS.names())}")
+    print(f"schemes: {', '.join(SCHEMES.names())}")
+    print(f"observers (of the static base quantizers): {', '.join(OBSERVERS.names())}")
+    print(
+        f"models: {', '.join(BUNDLED_MODELS)} (bundled, trained), {', '.join(BUILTIN_MODELS)} (built-in architecture: "
+        "random weights unless --weights), or a diffusers model folder"
+    )
+    print(f"samplers: {', '.join(SAMPLERS)}")
+
+
 def _explain(args: argparse.Namespace) -> None:
     print(load_recipe(args.recipe).explain(load_model(args.model, weights=args.weights)))
 
@@ -124,7 +142,8 @@ def _bops(args: argparse.Namespace) -> None:
         "per_step": bops.per_step,
         "per_layer": bops.per_entry,
     }
-    _write_json(args.json, result)
+    if args.json:
+        _write_json(args.json, result)
     layer_count = sum(e.kind == "layer" for e in entries)
     print(
         f"{args.model}, {args.recipe or 'full precision'}: {gmacs['layer']:.3f} GMACs in {layer_count} layers "
@@ -140,6 +159,16 @@ def _bops(args: argparse.Namespace) -> None:
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, allow_nan=False), encoding="utf-8")
+
+
+def _warn_of_small_fd_samples(args: argparse.Namespace) -> None:
+    """FD's bias grows as the sample count nears the feature width: 32 samples report about 7x the FD of 256."""
+    if args.model == "digits16" and args.samples < 2 * FEATURE_DIM:
+        print(
+            f"modiff-quant: warning: FD from {args.samples} samples of {FEATURE_DIM}-dimensional features is mostly "
+            f"sample-size bias; compare FDs only at equal --samples, and use at least {2 * FEATURE_DIM}",
+            file=sys.stderr,
+        )
 
 
 def _harness(args: argparse.Namespace) -> Harness:
@@ -161,14 +190,17 @@ def _harness(args: argparse.Namespace) -> Harness:
 
 def _eval(args: argparse.Namespace) -> None:
     harness = _harness(args)
-    metrics, run = harness.evaluate(args.recipe, args.base_quantizer, args.calibration_samples)
+    checked = harness.check(args.recipe, args.base_quantizer, args.calibration_samples)  # before any sampling
+    _warn_of_small_fd_samples(args)
+    metrics, run = harness.evaluate(checked, calibration_samples=args.calibration_samples)
     settings: dict[str, Any] = {}
     for key, value in vars(args).items():
         if key not in ("run", "json", "out", "command"):  # outputs and dispatch are no settings
             settings[key] = str(value) if isinstance(value, Path) else value
     settings["kernels"] = _kernels()
     finite = {key: _json_number(value) for key, value in metrics.items()}
-    _write_json(args.json, {"settings": settings, **finite})
+    if args.json:
+        _write_json(args.json, {"settings": settings, **finite})
     if args.out:
         save_grid(args.out / "grid.png", {"full precision": harness.reference.images, args.recipe: run.images})
         figures = write_eval_figures(harness, args.recipe, run, args.out)
@@ -193,6 +225,7 @@ def _json_number(value: Any) -> Any:
 def _demo(args: argparse.Namespace) -> None:
     harness = _harness(args)
     recipes = {recipe: harness.check(recipe) for recipe in args.recipes}  # every recipe before the first sampling
+    _warn_of_small_fd_samples(args)
     rows = [{"recipe": "full precision", **harness.evaluate(None)[0]}]
     images = {"full precision": harness.reference.images}
     for recipe, checked in recipes.items():
@@ -265,13 +298,17 @@ def _sampling_options(parser: argparse.ArgumentParser, *, model: str | None, sam
     parser.add_argument(
         "--weights", help="checkpoint for cifar10-ddpm (safetensors, torch state dict or diffusers folder)"
     )
-    parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    parser.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="sampling loop (default ddim)")
     parser.add_argument(
         "--steps", type=Integer(POSITIVE), default=100, help="sampling steps (at most the model's training timesteps)"
     )
-    parser.add_argument("--samples", type=Integer(POSITIVE), default=samples)
+    parser.add_argument(
+        "--samples", type=Integer(POSITIVE), default=samples, help=f"images to sample per run (default {samples})"
+    )
     parser.add_argument("--seed", type=Integer(SEEDS), default=0, help=f"0 to {SEEDS.stop - 1}")
-    parser.add_argument("--batch-size", type=Integer(POSITIVE), default=256)
+    parser.add_argument(
+        "--batch-size", type=Integer(POSITIVE), default=256, help="images sampled at once (memory vs speed)"
+    )
     parser.add_argument(
         "--calibration-cache",
         type=OutputPath(folder=True),
@@ -312,11 +349,19 @@ def _bops_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="modiff-quant", description="MoDiff quantization for diffusion models")
+    parser.add_argument(
+        "--version", action="version", version=f"modiff-quant {__version__}, torch {torch.__version__}"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
+
+    listing = commands.add_parser("list", help="shipped recipes, base quantizers, schemes, observers, models")
+    listing.set_defaults(run=_list)
 
     explain = commands.add_parser("explain", help="per-layer table of what a recipe does to a model")
     explain.add_argument("--model", required=True, help="digits16, cifar10-ddpm or a diffusers model folder")
-    explain.add_argument("--weights")
+    explain.add_argument(
+        "--weights", help="checkpoint for cifar10-ddpm (safetensors, torch state dict or diffusers folder)"
+    )
     explain.add_argument("--recipe", required=True, help="shipped recipe name or YAML file")
     explain.set_defaults(run=_explain)
 
@@ -324,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bops", help="bit-operations per image-step of a recipe, per layer and step (no sampling)"
     )
     bops.add_argument("--model", required=True, help="digits16, cifar10-ddpm or a diffusers model folder")
-    bops.add_argument("--weights")
+    bops.add_argument(
+        "--weights", help="checkpoint for cifar10-ddpm (safetensors, torch state dict or diffusers folder)"
+    )
     bops.add_argument("--recipe", help="shipped recipe name or YAML file (omit: the full-precision model)")
     bops.add_argument(
         "--steps",
@@ -332,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help=f"trajectory length for the amortized count, 1 to {BOPS_STEPS.stop - 1}",
     )
-    bops.add_argument("--json", type=OutputPath(folder=False), required=True)
+    bops.add_argument(
+        "--json", type=OutputPath(folder=False), help="also write the full count (per step and layer) here"
+    )
     _bops_options(bops)
     bops.set_defaults(run=_bops)
 
@@ -340,10 +389,21 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="sample full precision and quantized from the same noise; metrics as JSON"
     )
     _sampling_options(evaluate, model=None, samples=256)
-    evaluate.add_argument("--recipe", required=True)
-    evaluate.add_argument("--base-quantizer", help="swap the base quantizer of every layer")
-    evaluate.add_argument("--calibration-samples", type=Integer(POSITIVE), default=CALIBRATION_SAMPLES)
-    evaluate.add_argument("--json", type=OutputPath(folder=False), required=True)
+    evaluate.add_argument("--recipe", required=True, help="shipped recipe name or YAML file (see 'modiff-quant list')")
+    evaluate.add_argument(
+        "--base-quantizer",
+        metavar="{" + ",".join(BASE_QUANTIZERS.names()) + "}",  # checked by the registry, which suggests a spelling
+        help="swap the base quantizer of every layer (settings it cannot serve are adapted; 'explain' lists them)",
+    )
+    evaluate.add_argument(
+        "--calibration-samples",
+        type=Integer(POSITIVE),
+        default=CALIBRATION_SAMPLES,
+        help=f"trajectories calibrated base quantizers observe (default {CALIBRATION_SAMPLES})",
+    )
+    evaluate.add_argument(
+        "--json", type=OutputPath(folder=False), help="also write the metrics with every setting here"
+    )
     evaluate.add_argument(
         "--out",
         type=OutputPath(folder=True),
@@ -353,8 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="full precision vs plain vs MoDiff on the bundled digits16 model")
     _sampling_options(demo, model="digits16", samples=256)
-    demo.add_argument("--recipes", nargs="+", default=["w8a4-plain", "w8a4-modiff"])
-    demo.add_argument("--out", type=OutputPath(folder=True), default="out/demo")
+    demo.add_argument(
+        "--recipes", nargs="+", default=["w8a4-plain", "w8a4-modiff"], help="recipes compared with full precision"
+    )
+    demo.add_argument(
+        "--out", type=OutputPath(folder=True), default="out/demo", help="folder for grid.png and report.md"
+    )
     demo.set_defaults(run=_demo)
 
     plot = commands.add_parser(
@@ -388,7 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     fd_vs_bits = kinds.add_parser(
         "fd-vs-bits", help="FD vs activation bits per base quantizer, from benchmarks/base_quantizer_table.py"
     )
-    fd_vs_bits.add_argument("--results", type=Path, default=Path("out/base-quantizers/results.json"))
+    fd_vs_bits.add_argument(
+        "--results",
+        type=Path,
+        default=Path("out/base-quantizers/results.json"),
+        help="results.json of benchmarks/base_quantizer_table.py",
+    )
     fd_vs_bits.add_argument("--w-bits", type=Integer(POSITIVE), default=8, help="weight bit-width of the rows drawn")
     fd_vs_bits.add_argument(
         "--out", type=OutputPath(folder=True), required=True, help="folder for fd-vs-bits.png and .json"
@@ -398,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     gate = commands.add_parser(
         "gate", help="run the settings of a baselines YAML; exit 1 when a metric leaves its tolerance"
     )
-    gate.add_argument("--baseline", type=Path, required=True)
+    gate.add_argument(
+        "--baseline", type=Path, required=True, help="baselines YAML: settings, recorded values, tolerances"
+    )
     gate.add_argument("--update", action="store_true", help="record the current values as the new baselines")
     _execution_options(gate)
     gate.set_defaults(run=_gate)

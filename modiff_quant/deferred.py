@@ -12,6 +12,7 @@ unmodulated) exactly as `prepare` does, and converts at once when nothing needs 
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import fields
@@ -56,11 +57,32 @@ def take_marks(model: nn.Module) -> Recipe | None:
     layers = [(name, module) for name, module in model.named_modules() if name and module in _marked]
     if not layers:
         return None
+    _warn_of_unmarked_convolutions(model, [layer for _, layer in layers])
     rules = tuple(Rule((name,), _as_values(_marked.pop(layer)), {}, None, _ORIGIN) for name, layer in layers)
     unmodulated = LayerSettings(w_bits=FLOAT_BITS, a_bits=FLOAT_BITS, scheme="plain")
     _release_hook()
     return Recipe(
         "torchao-quantize_", "MoDiffConfig applied by torchao's quantize_", True, unmodulated, {}, rules, _ORIGIN.file
+    )
+
+
+def _warn_of_unmarked_convolutions(model: nn.Module, marked: list[nn.Module]) -> None:
+    """torchao's `quantize_` visits Linear layers only unless its filter_fn says otherwise: on a
+    UNet that leaves most of the work float, which should not go unnoticed."""
+    if any(isinstance(layer, nn.Conv1d | nn.Conv2d) for layer in marked):
+        return
+    convs = [m for m in model.modules() if type(m) in (nn.Conv1d, nn.Conv2d)]
+    if not convs:
+        return
+    weights = sum(m.weight.numel() for m in convs)
+    total = weights + sum(m.weight.numel() for m in marked if isinstance(m, nn.Linear))
+    warnings.warn(
+        f"MoDiffConfig reached {len(marked)} Linear layers only, torchao quantize_'s default filter_fn; the model's "
+        f"{len(convs)} convolutions ({weights / total:.0%} of the weights) stay float. To quantize them too, pass "
+        "filter_fn=modiff_quant.backends.torchao_config.quantizable to quantize_; diffusers' "
+        "from_pretrained(quantization_config=...) reaches Linear layers only: use modiff_quant.attach(pipe, recipe).",
+        UserWarning,
+        stacklevel=4,
     )
 
 

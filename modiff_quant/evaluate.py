@@ -114,7 +114,9 @@ class Harness:
         self.seed = seed
         self.batch_size = batch_size
         self.calibration_cache = calibration_cache
-        self.model = load_model(model, seed=seed, weights=weights).to(self.device, self.dtype)
+        self.model = load_model(model, seed=seed, weights=weights).to(self.device)
+        if self.dtype != torch.float32:  # diffusers warns on any dtype cast, even to the dtype it has
+            self.model = self.model.to(self.dtype)
         self.noise = self._noise(samples, seed)  # drawn on the CPU: the same noise on every device
 
     def _noise(self, count: int, seed: int) -> Tensor:

@@ -12,6 +12,9 @@ from scipy import linalg
 from torch import Tensor, nn
 
 CLASSIFIER_FILE = "digits_classifier.safetensors"
+FEATURE_DIM = 64
+"""Width of the features FD is computed on: FD from fewer than about twice this many samples is mostly
+sample-size bias."""
 
 
 class DigitClassifier(nn.Module):
@@ -27,10 +30,10 @@ class DigitClassifier(nn.Module):
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(64 * 4 * 4, 64),
+            nn.Linear(64 * 4 * 4, FEATURE_DIM),
             nn.ReLU(),
         )
-        self.head = nn.Linear(64, 10)
+        self.head = nn.Linear(FEATURE_DIM, 10)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))

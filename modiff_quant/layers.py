@@ -68,6 +68,11 @@ class QuantizedLayer(nn.Module):
         return needs_calibration(self.act_quantizers) or self.base_quantizer.reconstructs
 
     @property
+    def frozen(self) -> bool:
+        """True when every activation quantizer that calibrates holds its frozen parameters."""
+        return all(q.frozen_state() for q in self.all_quantizers() if q.needs_calibration and not q.spec.is_float)
+
+    @property
     def needs_calibration(self) -> bool:
         """True when convert() needs calibration data: to learn from, or a split to detect."""
         return self.calibrates or self.split_enabled

@@ -11,6 +11,7 @@ which the tracker reads from each call.
 
 from __future__ import annotations
 
+import sys
 from contextlib import ExitStack
 from functools import cache
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from .api import (
+    bind_on_call,
     convert,
     is_converted,
     is_prepared,
@@ -26,10 +28,25 @@ from .api import (
     prepare,
     sampling,
 )
+from .deferred import set_binder
 from .recipe import Recipe
 from .serialization import load_quantized
 
 DENOISERS = ("unet", "transformer")
+
+
+def _bind_diffusers_model_on_call(model: nn.Module, args: tuple[Any, ...]) -> None:
+    """A diffusers model bound on its first call (torchao's `quantize_`, or `from_pretrained`
+    with a `quantization_config` holding a `MoDiffConfig`) also gets the state hook, so that its
+    pipeline's calls reset its MoDiff state as they do for an attached one."""
+    diffusers = sys.modules.get("diffusers")  # a diffusers model means diffusers is imported
+    if bind_on_call(model, args) and diffusers is not None and isinstance(model, diffusers.ModelMixin):
+        from .diffusers_state import register_state_hook
+
+        register_state_hook(model)
+
+
+set_binder(_bind_diffusers_model_on_call)  # replaces the lifecycle API's binder: one storey up, it knows diffusers
 
 
 def attach(
@@ -46,7 +63,7 @@ def attach(
     pipeline made from the same components), whose calls this pipeline's calls now scope too."""
     from .diffusers_state import register_state_hook  # imports diffusers, which `import modiff_quant` does not need
 
-    denoiser = _denoiser(pipe_or_model, component)
+    denoiser = denoiser_of(pipe_or_model, component)
     if recipe is not None:
         saved = not isinstance(recipe, Recipe) and Path(recipe).is_dir()  # a folder of save_quantized
         if saved:
@@ -91,7 +108,8 @@ def _scoped(pipeline: type) -> type:
     return type(pipeline.__name__, (pipeline,), namespace)
 
 
-def _denoiser(pipe_or_model: Any, component: str | None) -> nn.Module:
+def denoiser_of(pipe_or_model: Any, component: str | None) -> nn.Module:
+    """The model itself, or a pipeline's `component`, or its one `unet` or `transformer`."""
     if component is None and isinstance(pipe_or_model, nn.Module):
         return pipe_or_model
     where = type(pipe_or_model).__name__

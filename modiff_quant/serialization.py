@@ -6,7 +6,9 @@ A saved model is a folder of three files:
   a W8 model is about a quarter of its float32 size), plus each quantized layer's frozen
   quantizer parameters (`modiff/<layer>/`);
 - `recipe.yaml`: the recipe, flat (its `extends` chain merged), which `prepare` re-applies;
-- `plan.json`: the resolved per-layer plan, shapes, versions and a checksum of the other two.
+- `plan.json`: the resolved per-layer plan, shapes, versions and a checksum of the other files;
+- `config.json` (diffusers models): the model's diffusers config, from which
+  `load_quantized(folder)` builds the model without the original float checkpoint.
 
 Saving computes every byte first, then writes a new folder beside its place and renames it
 into place (in an existing folder, each file is replaced atomically, `plan.json` last), so a
@@ -45,6 +47,7 @@ from torch import Tensor, nn
 
 from .api import ensure_float, install, is_converted, mark_converted, plan_of
 from .atomic_files import write_folder
+from .imports import quiet_imports
 from .layer_parts import check_calibration_state
 from .layers import QuantizedLayer, weight_digest
 from .quoting import excerpt, first_few
@@ -55,7 +58,7 @@ from .version import __version__
 from .weight_codes import decode, encode
 
 FORMAT = 1
-TENSORS, RECIPE, PLAN = "model.safetensors", "recipe.yaml", "plan.json"
+TENSORS, RECIPE, PLAN, CONFIG = "model.safetensors", "recipe.yaml", "plan.json", "config.json"
 _LAYER_PREFIX, _CODES_PREFIX = "modiff/", "codes/"
 _MANIFEST_KEYS = ("format", "versions", "model_class", "files", "packed_weights", "coded_weights", "plan")
 
@@ -65,6 +68,8 @@ MAX_RECIPE_BYTES = 1 << 20
 """A saved recipe is a few kilobytes; parsing YAML is slow (about a second per megabyte)."""
 MAX_HEADER_BYTES = 16 << 20
 """Of the safetensors header (about 100 bytes per tensor)."""
+MAX_CONFIG_BYTES = 1 << 20
+"""A diffusers model config is a few kilobytes."""
 MAX_DEPTH = 32
 """Nesting of plan.json (a real plan nests 8 deep): deeper input could exhaust the recursion limit later."""
 
@@ -112,22 +117,34 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
     )
     plan = plan_of(model)
     recipe_text = yaml.safe_dump(recipe_document(plan.recipe), sort_keys=False, allow_unicode=True).encode()
+    files = {TENSORS: payload, RECIPE: recipe_text}
+    if hasattr(model, "to_json_string"):  # a diffusers model: its config rebuilds it
+        files[CONFIG] = model.to_json_string().encode()
     manifest = {
         "format": FORMAT,
         "versions": {"modiff_quant": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "model_class": type(model).__name__,
-        "files": {TENSORS: _file_facts(payload), RECIPE: _file_facts(recipe_text)},
+        "files": {name: _file_facts(content) for name, content in files.items()},
         "packed_weights": {name: layer.source_weight_digest for name, layer in layers.items() if layer.packed},
         "coded_weights": sorted(coded),
         "plan": plan_document(plan),
     }
-    write_folder(folder, {TENSORS: payload, RECIPE: recipe_text, PLAN: json.dumps(manifest, indent=1).encode()})
+    write_folder(folder, {**files, PLAN: json.dumps(manifest, indent=1).encode()})
     return folder
 
 
-def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
+def load_quantized(model: nn.Module | str | Path, directory: str | Path | None = None) -> nn.Module:
     """Make the float `model` (same architecture as the saved one) the saved quantized model, in
-    place, bit-exact; raise `LoadError` naming what does not match, leaving `model` unchanged."""
+    place, bit-exact; raise `LoadError` naming what does not match, leaving `model` unchanged.
+
+    `load_quantized(directory)` builds the model from the folder's `config.json` (a diffusers
+    model) instead, with no float checkpoint; weights packed by torchao need the float model."""
+    if directory is None:
+        if isinstance(model, nn.Module):
+            raise TypeError("load_quantized(model, directory): the folder to load is missing")
+        directory, model = model, _model_from_config(Path(model))
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"load_quantized(model, directory): model must be an nn.Module, got {type(model).__name__}")
     ensure_float(model)
     saved = _read(Path(directory))
     plan = _resolve(saved, model)
@@ -152,6 +169,48 @@ class _Saved:
     @property
     def packed(self) -> dict[str, str]:
         return self.manifest["packed_weights"]
+
+
+def _model_from_config(folder: Path) -> nn.Module:
+    """The float model of `config.json`, built only as a diffusers model class (a config names a
+    class; nothing else is imported) and only when its size fits the saved tensors."""
+    with quiet_imports():
+        import diffusers
+
+    manifest = _read_manifest(folder / PLAN)
+    if CONFIG not in manifest["files"]:
+        raise LoadError(
+            f"{folder} has no {CONFIG} (the saved {manifest['model_class']} is no diffusers model): "
+            "pass the float model, load_quantized(model, folder)"
+        )
+    if manifest["packed_weights"]:
+        raise LoadError(
+            f"{folder}: torchao-packed weights ({first_few(list(manifest['packed_weights']))}) are re-made from the "
+            "float model's weights: pass the float model, load_quantized(model, folder)"
+        )
+    try:
+        config = json.loads(_read_checked(folder / CONFIG, manifest["files"][CONFIG]).decode("utf-8"))
+    except ValueError as exc:
+        raise LoadError(f"{folder / CONFIG} is not JSON ({excerpt(str(exc))})") from None
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)) or name != manifest["model_class"]:
+        raise LoadError(
+            f"{folder / CONFIG}: _class_name {excerpt(name)} is not the saved model's diffusers class "
+            f"({excerpt(manifest['model_class'])})"
+        )
+    try:
+        with torch.device("meta"):  # sized first: a crafted config must not allocate more than the file holds
+            shell = cls.from_config(config)
+    except Exception as exc:  # diffusers raises many types for a config it cannot build
+        raise LoadError(f"{folder / CONFIG}: {name} cannot be built from it ({excerpt(str(exc))})") from None
+    floats = sum(t.numel() * t.element_size() for t in (*shell.parameters(), *shell.buffers()))
+    limit = 8 * (folder / TENSORS).stat().st_size + (64 << 20)  # codes are 1/4 of float32; buffers may be unsaved
+    if floats > limit:
+        raise LoadError(
+            f"{folder / CONFIG}: the {name} it describes ({floats:,} bytes) is far larger than the saved tensors"
+        )
+    return cls.from_config(config).eval()
 
 
 def _read(folder: Path) -> _Saved:
@@ -252,6 +311,18 @@ def _fields(fields: dict[str, _Check]) -> _Check:
     return check
 
 
+def _optional_fields(fields: dict[str, _Check], optional: dict[str, _Check]) -> _Check:
+    """An object with these fields and any of the optional ones."""
+
+    def check(value: Any) -> str | None:
+        if not isinstance(value, dict):
+            return ""
+        present = {key: field for key, field in optional.items() if key in value}
+        return _fields({**fields, **present})(value)
+
+    return check
+
+
 def _mapping(item: _Check) -> _Check:
     """An object of any names, each value passing `item`."""
 
@@ -281,7 +352,7 @@ _MANIFEST: dict[str, _Check] = {
     "format": _kind(int),
     "versions": _mapping(_kind(str)),
     "model_class": _kind(str),
-    "files": _fields({TENSORS: _FACTS, RECIPE: _FACTS}),
+    "files": _optional_fields({TENSORS: _FACTS, RECIPE: _FACTS}, {CONFIG: _FACTS}),
     "packed_weights": _mapping(_DIGEST),
     "coded_weights": _names,
     "plan": _fields(
@@ -323,10 +394,11 @@ def _read_at_most(path: Path, limit: int) -> bytes:
 def _read_checked(path: Path, facts: dict[str, Any]) -> bytes:
     if not path.is_file():
         raise LoadError(f"{path} not found (part of the saved model)")
-    if path.name == RECIPE and facts["bytes"] > MAX_RECIPE_BYTES:
+    limit = {RECIPE: MAX_RECIPE_BYTES, CONFIG: MAX_CONFIG_BYTES}.get(path.name)
+    if limit is not None and facts["bytes"] > limit:
         raise LoadError(
             f"{path}: {PLAN} says it has {facts['bytes']} bytes, "
-            f"more than the {MAX_RECIPE_BYTES} of any recipe save_quantized() writes"
+            f"more than the {limit} of any {path.name} save_quantized() writes"
         )
     size = path.stat().st_size
     content = _read_at_most(path, size) if size == facts["bytes"] else b""

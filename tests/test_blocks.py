@@ -156,3 +156,49 @@ def test_caching_rule_errors_name_the_line(write_recipe, rule, message):
     with pytest.raises(mq.RecipeError, match=message) as error:
         mq.load_recipe(path).resolve(tiny_unet())
     assert "recipe.yaml:" in str(error.value)
+
+
+CACHING = """version: 1
+strict: true
+defaults: {scheme: plain, w_bits: float, a_bits: float}  # float: cast-then-quantize differs by order
+rules:
+  - match: re:up_blocks\\.[01]
+    a_bits: 0
+    steps: {start: 1, every: 2}
+"""
+
+
+def cached_run(model: torch.nn.Module) -> tuple[list[torch.Tensor], tuple[int, int]]:
+    with mq.sampling(model):
+        outputs = [model(x, t).sample for x, t in ddim_inputs(tiny_unet(), steps=6)]
+    return outputs, mq.api.block_skips(model)
+
+
+def group_offloading(model: torch.nn.Module) -> None:
+    cpu = torch.device("cpu")
+    model.enable_group_offload(cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1)
+
+
+def layerwise_casting(model: torch.nn.Module) -> None:
+    model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("enable", [group_offloading, layerwise_casting])
+def test_block_caching_chains_with_diffusers_hooks_in_either_order(write_recipe, enable):
+    """Group offloading and layerwise casting put diffusers hooks on the blocks and layers; a
+    cached block joins them (cache first or hooks first) and computes as without the hooks
+    (offloading to the CPU changes nothing; casting the same in both orders)."""
+    recipe = write_recipe(CACHING)
+    plain, plain_skips = cached_run(mq.convert(mq.prepare(tiny_unet(), recipe)))
+    hooks_first = tiny_unet()
+    enable(hooks_first)
+    mq.convert(mq.prepare(hooks_first, recipe))
+    cache_first = mq.convert(mq.prepare(tiny_unet(), recipe))
+    enable(cache_first)
+    runs = [cached_run(hooks_first), cached_run(cache_first)]
+    assert all(skips == plain_skips and skips[0] > 0 for _, skips in runs)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+    if enable is group_offloading:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0][0], plain))
+    else:  # bf16 storage: close to float, not equal
+        assert all(0 < (a - b).abs().max() < 0.1 for a, b in zip(runs[0][0], plain))

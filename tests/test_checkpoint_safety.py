@@ -24,7 +24,7 @@ from safetensors.torch import load, save
 from torch import nn
 
 import modiff_quant as mq
-from modiff_quant.serialization import PLAN, RECIPE, TENSORS
+from modiff_quant.serialization import CONFIG, PLAN, RECIPE, TENSORS
 
 STEPS = 4
 SPLIT, GROUPS, SYMMETRIC, BREVITAS, PACKED = (
@@ -88,7 +88,7 @@ def inputs(float_model) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, float_model, inputs) -> dict[str, bytes]:
-    """The three files of a checkpoint with every kind of saved state."""
+    """The files of a checkpoint with every kind of saved state."""
     folder = tmp_path_factory.mktemp("recipe")
     (folder / "fuzz.yaml").write_text(RECIPE_TEXT, encoding="utf-8")
     model = copy.deepcopy(float_model)
@@ -98,7 +98,7 @@ def saved(tmp_path_factory, float_model, inputs) -> dict[str, bytes]:
             model(x, t)
     mq.convert(model)
     out = mq.save_quantized(model, folder / "saved")
-    return {name: (out / name).read_bytes() for name in (TENSORS, RECIPE, PLAN)}
+    return {path.name: path.read_bytes() for path in out.iterdir()}
 
 
 def write(folder: Path, files: dict[str, bytes]) -> Path:
@@ -108,7 +108,8 @@ def write(folder: Path, files: dict[str, bytes]) -> Path:
     folder.mkdir(parents=True)
     facts = {
         name: {"bytes": len(files[name]), "sha256": hashlib.sha256(files[name]).hexdigest()}
-        for name in (TENSORS, RECIPE)
+        for name in (TENSORS, RECIPE, CONFIG)
+        if name in files
     }
     try:
         manifest = json.loads(files[PLAN])

@@ -70,3 +70,56 @@ def test_console_script_reports_a_bad_option_in_one_line(tmp_path):
         "(see 'modiff-quant bops --help')"
     ]
     assert not (tmp_path / "b.json").exists()
+
+
+def test_list_names_what_the_other_commands_take(capsys):
+    from modiff_quant import shipped_recipes
+    from modiff_quant.registry import BASE_QUANTIZERS
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in shipped_recipes())
+    assert ", ".join(BASE_QUANTIZERS.names()) in out and "digits16" in out and "ddim" in out
+
+
+def test_version_names_the_package_and_torch(capsys):
+    import torch
+
+    import modiff_quant
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"modiff-quant {modiff_quant.__version__}, torch {torch.__version__}"
+
+
+def test_bops_prints_without_a_json_file_and_writes_one_when_asked(capsys, tmp_path):
+    assert main(["bops", "--model", "digits16", "--recipe", "w8a4-modiff"]) == 0
+    assert "GBops per image-step" in capsys.readouterr().out
+    assert main(["bops", "--model", "digits16", "--recipe", "w8a4-modiff", "--json", str(tmp_path / "b.json")]) == 0
+    assert (tmp_path / "b.json").is_file()
+
+
+def test_every_option_has_help_and_the_base_quantizers_are_shown():
+    """`--help` of every command describes each option; --base-quantizer lists its names."""
+    import argparse
+
+    from modiff_quant.cli import build_parser
+    from modiff_quant.registry import BASE_QUANTIZERS
+
+    def parsers(parser: argparse.ArgumentParser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    undocumented = [
+        f"{parser.prog} {action.option_strings[0]}"
+        for parser in parsers(build_parser())
+        for action in parser._actions
+        if action.option_strings and not action.help
+    ]
+    assert undocumented == []
+    evaluate = build_parser()._subparsers._group_actions[0].choices["eval"].format_help()
+    assert all(name in evaluate for name in BASE_QUANTIZERS.names())

@@ -384,7 +384,8 @@ def test_bad_command_lines_are_one_line_errors_before_sampling(files, argv, culp
 def test_a_good_command_line_reaches_sampling(files):
     """The tests above would pass for a command that refused everything."""
     assert run_cli(["gate", "--baseline", str(files / "good-baseline.yaml")]) == ("sampling", "")
-    assert run_cli(["demo", "--steps", "3", "--samples", "2", "--out", str(files / "o")]) == ("sampling", "")
+    code, err = run_cli(["demo", "--steps", "3", "--samples", "2", "--out", str(files / "o")])
+    assert code == "sampling" and err.startswith("modiff-quant: warning: FD from 2 samples") and err.count("\n") == 1
     assert run_cli(["demo", "--model", str(files / "unet"), "--samples", "2", "--out", str(files / "o")]) == (
         "sampling",
         "",
@@ -404,3 +405,11 @@ def test_only_documented_errors_are_user_errors(monkeypatch):
         monkeypatch.setattr("modiff_quant.cli._explain", fault)
         with pytest.raises((KeyError, OSError)):
             main(["explain", "--model", "digits16", "--recipe", "w8a4-modiff"])
+
+
+@pytest.mark.parametrize("base", ["static", "qdiffusion", "ptq4dm", "brevitas", "torchao_int4"])
+def test_a_base_quantizer_swap_of_a_shipped_recipe_reaches_sampling(base):
+    """`eval --base-quantizer B` on the default recipe: the settings B cannot serve are adapted,
+    so the run starts sampling instead of failing on per-sample scales."""
+    argv = ["eval", "--model", "digits16", "--recipe", "w8a4-modiff", "--base-quantizer", base, "--samples", "128"]
+    assert run_cli(argv) == ("sampling", "")

@@ -8,12 +8,13 @@ import copy
 import gc
 import re
 import sys
+import warnings
 
 import pytest
 import torch
 from helpers import README, ddim_inputs, readme_example, tiny_unet
 from modiff_quant.backends.brevitas import BrevitasActivationQuantizer
-from modiff_quant.backends.torchao_config import MoDiffConfig, recipe_to_fqn_config
+from modiff_quant.backends.torchao_config import MoDiffConfig, quantizable, recipe_to_fqn_config
 from modiff_quant.backends.torchao_int4 import TorchaoActivationQuantizer, torchao
 
 import modiff_quant as mq
@@ -174,7 +175,8 @@ def test_modiff_config_in_quantize_computes_as_the_equivalent_recipe(digits, wri
     quantize_(by_torchao, MoDiffConfig(PrototypeInt4WeightOnlyConfig(group_size=32), a_bits=8))
     assert isinstance(by_torchao.time_embedding.linear_1.weight.data, Int4OpaqueTensor)
     assert not mq.api.is_prepared(by_torchao)
-    outputs = trajectory(by_torchao)
+    with pytest.warns(UserWarning, match=r"Linear layers only.* 35 convolutions \(\d+% of the weights\) stay float"):
+        outputs = trajectory(by_torchao)  # binds on the first call
     assert mq.api.is_prepared(by_torchao)
     assert re.search(
         r"time_embedding\.linear_1 +Int4OpaqueTensor \(quantized before prepare\)", mq.plan_of(by_torchao).explain()
@@ -188,6 +190,20 @@ def test_modiff_config_in_quantize_computes_as_the_equivalent_recipe(digits, wri
         r".*packed before modiff_quant prepared the model",
     ):
         mq.save_quantized(by_torchao, tmp_path)
+
+
+def test_modiff_config_with_the_quantizable_filter_takes_the_convolutions_too(digits):
+    """filter_fn=quantizable: convolutions join (torchao's configs cannot hold their weights, so
+    they get conv_w_bits-bit per-channel weights), and no warning about float convolutions."""
+    model = copy.deepcopy(digits)
+    quantize_(model, MoDiffConfig(PrototypeInt4WeightOnlyConfig(group_size=32), a_bits=8), filter_fn=quantizable)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outputs = trajectory(model)
+    layers = mq.plan_of(model).layers
+    assert layers["conv_in"].settings.w_bits == 8 and layers["conv_in"].settings.scheme == "modiff"
+    assert isinstance(model.time_embedding.linear_1.weight.data, Int4OpaqueTensor)
+    assert torch.isfinite(outputs).all() and relative(outputs, trajectory(digits)) > 1e-3
 
 
 def test_recipe_as_fqn_to_config_computes_as_prepare(digits):

@@ -3,6 +3,7 @@ core finds them through (the repo layout maps backends/ and recipes/ into the pa
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -30,3 +31,20 @@ def test_wheel_contains_recipes_backends_and_entry_points(tmp_path):
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "dynamic = modiff_quant.backends.dynamic:DynamicQuantizer" in text
     assert "modiff-quant = modiff_quant.cli:main" in text
+
+
+@pytest.mark.parametrize(
+    ("python", "message"),
+    [
+        ("no-such-python", "no-such-python not found; install Python 3.11 or later"),
+        (sys.executable + "-missing", "not found"),
+        ("/bin/false", "modiff-quant needs Python 3.11 or later"),
+    ],
+)
+def test_setup_checks_the_interpreter_before_installing_anything(python, message):
+    """scripts/setup.sh refuses a missing or old interpreter in one line, before creating .venv."""
+    script = Path(__file__).parents[1] / "scripts" / "setup.sh"
+    result = subprocess.run(
+        ["bash", str(script)], env={**os.environ, "PYTHON": python}, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 1 and message in result.stderr and result.stdout == ""

@@ -18,7 +18,7 @@ from diffusers.models.cache_utils import CacheMixin
 from helpers import tiny_dit_pipeline, tiny_sd_pipeline, tiny_unet
 
 import modiff_quant as mq
-from modiff_quant.api import _tracker, is_converted, state_bytes
+from modiff_quant.api import _tracker, is_converted, is_prepared, state_bytes
 
 PROMPTS = ["a red square", "a blue circle"]
 
@@ -154,3 +154,89 @@ def test_calibrate_through_the_pipeline_then_ship_the_denoiser(tmp_path):
     loaded = mq.attach(shipped, tmp_path / "unet")
     assert is_converted(loaded) and torch.equal(sd_images(shipped, steps=6), expected)
     assert state_bytes(loaded) == 0
+
+
+def test_save_pretrained_of_a_modiff_model_refuses_and_names_what_to_use(tmp_path):
+    """diffusers' save would write the quantized layers as plain float ones, which reload without
+    MoDiff: the denoiser's and the pipeline's save_pretrained refuse, naming save_quantized; the
+    folder save_quantized writes loads without the float checkpoint."""
+    pipe = tiny_sd_pipeline(tmp_path)
+    unet = mq.attach(pipe, "w8a4-modiff")
+    for save in (unet.save_pretrained, pipe.save_pretrained):
+        with pytest.raises(RuntimeError, match=r"save_quantized\(model, folder\).*load_quantized\(folder\)"):
+            save(tmp_path / "pretrained")
+    expected = sd_images(pipe, steps=4)
+    mq.save_quantized(unet, tmp_path / "unet")
+    pipe.unet = mq.load_quantized(tmp_path / "unet")
+    mq.attach(pipe)
+    assert torch.equal(sd_images(pipe, steps=4), expected)
+
+
+@pytest.mark.slow
+def test_oneshot_calibrates_on_pipeline_calls_converts_and_saves_as_the_manual_route(tmp_path):
+    """llm-compressor's habit: one call does prepare, calibrate (on the pipeline calls given, or the
+    user's loop), convert and save; the result equals attach + calibrate + convert by hand."""
+    calls = [
+        {
+            "prompt": PROMPTS,
+            "num_inference_steps": 5,
+            "height": 8,
+            "width": 8,
+            "generator": torch.Generator().manual_seed(0),
+        }
+    ]
+    pipe = tiny_sd_pipeline(tmp_path)
+    unet = mq.oneshot(pipe, "w8a4-modiff-ptq4dm", calibration=calls, output_dir=tmp_path / "saved")
+    assert unet is pipe.unet and is_converted(unet)
+    by_hand = tiny_sd_pipeline(tmp_path)
+    manual = mq.attach(by_hand, "w8a4-modiff-ptq4dm")
+    with torch.no_grad(), mq.calibrate(manual):
+        by_hand(**{**calls[0], "generator": torch.Generator().manual_seed(0)})
+    mq.convert(manual)
+    assert torch.equal(sd_images(pipe, steps=4), sd_images(by_hand, steps=4))
+    looped = tiny_sd_pipeline(tmp_path)  # the user's own loop instead of calls
+    mq.oneshot(
+        looped,
+        "w8a4-modiff-ptq4dm",
+        calibration=lambda p: p(**{**calls[0], "generator": torch.Generator().manual_seed(0)}),
+    )
+    assert torch.equal(sd_images(looped, steps=4), sd_images(pipe, steps=4))
+    by_hand.unet = mq.load_quantized(tmp_path / "saved")
+    mq.attach(by_hand)
+    assert torch.equal(sd_images(by_hand, steps=4), sd_images(pipe, steps=4))
+
+
+def test_oneshot_without_needed_calibration_data_fails_before_the_model_changes(tmp_path):
+    pipe = tiny_sd_pipeline(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=r"w8a4-modiff-ptq4dm: layer 'conv_in' \(Conv2d, base quantizer ptq4dm\) needs calibration data",
+    ):
+        mq.oneshot(pipe, "w8a4-modiff-ptq4dm")
+    with pytest.raises(ValueError, match="calibration for a bare model must be your sampling loop"):
+        mq.oneshot(pipe.unet, "w8a4-modiff-ptq4dm", calibration=["a prompt"])
+    assert not is_prepared(pipe.unet)
+    assert is_converted(mq.oneshot(pipe, "w8a4-modiff"))  # dynamic scales: nothing to calibrate
+
+
+def test_from_pretrained_with_a_modiff_quantization_config_resets_state_and_refuses_to_save(tmp_path):
+    """diffusers' own loading route (accelerate installed, the `accelerate` extra): the UNet binds
+    on the pipeline's first call, the pipeline call resets its MoDiff state at the end as attach
+    does, the float convolutions are announced, and save_pretrained refuses instead of writing
+    what does not reload."""
+    from diffusers import PipelineQuantizationConfig, StableDiffusionPipeline, TorchAoConfig
+    from modiff_quant.backends.torchao_config import MoDiffConfig
+
+    tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "pipe")
+    mapping = {"unet": TorchAoConfig(MoDiffConfig(a_bits=8, options={"w_bits": 8}))}
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tmp_path / "pipe", quantization_config=PipelineQuantizationConfig(quant_mapping=mapping), dtype=torch.float32
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.warns(UserWarning, match=r"convolutions .* stay float.*use modiff_quant.attach"):
+        images = sd_images(pipe, steps=4)
+    assert is_converted(pipe.unet) and torch.isfinite(images).all()
+    assert state_bytes(pipe.unet) == 0  # reset by the pipeline's end-of-call cache reset
+    assert torch.equal(sd_images(pipe, steps=4), images)
+    with pytest.raises(RuntimeError, match="save_quantized"):
+        pipe.save_pretrained(tmp_path / "again")

@@ -69,3 +69,5 @@ def test_readme_diffusers_quickstart_runs(tmp_path, monkeypatch):
     expected = seeded(calibrated["pipe"])
     shipped = run("save and load", calibrated)
     assert shipped["pipe"] is not calibrated["unet"] and torch.equal(seeded(shipped["pipe"]), expected)
+    one_call = run("oneshot", dict(base, pipe=tiny_sd_pipeline(tokenizer_folder)))
+    assert mq.api.is_converted(one_call["unet"]) and (tmp_path / "unet-w8a4" / "config.json").is_file()

@@ -911,3 +911,46 @@ def test_with_base_quantizer_swaps_every_layer(tmp_path):
     assert plan.layers["fc"].settings.a_bits == 4  # the rule's other settings stay
     with pytest.raises(KeyError, match="did you mean 'dynamic'"):
         recipe.with_base_quantizer("dynamc")
+
+
+@pytest.mark.parametrize("base", ["dynamic", "static", "qdiffusion", "ptq4dm", "brevitas", "torchao_int4"])
+@pytest.mark.parametrize("shipped", ["w8a4-modiff", "w8a4-plain", "w4a4-modiff"])
+def test_every_base_quantizer_swaps_onto_the_shipped_recipes(shipped, base):
+    """Swapping is one of the three jobs of the library: every shipped base quantizer takes the
+    shipped recipes, adapting what it cannot serve (listed in `adapted` and by explain)."""
+    recipe = load_recipe(shipped).with_base_quantizer(base)
+    plan = recipe.resolve(TinyNet())
+    assert {layer.settings.base_quantizer for layer in plan.layers.values()} == {base}
+    calibrated = base in ("static", "qdiffusion", "ptq4dm", "brevitas")
+    assert {str(layer.settings.a_granularity) for layer in plan.layers.values()} == (
+        {"tensor"} if calibrated else {"sample"}
+    )
+    assert bool(recipe.adapted) == calibrated
+    if calibrated:
+        assert "defaults: a_granularity sample (from w8a8-modiff.yaml:14) -> tensor: " in recipe.adapted[0]
+        assert recipe.adapted[0] in recipe.explain(TinyNet())
+
+
+def test_a_swap_onto_qdiffusion_equals_the_shipped_qdiffusion_recipe():
+    """`w8a4-modiff` swapped onto Q-Diffusion is what the shipped `w8a4-modiff-qdiffusion` says."""
+    swapped = load_recipe("w8a4-modiff").with_base_quantizer("qdiffusion").resolve(TinyNet())
+    shipped = load_recipe("w8a4-modiff-qdiffusion").resolve(TinyNet())
+    assert {n: p.settings for n, p in swapped.layers.items()} == {n: p.settings for n, p in shipped.layers.items()}
+
+
+def test_a_swap_keeps_a_setting_the_user_pinned_and_names_its_line(tmp_path):
+    """Only what the user wrote in their own recipe stays an error: their line is named."""
+    path = write(tmp_path, "version: 1\nextends: w8a4-modiff\ndefaults:\n  a_granularity: sample\n")
+    with pytest.raises(
+        RecipeError,
+        match=r"recipe.yaml:4: a_granularity sample is set here, and base quantizer "
+        r"'qdiffusion' cannot serve it .*remove the line",
+    ):
+        load_recipe(str(path)).with_base_quantizer("qdiffusion")
+    rule = write(
+        tmp_path, "version: 1\nextends: w8a4-modiff\nrules:\n  - match: fc\n    a_granularity: sample\n", "r.yaml"
+    )
+    with pytest.raises(RecipeError, match=r"r.yaml:5: a_granularity sample is set here"):
+        load_recipe(str(rule)).with_base_quantizer("brevitas")
+    inherited = write(tmp_path, "version: 1\nextends: w8a4-modiff\ndefaults:\n  a_bits: 6\n", "inherited.yaml")
+    assert load_recipe(str(inherited)).with_base_quantizer("ptq4dm").defaults.a_granularity == Granularity("tensor")

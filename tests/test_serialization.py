@@ -13,11 +13,11 @@ import yaml
 from helpers import ddim_inputs, tiny_unet
 
 import modiff_quant as mq
-from modiff_quant.api import is_prepared
+from modiff_quant.api import is_converted, is_prepared
 from modiff_quant.layers import QuantizedLayer
 from modiff_quant.quant import Granularity
 from modiff_quant.recipe.document import plan_document, recipe_document
-from modiff_quant.serialization import PLAN, RECIPE, TENSORS
+from modiff_quant.serialization import CONFIG, PLAN, RECIPE, TENSORS
 
 STEPS = 8
 INT4_ATTENTION = """version: 1
@@ -70,13 +70,19 @@ def test_save_load_sample_is_bit_identical(tmp_path, recipe):
     model, inputs = converted(recipe_path(recipe, tmp_path))
     assert any(layer.packed for layer in model.modules() if isinstance(layer, QuantizedLayer)) == (recipe == "int4")
     saved = mq.save_quantized(model, tmp_path / "saved")
-    assert sorted(p.name for p in saved.iterdir()) == sorted([TENSORS, RECIPE, PLAN])
+    assert sorted(p.name for p in saved.iterdir()) == sorted([TENSORS, RECIPE, PLAN, CONFIG])
     # every tensor comes from the files: a float model with other weights loads the same model,
     # except torchao's packed int4 weights, which are re-made from the float weights they came from
     fresh = tiny_unet(seed=0 if recipe == "int4" else 1)
     loaded = mq.load_quantized(fresh, saved)
     assert all(torch.equal(a, b) for a, b in zip(trajectory(model, inputs), trajectory(loaded, inputs)))
     assert plan_document(mq.plan_of(loaded)) == plan_document(mq.plan_of(model))
+    if recipe == "int4":
+        with pytest.raises(mq.LoadError, match="torchao-packed weights .* pass the float model"):
+            mq.load_quantized(saved)
+    else:  # no float model at all: built from config.json
+        built = mq.load_quantized(saved)
+        assert all(torch.equal(a, b) for a, b in zip(trajectory(model, inputs), trajectory(built, inputs)))
 
 
 def test_packed_weights_need_the_float_weights_they_were_made_from(tmp_path):
@@ -379,3 +385,87 @@ def test_options_that_are_not_recipe_data_fail_before_anything_is_written(tmp_pa
     ):
         mq.save_quantized(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def with_config(saved: Path, tmp_path: Path, config: dict | None) -> Path:
+    """A copy of `saved` whose config.json is `config` (None: removed), checksums made to match."""
+    import hashlib
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(saved, folder)
+    manifest = json.loads((folder / PLAN).read_text(encoding="utf-8"))
+    if config is None:
+        (folder / CONFIG).unlink()
+        del manifest["files"][CONFIG]
+    else:
+        content = json.dumps(config).encode()
+        (folder / CONFIG).write_bytes(content)
+        manifest["files"][CONFIG] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    (folder / PLAN).write_text(json.dumps(manifest), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (None, "has no config.json .* pass the float model, load_quantized\\(model, folder\\)"),
+        ({"down_block_types": ["NoSuchBlock2D"]}, "UNet2DModel cannot be built from it"),
+        ({"_class_name": "DDIMScheduler"}, "_class_name DDIMScheduler is not the saved model's diffusers class"),
+        ({"_class_name": "__builtins__"}, "_class_name __builtins__ is not the saved model's diffusers class"),
+        ({"block_out_channels": [4096, 4096]}, "far larger than the saved tensors"),
+    ],
+)
+def test_a_model_built_from_config_is_a_diffusers_class_of_the_saved_size(saved, tmp_path, edit, message):
+    """config.json is data from whoever sent it: it names a class, which must be the saved
+    model's diffusers class, and sizes a model, which must fit the saved tensors."""
+    config = None
+    if edit is not None:
+        config = {**json.loads((saved / CONFIG).read_text(encoding="utf-8")), **edit}
+    with pytest.raises(mq.LoadError, match=message):
+        mq.load_quantized(with_config(saved, tmp_path, config))
+
+
+def test_load_quantized_wants_a_folder_and_a_model_in_order(saved):
+    with pytest.raises(TypeError, match="the folder to load is missing"):
+        mq.load_quantized(tiny_unet())
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        mq.load_quantized(str(saved), saved)
+
+
+STATIC_SPLIT = """version: 1
+extends: w8a4-modiff
+defaults:
+  base_quantizer: static
+  a_granularity: tensor
+  split: true
+"""
+
+
+def test_prepare_then_load_state_dict_gives_the_converted_model(tmp_path):
+    """torchao users' habit: prepare a float model, load a converted model's state_dict (scale
+    keys included), sample: the same outputs, no calibration. Float weights loaded into a
+    prepared model leave it waiting for calibration; a state_dict missing a layer's scales fails
+    a strict load, naming the layer; a split input's division is not in a state_dict."""
+    model, inputs = converted("w8a4-modiff-ptq4dm")
+    state = model.state_dict()
+    fresh = mq.prepare(tiny_unet(seed=1), "w8a4-modiff-ptq4dm")
+    fresh.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(trajectory(model, inputs), trajectory(fresh, inputs)))
+
+    waiting = mq.prepare(tiny_unet(seed=1), "w8a4-modiff-ptq4dm")
+    waiting.load_state_dict(tiny_unet(seed=2).state_dict(), strict=False)
+    assert not is_converted(waiting) and mq.api.needs_calibration(waiting)
+
+    partial = {k: v for k, v in state.items() if not k.startswith("conv_in.act_quantizers")}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*conv_in\.act_quantizers \(frozen scales\)"):
+        mq.prepare(tiny_unet(seed=1), "w8a4-modiff-ptq4dm").load_state_dict(partial)
+
+    split_recipe = tmp_path / "split.yaml"
+    split_recipe.write_text(STATIC_SPLIT, encoding="utf-8")
+    split, _ = converted(split_recipe)
+    assert any(layer.split_at for layer in split.modules() if isinstance(layer, QuantizedLayer))
+    with pytest.raises(
+        RuntimeError, match=r"a state_dict does not say where they divide; load it with .*load_quantized"
+    ):
+        mq.prepare(tiny_unet(seed=1), split_recipe).load_state_dict(split.state_dict())

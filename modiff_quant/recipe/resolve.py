@@ -307,6 +307,9 @@ def _explain(plan: Plan) -> str:
         f"{len(plan.layers)} layers; A bits: 'u' = asymmetric; split: separate quantizers where the input is a "
         "concatenation (found at convert); rules: recipe file:line of each rule that applied"
     )
+    if recipe.adapted:
+        lines += ["", "adapted to the swapped-in base quantizer (settings inherited from shipped recipes)"]
+        lines += [f"  {note}" for note in recipe.adapted]
     adopted = [(layer.name, layer.adopted_from) for layer in plan.layers.values() if layer.adopted_from]
     if adopted:
         lines += ["", "adopted layers (their own quantizers set the starting settings; recipe rules override them)"]

@@ -31,6 +31,7 @@ from .source import (
 )
 
 if TYPE_CHECKING:
+    from ..base_quantizer import BaseQuantizer
     from .resolve import Plan
 
 SCHEMA_VERSION = 1
@@ -116,6 +117,7 @@ class Recipe:
     default_locations: Mapping[str, Location] = field(repr=False)
     rules: tuple[Rule, ...]
     source: str
+    adapted: tuple[str, ...] = ()  # what a base-quantizer swap changed, and why (see with_base_quantizer)
 
     def resolve(self, model: nn.Module) -> Plan:
         """Match the rules against `model`: the per-layer and per-block plan, validated."""
@@ -125,9 +127,16 @@ class Recipe:
 
     def with_base_quantizer(self, name: str) -> Recipe:
         """The same recipe with every layer on base quantizer `name` (its default options): the
-        one-line swap of `--base-quantizer`."""
+        one-line swap of `--base-quantizer`.
+
+        Settings the new method cannot serve (its `adaptations`, e.g. per-sample scales for a
+        calibrated method) are changed to what it serves where the recipe inherited them from a
+        shipped recipe or the defaults, and listed in `adapted` (and by `explain`); one set in the
+        user's own recipe file stays as written, and RecipeError names its line.
+        """
         _check_base_quantizer_options(name, {}, None)
-        return self.overriding({"base_quantizer": name, "base_quantizer_options": {}}, f"{self.name}+{name}")
+        swapped = self.overriding({"base_quantizer": name, "base_quantizer_options": {}}, f"{self.name}+{name}")
+        return _adapted(swapped, BASE_QUANTIZERS.get(name)())
 
     def overriding(self, settings: Mapping[str, Any], name: str) -> Recipe:
         """The same recipe, named `name`, with `settings` (LayerSettings fields) on every layer:
@@ -148,6 +157,42 @@ class Recipe:
     def explain(self, model: nn.Module) -> str:
         """Per layer: the settings that apply and the recipe lines they came from."""
         return self.resolve(model).explain()
+
+
+def _adapted(recipe: Recipe, quantizer: BaseQuantizer) -> Recipe:
+    """`recipe` with the settings `quantizer` cannot serve changed, in the defaults and in each
+    layer rule (merged with the defaults), where they came from no file of the user's."""
+    notes: list[str] = []
+
+    def changes(settings: LayerSettings, locations: Mapping[str, Location], where: str) -> dict[str, Any]:
+        found = {}
+        for key, (value, reason) in quantizer.adaptations(settings.weight_spec(), settings.activation_spec()).items():
+            asked, location = getattr(settings, key), locations.get(key)
+            if location is not None and not _shipped(location):
+                raise RecipeError(
+                    location,
+                    f"{key} {asked} is set here, and base quantizer '{settings.base_quantizer}' cannot serve it "
+                    f"({reason}); remove the line to let the swap use {key} {value}",
+                )
+            found[key] = value
+            origin = "the library default" if location is None else f"{Path(location.file).name}:{location.line}"
+            notes.append(f"{where}: {key} {asked} (from {origin}) -> {value}: {reason}")
+        return found
+
+    defaults = recipe.defaults.updated(changes(recipe.defaults, recipe.default_locations, "defaults"))
+    rules = []
+    for rule in recipe.rules:
+        if rule.steps is None and rule.skip_threshold is None:  # rules with a schedule only skip
+            locations = {**recipe.default_locations, **rule.setting_locations}
+            found = changes(defaults.updated(rule.settings), locations, f"rule '{rule.describe()}' ({rule.location})")
+            rule = replace(rule, settings={**rule.settings, **found}) if found else rule
+        rules.append(rule)
+    return replace(recipe, defaults=defaults, rules=tuple(rules), adapted=tuple(notes))
+
+
+def _shipped(location: Location) -> bool:
+    """Whether a recipe line is in a recipe installed with the package (not the user's own)."""
+    return Path(location.file).resolve().parent == Path(str(files("modiff_quant.recipes"))).resolve()
 
 
 def shipped_recipes() -> list[str]:
