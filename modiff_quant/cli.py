@@ -29,7 +29,7 @@ from .plots import (
     write_fd_vs_bits,
     write_step_error,
 )
-from .recipe import RecipeError, load_recipe, shipped_recipes
+from .recipe import Recipe, RecipeError, load_recipe, shipped_recipes
 from .registry import BASE_QUANTIZERS, OBSERVERS, SCHEMES, UnknownNameError
 from .report import save_grid, write_report
 from .samplers import SAMPLERS
@@ -120,8 +120,14 @@ def _list(args: argparse.Namespace) -> None:
     print(f"samplers: {', '.join(SAMPLERS)}")
 
 
+def _recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe of the command line, with `--base-quantizer` swapped in."""
+    recipe = load_recipe(args.recipe)
+    return recipe.with_base_quantizer(args.base_quantizer) if args.base_quantizer else recipe
+
+
 def _explain(args: argparse.Namespace) -> None:
-    print(load_recipe(args.recipe).explain(load_model(args.model, weights=args.weights)))
+    print(_recipe(args).explain(load_model(args.model, weights=args.weights)))
 
 
 def _conventions(args: argparse.Namespace) -> BopsConventions:
@@ -129,8 +135,10 @@ def _conventions(args: argparse.Namespace) -> BopsConventions:
 
 
 def _bops(args: argparse.Namespace) -> None:
+    if args.base_quantizer and not args.recipe:
+        raise UsageError("argument --base-quantizer: swaps the base quantizer of a --recipe, and none is given")
     model = load_model(args.model, weights=args.weights)
-    plan = load_recipe(args.recipe).resolve(model) if args.recipe else None
+    plan = _recipe(args).resolve(model) if args.recipe else None
     entries = count_macs(model, torch.zeros(1, *sample_shape(model)), torch.tensor(0))
     bops = count_bops(entries, plan, args.steps, _conventions(args))
     gmacs = {kind: sum(e.macs for e in entries if e.kind == kind) / 1e9 for kind in ("layer", "attention")}
@@ -291,6 +299,14 @@ def _gate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _base_quantizer_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--base-quantizer",
+        metavar="{" + ",".join(BASE_QUANTIZERS.names()) + "}",  # checked by the registry, which suggests a spelling
+        help="swap the base quantizer of every layer (settings it cannot serve are adapted; 'explain' lists them)",
+    )
+
+
 def _sampling_options(parser: argparse.ArgumentParser, *, model: str | None, samples: int) -> None:
     parser.add_argument(
         "--model", default=model, required=model is None, help="digits16, cifar10-ddpm or a diffusers model folder"
@@ -363,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", help="checkpoint for cifar10-ddpm (safetensors, torch state dict or diffusers folder)"
     )
     explain.add_argument("--recipe", required=True, help="shipped recipe name or YAML file")
+    _base_quantizer_option(explain)
     explain.set_defaults(run=_explain)
 
     bops = commands.add_parser(
@@ -373,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", help="checkpoint for cifar10-ddpm (safetensors, torch state dict or diffusers folder)"
     )
     bops.add_argument("--recipe", help="shipped recipe name or YAML file (omit: the full-precision model)")
+    _base_quantizer_option(bops)
     bops.add_argument(
         "--steps",
         type=Integer(BOPS_STEPS),
@@ -390,11 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _sampling_options(evaluate, model=None, samples=256)
     evaluate.add_argument("--recipe", required=True, help="shipped recipe name or YAML file (see 'modiff-quant list')")
-    evaluate.add_argument(
-        "--base-quantizer",
-        metavar="{" + ",".join(BASE_QUANTIZERS.names()) + "}",  # checked by the registry, which suggests a spelling
-        help="swap the base quantizer of every layer (settings it cannot serve are adapted; 'explain' lists them)",
-    )
+    _base_quantizer_option(evaluate)
     evaluate.add_argument(
         "--calibration-samples",
         type=Integer(POSITIVE),

@@ -123,3 +123,11 @@ def test_every_option_has_help_and_the_base_quantizers_are_shown():
     assert undocumented == []
     evaluate = build_parser()._subparsers._group_actions[0].choices["eval"].format_help()
     assert all(name in evaluate for name in BASE_QUANTIZERS.names())
+
+
+def test_explain_and_bops_take_the_base_quantizer_swap(capsys):
+    """What `eval --base-quantizer` will run can be seen first: explain lists the adapted settings."""
+    assert main(["explain", "--model", "digits16", "--recipe", "w8a4-modiff", "--base-quantizer", "ptq4dm"]) == 0
+    assert "defaults: a_granularity sample (from w8a8-modiff.yaml:14) -> tensor" in capsys.readouterr().out
+    assert main(["bops", "--model", "digits16", "--base-quantizer", "ptq4dm"]) == 2
+    assert "--base-quantizer: swaps the base quantizer of a --recipe, and none is given" in capsys.readouterr().err
