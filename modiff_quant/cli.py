@@ -197,8 +197,9 @@ def _harness(args: argparse.Namespace) -> Harness:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    recipe = _recipe(args)  # the file and the swap, checked before the model loads
     harness = _harness(args)
-    checked = harness.check(args.recipe, args.base_quantizer, args.calibration_samples)  # before any sampling
+    checked = harness.check(recipe, calibration_samples=args.calibration_samples)  # against the model, before sampling
     _warn_of_small_fd_samples(args)
     metrics, run = harness.evaluate(checked, calibration_samples=args.calibration_samples)
     settings: dict[str, Any] = {}
