@@ -65,6 +65,14 @@ def needs_calibration(quantizers: Mapping[str, Iterable[ActivationQuantizer]]) -
     return any(q.needs_calibration for group in quantizers.values() for q in group)
 
 
+def needs_data(
+    quantizers: Mapping[str, Iterable[ActivationQuantizer]], base_quantizer: BaseQuantizer, split: bool
+) -> bool:
+    """True when convert() needs calibration data for a layer: static scales or a reconstruction
+    to learn, or a concatenated input to find (`split`)."""
+    return needs_calibration(quantizers) or base_quantizer.reconstructs or split
+
+
 @torch.no_grad()
 def check_calibration_state(
     settings: LayerSettings, module_type: str, module: nn.Module, state: Mapping[str, Tensor], prefix: str = ""

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .adoption import adopt
 from .base_quantizer import ActivationQuantizer, BaseQuantizer, SplitActivationQuantizer
 from .integer_kernels import IntegerWeights, UnsupportedWeights
-from .layer_parts import build_parts, needs_calibration, splits
+from .layer_parts import build_parts, needs_data, splits
 from .quant import FLOAT_BITS, SKIP_BITS, Codes, QuantSpec, is_packed
 from .recipe import LayerPlan
 from .schemes import DELTA, RAW, Scheme
@@ -65,7 +65,7 @@ class QuantizedLayer(nn.Module):
     def calibrates(self) -> bool:
         """True when the base quantizer learns from calibration data for this layer (static
         activation scales, or a reconstruction)."""
-        return needs_calibration(self.act_quantizers) or self.base_quantizer.reconstructs
+        return needs_data(self.act_quantizers, self.base_quantizer, split=False)
 
     @property
     def frozen(self) -> bool:
@@ -75,7 +75,7 @@ class QuantizedLayer(nn.Module):
     @property
     def needs_calibration(self) -> bool:
         """True when convert() needs calibration data: to learn from, or a split to detect."""
-        return self.calibrates or self.split_enabled
+        return needs_data(self.act_quantizers, self.base_quantizer, self.split_enabled)
 
     def forward(self, x: Tensor) -> Tensor:
         tracker = self._tracker

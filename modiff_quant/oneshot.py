@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .api import calibrate, convert, reset
-from .layer_parts import CHANNEL_DIMS, build_parts, needs_calibration, splits
+from .layer_parts import CHANNEL_DIMS, build_parts, needs_data, splits
 from .pipelines import attach, denoiser_of
 from .recipe import Recipe, load_recipe
 from .serialization import save_quantized
@@ -69,7 +69,7 @@ def _needs_data(recipe: Recipe, denoiser: nn.Module) -> str | None:
             continue
         layer_type = next(t for t in CHANNEL_DIMS if t.__name__ == layer.module_type)
         _, base_quantizer, quantizers = build_parts(layer.settings, layer_type)
-        if needs_calibration(quantizers) or base_quantizer.reconstructs or splits(layer.settings, layer_type):
+        if needs_data(quantizers, base_quantizer, splits(layer.settings, layer_type)):
             return f"layer '{name}' ({type(modules[name]).__name__}, base quantizer {layer.settings.base_quantizer})"
     return None
 
