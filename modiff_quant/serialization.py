@@ -178,6 +178,8 @@ def _model_from_config(folder: Path) -> nn.Module:
         import diffusers
 
     manifest = _read_manifest(folder / PLAN)
+    if not (folder / TENSORS).is_file():
+        raise LoadError(f"{folder / TENSORS} not found (part of the saved model)")
     if CONFIG not in manifest["files"]:
         raise LoadError(
             f"{folder} has no {CONFIG} (the saved {manifest['model_class']} is no diffusers model): "

@@ -426,6 +426,13 @@ def test_a_model_built_from_config_is_a_diffusers_class_of_the_saved_size(saved,
         mq.load_quantized(with_config(saved, tmp_path, config))
 
 
+def test_a_model_built_from_config_needs_the_saved_tensors(saved, tmp_path):
+    folder = with_config(saved, tmp_path, json.loads((saved / CONFIG).read_text(encoding="utf-8")))
+    (folder / TENSORS).unlink()
+    with pytest.raises(mq.LoadError, match="model.safetensors not found"):
+        mq.load_quantized(folder)
+
+
 def test_load_quantized_wants_a_folder_and_a_model_in_order(saved):
     with pytest.raises(TypeError, match="the folder to load is missing"):
         mq.load_quantized(tiny_unet())
