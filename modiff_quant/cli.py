@@ -300,6 +300,12 @@ def _gate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weights", help="checkpoint for cifar10-ddpm (safetensors, torch state dict or diffusers folder)"
+    )
+
+
 def _base_quantizer_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base-quantizer",
@@ -312,9 +318,7 @@ def _sampling_options(parser: argparse.ArgumentParser, *, model: str | None, sam
     parser.add_argument(
         "--model", default=model, required=model is None, help="digits16, cifar10-ddpm or a diffusers model folder"
     )
-    parser.add_argument(
-        "--weights", help="checkpoint for cifar10-ddpm (safetensors, torch state dict or diffusers folder)"
-    )
+    _weights_option(parser)
     parser.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="sampling loop (default ddim)")
     parser.add_argument(
         "--steps", type=Integer(POSITIVE), default=100, help="sampling steps (at most the model's training timesteps)"
@@ -376,9 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = commands.add_parser("explain", help="per-layer table of what a recipe does to a model")
     explain.add_argument("--model", required=True, help="digits16, cifar10-ddpm or a diffusers model folder")
-    explain.add_argument(
-        "--weights", help="checkpoint for cifar10-ddpm (safetensors, torch state dict or diffusers folder)"
-    )
+    _weights_option(explain)
     explain.add_argument("--recipe", required=True, help="shipped recipe name or YAML file")
     _base_quantizer_option(explain)
     explain.set_defaults(run=_explain)
@@ -387,9 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bops", help="bit-operations per image-step of a recipe, per layer and step (no sampling)"
     )
     bops.add_argument("--model", required=True, help="digits16, cifar10-ddpm or a diffusers model folder")
-    bops.add_argument(
-        "--weights", help="checkpoint for cifar10-ddpm (safetensors, torch state dict or diffusers folder)"
-    )
+    _weights_option(bops)
     bops.add_argument("--recipe", help="shipped recipe name or YAML file (omit: the full-precision model)")
     _base_quantizer_option(bops)
     bops.add_argument(
