@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from modiff_quant.base_quantizer import ActivationQuantizer, BaseQuantizer, DynamicActivationQuantizer
-from modiff_quant.quant import QuantSpec, quantize_minmax
-from modiff_quant.registry import register_base_quantizer
+from modiff_quant.observers import weight_qparams
+from modiff_quant.quant import Granularity, QuantSpec, fake_quantize_grouped
+from modiff_quant.registry import OBSERVERS, register_base_quantizer
 
 
 @register_base_quantizer("dynamic")
 class DynamicQuantizer(BaseQuantizer):
-    """Min-max scales computed from every tensor as it arrives: no calibration needed.
+    """Scales computed from every tensor as it arrives: no calibration needed.
 
-    Weights get min-max scales once at convert; activations (raw inputs or, under `modiff`,
-    temporal differences) get fresh scales on every call at the recipe's granularity.
+    Activations (raw inputs or, under `modiff`, temporal differences) get fresh min-max scales on
+    every call at the recipe's granularity. Weights get their scales once at convert from
+    `weight_observer`: `minmax`, or `mse`, which searches each scale group's clipping range for
+    the least squared error (`weight_observer_options`, e.g. `{p: 2.4}`, go to the observer).
     """
 
+    def __init__(self, weight_observer: str = "minmax", weight_observer_options: dict[str, Any] | None = None) -> None:
+        self.weight_observer = weight_observer
+        self.weight_observer_options = dict(weight_observer_options or {})
+        OBSERVERS.get(weight_observer)(
+            QuantSpec(8, True, Granularity("tensor")), weight=True, **self.weight_observer_options
+        )  # bad names/options fail at recipe load
+
     def quantize_weight(self, weight: Tensor, spec: QuantSpec) -> Tensor:
-        return quantize_minmax(weight, spec, weight=True)
+        if spec.is_float:
+            return weight
+        scale, zero_point = weight_qparams(weight, spec, self.weight_observer, **self.weight_observer_options)
+        return fake_quantize_grouped(weight, scale, zero_point, spec, weight=True)
 
     def activation_quantizer(self, spec: QuantSpec, channel_dim: int) -> ActivationQuantizer:
         return DynamicActivationQuantizer(spec, channel_dim)

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from modiff_quant.base_quantizer import ActivationQuantizer, BaseQuantizer, ObservedActivationQuantizer
-from modiff_quant.observers import Observer
+from modiff_quant.observers import weight_qparams
 from modiff_quant.quant import Granularity, QuantSpec, fake_quantize_grouped
 from modiff_quant.registry import OBSERVERS, register_base_quantizer
 
@@ -24,18 +24,13 @@ class StaticQuantizer(BaseQuantizer):
     def __init__(self, observer: str = "minmax", observer_options: dict[str, Any] | None = None) -> None:
         self.observer = observer
         self.observer_options = dict(observer_options or {})
-        self._make_observer(
-            QuantSpec(8, True, Granularity("tensor")), 0, weight=True
+        OBSERVERS.get(self.observer)(
+            QuantSpec(8, True, Granularity("tensor")), weight=True, **self.observer_options
         )  # bad names/options fail at recipe load
-
-    def _make_observer(self, spec: QuantSpec, channel_dim: int, *, weight: bool = False) -> Observer:
-        return OBSERVERS.get(self.observer)(spec, channel_dim=channel_dim, weight=weight, **self.observer_options)
 
     def weight_qparams(self, weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
         """Scale and zero point of a weight from this quantizer's observer, shaped for `stats_view`."""
-        observer = self._make_observer(spec, 0, weight=True)
-        observer.observe(weight)
-        return observer.qparams()
+        return weight_qparams(weight, spec, self.observer, **self.observer_options)
 
     def quantize_weight(self, weight: Tensor, spec: QuantSpec) -> Tensor:
         if spec.is_float:

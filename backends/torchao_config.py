@@ -118,10 +118,9 @@ def recipe_to_fqn_config(recipe: Recipe | str, model: nn.Module) -> Any:
         )
     mapping: dict[str, Any] = {}
     for name, layer in plan.layers.items():
-        if layer.zero_bit_steps:
-            steps = ", ".join(map(str, layer.zero_bit_steps))
+        if layer.zero_bit_steps or layer.bit_steps:
             raise ValueError(
-                f"recipe {plan.recipe.name}: layer {name} has 0-bit steps ({steps}), "
+                f"recipe {plan.recipe.name}: layer {name} has a bit schedule over steps ({layer.describe_steps()}), "
                 "which torchao configs cannot express"
             )
         s = layer.settings

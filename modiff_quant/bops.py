@@ -219,12 +219,12 @@ def _width(bits: int, conventions: BopsConventions) -> int:
 def _activation_bits(layer: LayerPlan, step: int | None, conventions: BopsConventions) -> int:
     s = layer.settings
     if step == 0:
-        if (s.scheme == "modiff" and s.first_step.kind == "fp") or s.a_bits == 0:
+        bits = layer.a_bits_at(0)
+        if (s.scheme == "modiff" and s.first_step.kind == "fp") or bits == 0:
             return conventions.float_bits  # the first call runs on the float input
         refinements = s.first_step.rounds if s.scheme == "modiff" else 0
-        return _width(s.a_bits, conventions) * (1 + refinements)  # warm-up repeats the layer on the same input
-    skipped = layer.skips(step) if step is not None else s.a_bits == 0
-    return 0 if skipped else _width(s.a_bits, conventions)
+        return _width(bits, conventions) * (1 + refinements)  # warm-up repeats the layer on the same input
+    return _width(s.a_bits if step is None else layer.a_bits_at(step), conventions)
 
 
 def _inside(name: str, block: str) -> bool:

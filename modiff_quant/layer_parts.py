@@ -8,7 +8,7 @@ takes it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,23 +32,29 @@ SPLIT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
 
 
 def build_parts(
-    settings: LayerSettings, layer_type: type[nn.Module]
+    settings: LayerSettings, layer_type: type[nn.Module], widths: Sequence[int] | None = None
 ) -> tuple[Scheme, BaseQuantizer, dict[str, list[ActivationQuantizer]]]:
     """The scheme, base quantizer and activation quantizers of one layer: per role, one per
-    timestep group (a split pair where the layer splits concatenated inputs)."""
+    activation width (`LayerPlan.activation_widths`, default `a_bits` alone) and timestep group,
+    at index `width * groups + group` (a split pair where the layer splits concatenated inputs)."""
     scheme = SCHEMES.get(settings.scheme)()
     base_quantizer = BASE_QUANTIZERS.get(settings.base_quantizer)(**settings.base_quantizer_options)
-    spec, dim, groups = settings.activation_spec(), CHANNEL_DIMS[layer_type], settings.timestep_groups.count
-    split = splits(settings, layer_type) and not spec.is_float
+    dim, groups = CHANNEL_DIMS[layer_type], settings.timestep_groups.count
 
-    def make() -> ActivationQuantizer:
+    def make(bits: int) -> ActivationQuantizer:
+        spec = settings.activation_spec(bits)
         first = base_quantizer.activation_quantizer(spec, dim)
-        return SplitActivationQuantizer(first, base_quantizer.activation_quantizer(spec, dim)) if split else first
+        if not splits(settings, layer_type) or spec.is_float:
+            return first
+        return SplitActivationQuantizer(first, base_quantizer.activation_quantizer(spec, dim))
 
     return (
         scheme,
         base_quantizer,
-        {role: [make() for _ in range(groups)] for role in scheme.activation_roles(settings)},
+        {
+            role: [make(bits) for bits in widths or (settings.a_bits,) for _ in range(groups)]
+            for role in scheme.activation_roles(settings)
+        },
     )
 
 
@@ -75,7 +81,12 @@ def needs_data(
 
 @torch.no_grad()
 def check_calibration_state(
-    settings: LayerSettings, module_type: str, module: nn.Module, state: Mapping[str, Tensor], prefix: str = ""
+    settings: LayerSettings,
+    module_type: str,
+    module: nn.Module,
+    state: Mapping[str, Tensor],
+    prefix: str = "",
+    activation_widths: Sequence[int] | None = None,
 ) -> None:
     """Raise ValueError unless `state` (a layer's `calibration_state()` without its weight, as saved
     under `prefix`) fits a layer of these settings: load it into standalone quantizers built from
@@ -98,7 +109,7 @@ def check_calibration_state(
     dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float32
     probe = torch.linspace(-1.0, 1.0, width, dtype=dtype).reshape(1, width, *[1] * (-CHANNEL_DIMS[layer_type] - 1))
     taken = {"split_at", "weight"}
-    for role, group in build_parts(settings, layer_type)[2].items():
+    for role, group in build_parts(settings, layer_type, activation_widths)[2].items():
         for index, quantizer in enumerate(group):
             start = f"{role}.{index}."
             part = {key.removeprefix(start): value for key, value in state.items() if key.startswith(start)}

@@ -51,7 +51,7 @@ class QuantizedLayer(nn.Module):
 
     def _setup(self, plan: LayerPlan, tracker: Tracker, layer_type: type[nn.Module]) -> None:
         self.plan = plan
-        self.scheme, self.base_quantizer, quantizers = build_parts(plan.settings, layer_type)
+        self.scheme, self.base_quantizer, quantizers = build_parts(plan.settings, layer_type, plan.activation_widths)
         self.act_quantizers = nn.ModuleDict({role: nn.ModuleList(group) for role, group in quantizers.items()})
         self.split_enabled = splits(plan.settings, layer_type)
         self.split_at = None  # input channels of the first part of a concatenated input, once detected
@@ -105,8 +105,10 @@ class QuantizedLayer(nn.Module):
         return self.scheme.forward(self, x, state, skip)
 
     def phase(self, step: int, timestep: float | None) -> tuple[bool, int]:
-        """(whether `step` is 0-bit, the timestep group whose activation quantizers apply)."""
-        return self.plan.skips(step), self.plan.settings.timestep_groups.index(timestep)
+        """(whether `step` is 0-bit, the index of the activation quantizers that apply: those of the
+        step's activation width and of the timestep's group)."""
+        groups = self.plan.settings.timestep_groups
+        return self.plan.skips(step), self.plan.width_index(step) * groups.count + groups.index(timestep)
 
     def new_state(self) -> LayerStates:
         return LayerStates(self.plan.settings.input_cache, self.plan.settings.output_cache)
@@ -117,9 +119,9 @@ class QuantizedLayer(nn.Module):
         return {} if found is None else dict(found.sites)
 
     def quantizer(self, role: str) -> ActivationQuantizer:
-        """The activation quantizer of `role` for the timestep group of the current model call."""
-        _, group = self._tracker.phase(self._slot)
-        return self.act_quantizers[role][group]
+        """The activation quantizer of `role` for the step and timestep of the current model call."""
+        _, index = self._tracker.phase(self._slot)
+        return self.act_quantizers[role][index]
 
     def apply_op(self, x: Tensor, *, bias: bool) -> Tensor:
         """A(x): the layer's operation with its weight (quantized in place by `convert`; inside
@@ -135,7 +137,7 @@ class QuantizedLayer(nn.Module):
     def quantize_input(self, role: str, x: Tensor) -> tuple[Tensor, Codes | None]:
         """Q(x) by the quantizer of `role`, and under integer execution its codes and scale."""
         quantizer = self.quantizer(role)
-        if self.integer is None:
+        if self.integer is None or quantizer.spec.is_float:  # e.g. steps a schedule leaves float
             return quantizer(x), None
         centered, scale = quantizer.codes(x)
         return (centered * scale).to(x.dtype), (centered, scale, _code_bounds(quantizer.spec))
@@ -160,7 +162,7 @@ class QuantizedLayer(nn.Module):
         (`integer`); raises ValueError naming this layer when it cannot run on integers."""
         self.integer = None
         s = self.plan.settings
-        if mode == "fake" or s.a_bits in (FLOAT_BITS, SKIP_BITS):
+        if mode == "fake" or set(self.plan.activation_widths) <= {FLOAT_BITS, SKIP_BITS}:
             return  # float or always-skipped activations: nothing to run on integers
         fail = f"{self.plan.name}: integer execution needs"
         if self.weight.device.type != "cpu":
@@ -172,7 +174,7 @@ class QuantizedLayer(nn.Module):
                 f"{fail} input_cache: full (a lossy â turns the increments into non-codes), got {s.input_cache}"
             )
         role = DELTA if s.scheme == "modiff" else RAW
-        if any(q.codes(torch.zeros(1, 1, 1, 1)) is None for q in self.act_quantizers[role]):
+        if any(q.codes(torch.zeros(1, 1, 1, 1)) is None for q in self.act_quantizers[role] if not q.spec.is_float):
             raise ValueError(
                 f"{fail} activation scales per tensor or per sample from a min-max or static quantizer, "
                 f"got a_granularity {s.a_granularity} ({s.base_quantizer})"
@@ -210,13 +212,17 @@ class QuantizedLayer(nn.Module):
     @torch.no_grad()
     def freeze(self) -> None:
         """Fix the activation quantizers from what their observers saw."""
-        groups = self.plan.settings.timestep_groups
+        groups, widths = self.plan.settings.timestep_groups, self.plan.activation_widths
         for role, quantizers in self.act_quantizers.items():
-            for group, quantizer in enumerate(quantizers):
+            for index, quantizer in enumerate(quantizers):
                 try:
                     quantizer.freeze()
                 except RuntimeError as exc:
-                    where = f"{role} quantizer, {groups.describe(group)}: " if groups.count > 1 else ""
+                    width, group = divmod(index, groups.count)
+                    parts = [f"{role} quantizer"] * (groups.count > 1 or len(widths) > 1)
+                    parts += [f"a_bits {widths[width]} (its steps of the schedule)"] * (len(widths) > 1)
+                    parts += [groups.describe(group)] * (groups.count > 1)
+                    where = f"{', '.join(parts)}: " if parts else ""
                     raise RuntimeError(f"{self.plan.name}: {where}{exc}") from exc
 
     @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .quant import QuantSpec, fake_quantize, qparams, stats_view
-from .registry import register_observer
+from .registry import OBSERVERS, register_observer
 
 
 class Observer(nn.Module):
@@ -149,3 +149,13 @@ class LpSearchObserver(Observer):
             best_scale = torch.where(better, scale, best_scale)
             best_zero = torch.where(better, zero, best_zero)
         return best_scale.reshape(shape), best_zero.reshape(shape)
+
+
+def weight_qparams(
+    weight: Tensor, spec: QuantSpec, observer: str = "minmax", **options: object
+) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of a weight from one pass of a registered observer: `minmax` keeps
+    every outlier, `mse` searches the clipping range of each scale group (output channel)."""
+    found = OBSERVERS.get(observer)(spec, channel_dim=0, weight=True, **options)
+    found.observe(weight)
+    return found.qparams()

@@ -68,7 +68,7 @@ def _needs_data(recipe: Recipe, denoiser: nn.Module) -> str | None:
         if layer.leaves_float:
             continue
         layer_type = next(t for t in CHANNEL_DIMS if t.__name__ == layer.module_type)
-        _, base_quantizer, quantizers = build_parts(layer.settings, layer_type)
+        _, base_quantizer, quantizers = build_parts(layer.settings, layer_type, layer.activation_widths)
         if needs_data(quantizers, base_quantizer, splits(layer.settings, layer_type)):
             return f"layer '{name}' ({type(modules[name]).__name__}, base quantizer {layer.settings.base_quantizer})"
     return None

@@ -360,13 +360,14 @@ _MANIFEST: dict[str, _Check] = {
     "plan": _fields(
         {
             "layers": _mapping(
-                _fields(
+                _optional_fields(
                     {
                         "type": _kind(str),
                         "settings": _kind(dict),
                         "zero_bit_steps": _kind(list),
                         "adopted_from": _kind(str, type(None)),
-                    }
+                    },
+                    {"a_bits_steps": _kind(list)},
                 )
             ),
             "blocks": _mapping(
@@ -560,6 +561,7 @@ def _layer_states(saved: _Saved, own: dict[str, Tensor], model: nn.Module, plan:
                 modules[name],
                 state,
                 f"{_LAYER_PREFIX}{name}/",
+                plan.layers[name].activation_widths,
             )
         except ValueError as exc:
             raise LoadError(f"layer '{name}': {exc}") from None

@@ -192,10 +192,11 @@ class LayerSettings:
     def weight_spec(self) -> QuantSpec:
         return QuantSpec(self.w_bits, self.w_symmetric, self.w_granularity)
 
-    def activation_spec(self) -> QuantSpec:
-        """The activation spec; a 0-bit layer never quantizes, so it gets a float spec."""
-        bits = FLOAT_BITS if self.a_bits == SKIP_BITS else self.a_bits
-        return QuantSpec(bits, self.a_symmetric, self.a_granularity)
+    def activation_spec(self, bits: int | None = None) -> QuantSpec:
+        """The activation spec at `bits` (default `a_bits`, or a width a step schedule sets); 0 bits
+        never quantize, so they get a float spec."""
+        bits = self.a_bits if bits is None else bits
+        return QuantSpec(FLOAT_BITS if bits == SKIP_BITS else bits, self.a_symmetric, self.a_granularity)
 
     def updated(self, values: Mapping[str, Any]) -> LayerSettings:
         return replace(self, **values)

@@ -12,7 +12,10 @@ import torch
 from hypothesis import HealthCheck, Phase, settings
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (scripts/test.sh runs one worker per core) the workers share the cores: one
+# torch thread each, or their threads would contend for the same cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _WORKERS))
 
 # The fuzz suite (tests/test_fuzz.py) takes its example counts from one of these profiles: `fuzz`
 # (CI: derandomized, so reproducible, about a minute on 2 cores) unless `fuzz-long` is selected

@@ -280,3 +280,31 @@ def test_adaround_runs_with_float_activations(write_recipe):
         m.base_quantizer.log for m in quantized.modules() if isinstance(m, QuantizedLayer) and m.base_quantizer.log
     )
     assert {entry["phase"] for entry in log} == {"weights"}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dynamic_mse_weight_search_beats_min_max_scales(bits, write_recipe):
+    """`weight_observer: mse` searches each output channel's clipping range: on heavy-tailed
+    weights its squared error is at most min-max scaling's in every channel (min-max is one of
+    the candidates) and below it in total, by a fifth at 4 bits."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 16))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.distributions.StudentT(2.0).sample(model[0].weight.shape))
+    float_weight = model[0].weight.detach().clone()
+    errors = {}
+    for observer in ("minmax", "mse"):
+        recipe = write_recipe(
+            f"version: 1\ndefaults:\n  base_quantizer: {{name: dynamic, weight_observer: {observer}}}\n"
+            f"  w_bits: {bits}\n  a_bits: float\n",
+            f"{observer}.yaml",
+        )
+        quantized = mq.convert(mq.prepare(copy.deepcopy(model), recipe))
+        errors[observer] = (quantized[0].weight.detach() - float_weight).pow(2).sum(dim=1)
+    assert bool((errors["mse"] <= errors["minmax"]).all()), errors
+    assert float(errors["mse"].sum() / errors["minmax"].sum()) < {4: 0.8, 8: 1.0}[bits]
+
+
+def test_dynamic_weight_observer_is_validated_at_load(write_recipe):
+    with pytest.raises(mq.RecipeError, match=r"recipe.yaml:3: .*unknown observer 'mes'.*mse"):
+        mq.load_recipe(write_recipe(recipe_text("{name: dynamic, weight_observer: mes}")))

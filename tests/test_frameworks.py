@@ -260,7 +260,8 @@ def test_modiff_config_errors_name_what_is_wrong(digits, write_recipe):
         recipe_to_fqn_config("w8a8-modiff-deepcache", load_model("cifar10-ddpm"))
     steps = write_recipe("version: 1\nrules:\n  - match: conv_in\n    a_bits: 0\n    steps: [1, 3]\n")
     with pytest.raises(
-        ValueError, match=r"layer conv_in has 0-bit steps \(\[1, 3\]\), which torchao configs cannot express"
+        ValueError,
+        match=r"layer conv_in has a bit schedule over steps \(\[1, 3\]: 0\), which torchao configs cannot express",
     ):
         recipe_to_fqn_config(mq.load_recipe(steps), digits)
 

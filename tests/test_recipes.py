@@ -437,13 +437,13 @@ LOAD_ERRORS = [
         "steps-with-w_bits",
         "version: 1\nrules:\n  - match: conv\n    w_bits: 4\n    steps: [1, 2]\n",
         "steps",
-        ["steps", "a_bits: 0"],
+        ["steps", "may only set a_bits"],
     ),
     (
-        "steps-with-a_bits-4",
-        "version: 1\nrules:\n  - match: conv\n    a_bits: 4\n    steps: all\n",
+        "steps-with-a_bits-and-more",
+        "version: 1\nrules:\n  - match: conv\n    a_bits: 4\n    a_symmetric: true\n    steps: all\n",
         "steps",
-        ["steps", "a_bits: 0"],
+        ["steps", "may only set a_bits"],
     ),
     (
         "steps-invalid",
@@ -521,7 +521,7 @@ RESOLVE_ERRORS = [
         "option-for-dynamic",
         "version: 1\ndefaults:\n  base_quantizer:\n    name: dynamic\n    observer: mse\n",
         "base_quantizer",
-        ["'dynamic' rejects its options", "no options"],
+        ["'dynamic' rejects its options", "accepts: weight_observer, weight_observer_options"],
     ),
     (
         "warmup-without-ec",

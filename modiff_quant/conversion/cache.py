@@ -79,7 +79,12 @@ class CalibrationCache:
                 )
             try:
                 check_calibration_state(
-                    layer.plan.settings, layer.plan.module_type, layer, state, f"{layer.plan.name}/"
+                    layer.plan.settings,
+                    layer.plan.module_type,
+                    layer,
+                    state,
+                    f"{layer.plan.name}/",
+                    layer.plan.activation_widths,
                 )
             except ValueError as exc:
                 raise ValueError(f"layer '{layer.plan.name}': {exc}") from None
@@ -103,7 +108,9 @@ def _fingerprint(
     digest = hashlib.sha256(f"modiff-quant cache {FORMAT}".encode())
     digest.update(_code_digest(tuple(sorted({inspect.getfile(type(layer.base_quantizer)) for layer in layers}))))
     for layer in layers:
-        digest.update(repr((layer.plan.name, layer.plan.settings, layer.plan.zero_bit_steps)).encode())
+        digest.update(
+            repr((layer.plan.name, layer.plan.settings, layer.plan.zero_bit_steps, layer.plan.bit_steps)).encode()
+        )
     digest.update(repr(list(blocks)).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode() + tensor_bytes(tensor))

@@ -12,7 +12,7 @@ from dataclasses import fields
 from typing import Any
 
 from ..settings import LayerSettings, StepSchedule, TimestepGroups
-from .resolve import Plan
+from .resolve import LayerPlan, Plan
 from .schema import SCHEMA_VERSION, Recipe, Rule
 
 _STRINGIFIED = ("w_granularity", "a_granularity", "first_step")
@@ -35,15 +35,7 @@ def plan_document(plan: Plan) -> dict[str, Any]:
     """Per layer and block, everything the recipe decided: two plans of the same recipe on two
     models are equal exactly when the models are quantized alike."""
     return {
-        "layers": {
-            name: {
-                "type": layer.module_type,
-                "settings": settings_document(_all_settings(layer.settings)),
-                "zero_bit_steps": [schedule_document(steps) for steps in layer.zero_bit_steps],
-                "adopted_from": layer.adopted_from,
-            }
-            for name, layer in plan.layers.items()
-        },
+        "layers": {name: _layer_document(layer) for name, layer in plan.layers.items()},
         "blocks": {
             name: {
                 "type": block.module_type,
@@ -53,6 +45,20 @@ def plan_document(plan: Plan) -> dict[str, Any]:
             for name, block in plan.blocks.items()
         },
     }
+
+
+def _layer_document(layer: LayerPlan) -> dict[str, Any]:
+    document = {
+        "type": layer.module_type,
+        "settings": settings_document(_all_settings(layer.settings)),
+        "zero_bit_steps": [schedule_document(steps) for steps in layer.zero_bit_steps],
+        "adopted_from": layer.adopted_from,
+    }
+    if layer.bit_steps:  # absent without a bit schedule, as in plans saved before schedules existed
+        document["a_bits_steps"] = [
+            {"steps": schedule_document(steps), "a_bits": bits} for steps, bits in layer.bit_steps
+        ]
+    return document
 
 
 def settings_document(values: Mapping[str, Any]) -> dict[str, Any]:

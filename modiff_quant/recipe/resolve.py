@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
@@ -36,10 +36,39 @@ class LayerPlan:
     rules: tuple[Location, ...]
     weight_note: str | None = None  # the base quantizer's note on how the weight is stored (explain)
     adopted_from: str | None = None  # the foreign quantized layer this one was (see modiff_quant.adoption)
+    bit_steps: tuple[tuple[StepSchedule, int], ...] = ()  # (steps, a_bits) of `steps` rules, in rule order
+
+    def a_bits_at(self, step: int) -> int:
+        """The activation bits of `step`: 0 where a 0-bit rule contains it (a skip is never undone),
+        else those of the last `steps` rule containing it, else the layer's `a_bits`."""
+        if any(schedule.contains(step) for schedule in self.zero_bit_steps):
+            return SKIP_BITS
+        return next(
+            (bits for schedule, bits in reversed(self.bit_steps) if schedule.contains(step)), self.settings.a_bits
+        )
 
     def skips(self, step: int) -> bool:
         """True when this step is 0-bit for the layer (its cached output is reused)."""
-        return self.settings.a_bits == SKIP_BITS or any(s.contains(step) for s in self.zero_bit_steps)
+        return self.a_bits_at(step) == SKIP_BITS
+
+    @property
+    def activation_widths(self) -> tuple[int, ...]:
+        """The activation bit-widths the layer computes at: its `a_bits`, then each other width a
+        step schedule sets. Each width gets its own activation quantizers (and calibrated scales)."""
+        return tuple(dict.fromkeys((self.settings.a_bits, *(bits for _, bits in self.bit_steps))))
+
+    def width_index(self, step: int) -> int:
+        """Index in `activation_widths` of the quantizers that run at `step` (0 on skipped steps)."""
+        bits = self.a_bits_at(step)
+        return 0 if bits == SKIP_BITS else self.activation_widths.index(bits)
+
+    def describe_steps(self) -> str:
+        """The layer's steps rules, e.g. `0..9: 6, 90..99: 0` ('-' without any; `all: 0` when it
+        always skips)."""
+        if self.settings.a_bits == SKIP_BITS and not self.bit_steps:
+            return "all: 0"
+        scheduled = [*((steps, SKIP_BITS) for steps in self.zero_bit_steps), *self.bit_steps]
+        return ", ".join(f"{steps}: {_format_bits(bits)}" for steps, bits in scheduled) or "-"
 
     @property
     def has_skips(self) -> bool:
@@ -54,6 +83,7 @@ class LayerPlan:
             s.scheme == "plain"
             and s.w_bits == s.a_bits == FLOAT_BITS
             and not self.zero_bit_steps
+            and not self.bit_steps
             and self.adopted_from is None
         )
 
@@ -102,6 +132,8 @@ def resolve(recipe: Recipe, model: nn.Module) -> Plan:
     sources: dict[str, dict[str, Location]] = {name: dict(recipe.default_locations) for name in layers}
     hits: dict[str, list[Location]] = {name: [] for name in layers}
     zero_steps: dict[str, list[StepSchedule]] = {name: [] for name in layers}
+    bit_steps: dict[str, list[tuple[StepSchedule, int]]] = {name: [] for name in layers}
+    bit_step_rules: dict[str, dict[int, Location]] = {name: {} for name in layers}  # width -> first rule setting it
     blocks: dict[str, BlockPlan] = {}
     unmatched: list[Rule] = []
     for rule in recipe.rules:
@@ -144,8 +176,11 @@ def resolve(recipe: Recipe, model: nn.Module) -> Plan:
         else:
             for name in matched_layers:
                 hits[name].append(rule.location)
-                if rule.steps is not None:
+                if rule.steps is not None and rule.settings["a_bits"] == SKIP_BITS:
                     zero_steps[name].append(rule.steps)
+                elif rule.steps is not None:
+                    bit_steps[name].append((rule.steps, rule.settings["a_bits"]))
+                    bit_step_rules[name].setdefault(rule.settings["a_bits"], rule.location)
                 else:
                     values[name].update(rule.settings)
                     sources[name].update(rule.setting_locations)
@@ -155,16 +190,18 @@ def resolve(recipe: Recipe, model: nn.Module) -> Plan:
         settings = recipe.defaults.updated(values[name])
         adoption = adopted.get(name)
         layer_type = adoption.layer_type if adoption else type(module)
-        note = _check_layer(name, module, layer_type, settings, sources[name])
-        plans[name] = LayerPlan(
+        plan = LayerPlan(
             name,
             layer_type.__name__,
             settings,
             tuple(zero_steps[name]),
             tuple(hits[name]),
-            note,
+            None,
             _describe_adoption(adoption),
+            tuple(bit_steps[name]),
         )
+        note = _check_layer(plan, module, layer_type, sources[name], bit_step_rules[name])
+        plans[name] = replace(plan, weight_note=note)
     return Plan(recipe, plans, blocks, tuple(unmatched), tuple(unwrapped))
 
 
@@ -206,12 +243,20 @@ def _describe_adoption(adoption: Adoption | None) -> str | None:
 
 
 def _check_layer(
-    name: str, module: nn.Module, layer_type: type[nn.Module], settings: LayerSettings, sources: Mapping[str, Location]
+    plan: LayerPlan,
+    module: nn.Module,
+    layer_type: type[nn.Module],
+    sources: Mapping[str, Location],
+    width_rules: Mapping[int, Location],
 ) -> str | None:
-    """Reject what the layer cannot do; return the base quantizer's note on its weight."""
+    """Reject what the layer cannot do; return the base quantizer's note on its weight.
 
-    def fail(key: str, message: str) -> None:
-        raise RecipeError(sources.get(key), f"layer '{name}' ({type(module).__name__}): {message}")
+    `width_rules`: the `steps` rule that set each scheduled activation width, blamed for what
+    the base quantizer refuses at that width."""
+    name, settings = plan.name, plan.settings
+
+    def fail(key: str, message: str, where: Location | None = None) -> None:
+        raise RecipeError(where or sources.get(key), f"layer '{name}' ({type(module).__name__}): {message}")
 
     weight = module.weight.data
     packed_note = None
@@ -228,12 +273,16 @@ def _check_layer(
     if settings.first_step.kind == "warmup" and not settings.error_compensation:
         fail("first_step", "warm-up refines the reconstructed input, which needs error_compensation: true")
     try:
-        _, base_quantizer, quantizers = build_parts(settings, layer_type)
-        base_quantizer.check_layer(module, settings.weight_spec(), settings.activation_spec())
-    except UnsupportedSetting as exc:
-        fail(exc.setting, f"base quantizer '{settings.base_quantizer}': {exc}")
+        _, base_quantizer, quantizers = build_parts(settings, layer_type, plan.activation_widths)
     except (TypeError, ValueError) as exc:
         fail("base_quantizer", str(exc))
+    for bits in plan.activation_widths:
+        try:
+            base_quantizer.check_layer(module, settings.weight_spec(), settings.activation_spec(bits))
+        except UnsupportedSetting as exc:
+            rule = width_rules.get(bits) if bits != settings.a_bits else None
+            scheduled = f" (a_bits {_format_bits(bits)} on the steps of this rule)" if rule else ""
+            fail(exc.setting, f"base quantizer '{settings.base_quantizer}'{scheduled}: {exc}", rule)
     calibrated = needs_calibration(quantizers)
     if settings.timestep_groups.count > 1 and not calibrated:
         fail(
@@ -275,7 +324,7 @@ def _explain(plan: Plan) -> str:
         "split",
         "first",
         "EC",
-        "0-bit steps",
+        "A by step",
         "rules",
     )
     types = {layer_type.__name__: layer_type for layer_type in CHANNEL_DIMS}
@@ -296,7 +345,7 @@ def _explain(plan: Plan) -> str:
                 "on" if splits(s, types[layer.module_type]) else "-",
                 str(s.first_step) if modiff else "-",
                 ("on" if s.error_compensation else "off") if modiff else "-",
-                "all" if s.a_bits == SKIP_BITS else ", ".join(map(str, layer.zero_bit_steps)) or "-",
+                layer.describe_steps(),
                 ", ".join(f"{Path(loc.file).name}:{loc.line}" for loc in layer.rules) or "defaults",
             )
         )
@@ -304,8 +353,10 @@ def _explain(plan: Plan) -> str:
     lines = [f"recipe {recipe.name} ({recipe.source}){strict}: {recipe.description}".rstrip(": ")]
     lines += _table(header, rows)
     lines.append(
-        f"{len(plan.layers)} layers; A bits: 'u' = asymmetric; split: separate quantizers where the input is a "
-        "concatenation (found at convert); rules: recipe file:line of each rule that applied"
+        f"{len(plan.layers)} layers; A bits: 'u' = asymmetric; A by step: steps rules (0-bit steps are skipped "
+        "whatever later rules say, otherwise the last rule containing a step sets its bits); split: separate "
+        "quantizers where the input is a concatenation (found at convert); rules: recipe file:line of each rule "
+        "that applied"
     )
     if recipe.adapted:
         lines += ["", "adapted to the swapped-in base quantizer (settings inherited from shipped recipes)"]

@@ -182,7 +182,7 @@ def _adapted(recipe: Recipe, quantizer: BaseQuantizer) -> Recipe:
     defaults = recipe.defaults.updated(changes(recipe.defaults, recipe.default_locations, "defaults"))
     rules = []
     for rule in recipe.rules:
-        if rule.steps is None and rule.skip_threshold is None:  # rules with a schedule only skip
+        if rule.steps is None and rule.skip_threshold is None:  # rules with a schedule set a_bits only
             locations = {**recipe.default_locations, **rule.setting_locations}
             found = changes(defaults.updated(rule.settings), locations, f"rule '{rule.describe()}' ({rule.location})")
             rule = replace(rule, settings={**rule.settings, **found}) if found else rule
@@ -399,9 +399,10 @@ def _parse_rule(item: Any, location: Location, regexes_left: int) -> Rule:
             steps = StepSchedule.parse(item["steps"])
         except ValueError as exc:
             raise RecipeError(item.where("steps"), f"steps: {exc}") from None
-        if settings != {"a_bits": 0}:
+        if set(settings) != {"a_bits"}:
             raise RecipeError(
-                item.where("steps"), "a rule with steps may only set a_bits: 0 (0-bit skipping on a step schedule)"
+                item.where("steps"),
+                "a rule with steps may only set a_bits (a bit schedule over steps; 0 skips the layer on them)",
             )
     threshold = item.get("skip_threshold")
     if "skip_threshold" in item:
