@@ -1,4 +1,4 @@
-"""`modiff-quant` command line: list, explain, bops, eval, demo, gate, plot.
+"""`modiff-quant` command line: list, explain, bops, eval, demo, gate, plot, search.
 
 A user's mistake (an option value, a path, a recipe, a checkpoint or model file) is one line
 `modiff-quant: error: ...` naming it, exit code 2, before any sampling or calibration starts;
@@ -22,23 +22,40 @@ from .bops import BopsConventions, count_bops, count_macs
 from .evaluate import CALIBRATION_SAMPLES, COMPILE_MODES, FLOAT_DTYPES, POSITIVE, SEEDS, Harness, integer_error
 from .features import FEATURE_DIM
 from .gate import format_checks, run_gate
-from .models import BUILTIN_MODELS, BUNDLED_MODELS, load_model, sample_shape
+from .models import BUILTIN_MODELS, BUNDLED_MODELS, load_model, sample_shape, training_schedule
 from .plots import (
     write_distributions,
     write_eval_figures,
     write_fd_vs_bits,
+    write_frontier,
     write_step_error,
 )
 from .recipe import Recipe, RecipeError, load_recipe, shipped_recipes
 from .registry import BASE_QUANTIZERS, OBSERVERS, SCHEMES, UnknownNameError
 from .report import save_grid, write_report
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, check_steps
+from .search import (
+    SearchError,
+    allocate,
+    budget_of,
+    check_widths,
+    float_trajectory,
+    load_cached,
+    mac_entries,
+    measure_sensitivity,
+    phase_ranges,
+    recipe_text,
+    save_cached,
+    searchable_layers,
+    sensitivity_key,
+    uniform_gbops,
+)
 from .serialization import LoadError
 from .version import __version__
 
 FLOAT_BITS = range(1, 65)
 BOPS_STEPS = range(1, 10_001)  # longer than any training schedule; the count's work grows with it
-USER_ERRORS = (RecipeError, LoadError, FileNotFoundError, UnknownNameError, ValueError)
+USER_ERRORS = (RecipeError, LoadError, SearchError, FileNotFoundError, UnknownNameError, ValueError)
 """What a user's input may raise (besides an OSError naming a file); see `main`."""
 
 
@@ -300,6 +317,55 @@ def _gate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> None:
+    """Everything is checked (recipe, widths, phases, budget) before the sensitivity pass."""
+    model = load_model(args.model, weights=args.weights)
+    plan = _recipe(args).resolve(model)
+    widths, layers = check_widths(args.bits), searchable_layers(plan)
+    check_steps(args.sampler, training_schedule(args.model), args.steps)
+    phase_ranges(args.steps, args.phases)
+    entries, conventions = mac_entries(model), _conventions(args)
+    budget = args.budget_gbops or budget_of(args.budget_recipe, model, entries, args.steps, conventions)
+    narrowest = uniform_gbops(plan, entries, args.steps, widths[0], conventions)
+    if budget < narrowest:
+        raise SearchError(
+            f"budget {budget:.4g} GBops per step is below {narrowest:.4g}, the cost with every searched layer at "
+            f"{widths[0]} bits; lower --bits or raise the budget"
+        )
+    setting = {"sampler": args.sampler, "steps": args.steps, "samples": args.samples, "seed": args.seed}
+    cache = (
+        args.cache_dir / f"sensitivity-{sensitivity_key(model, plan, widths, setting)[:32]}.json"
+        if args.cache_dir
+        else None
+    )
+    names = tuple(layer.name for layer in layers)
+    sensitivity = load_cached(cache, names, widths, args.steps) if cache else None
+    if sensitivity is None:
+        trajectory = float_trajectory(
+            model, args.sampler, training_schedule(args.model), args.steps, args.samples, args.seed
+        )
+        sensitivity = measure_sensitivity(model, plan, widths, trajectory)
+        if cache:
+            save_cached(cache, sensitivity)
+    else:
+        print(f"sensitivity: reused {cache}")
+    result = allocate(sensitivity, plan, entries, args.steps, args.phases, budget, conventions)
+    description = (
+        f"{args.model}, {args.recipe}, widths {'/'.join(map(str, widths))}, {args.phases} phases of "
+        f"{args.sampler} {args.steps} steps, {args.samples} samples"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(recipe_text(result, args.recipe, budget, description), encoding="utf-8")
+    found = count_bops(entries, load_recipe(args.out).resolve(model), args.steps, conventions)
+    print(
+        f"wrote {args.out}: {found.gbops_per_step_amortized:.4g} GBops per image-step amortized "
+        f"(budget {budget:.4g}), predicted Σ squared relative ε error {result.found.error:.4g} "
+        f"(uniform: {', '.join(f'A{w} {e:.3g}' for w, (_, e) in result.uniform.items())})"
+    )
+    if args.plot:
+        print(f"wrote {write_frontier(result, budget, description, args.plot)}")
+
+
 def _weights_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights", help="checkpoint for cifar10-ddpm (safetensors, torch state dict or diffusers folder)"
@@ -478,6 +544,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=OutputPath(folder=True), required=True, help="folder for fd-vs-bits.png and .json"
     )
     fd_vs_bits.set_defaults(run=_plot_fd_vs_bits)
+
+    search = commands.add_parser(
+        "search", help="per-layer, per-step activation bits under a GBops budget, written as a recipe"
+    )
+    search.add_argument("--model", required=True, help="digits16, cifar10-ddpm or a diffusers model folder")
+    _weights_option(search)
+    search.add_argument(
+        "--recipe", default="w8a8-modiff", help="base recipe whose layers get searched a_bits (default w8a8-modiff)"
+    )
+    _base_quantizer_option(search)
+    budget = search.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
+        "--budget-gbops", type=float, help="GBops per image-step, amortized over the trajectory (as 'bops' counts)"
+    )
+    budget.add_argument("--budget-recipe", help="a recipe whose amortized GBops are the budget, e.g. w8a3-modiff")
+    search.add_argument(
+        "--bits", type=int, nargs="+", default=[2, 3, 4, 6, 8], help="candidate activation widths (default 2 3 4 6 8)"
+    )
+    search.add_argument(
+        "--phases", type=Integer(POSITIVE), default=4, help="equal step ranges that may differ in bits (default 4)"
+    )
+    search.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="sampling loop (default ddim)")
+    search.add_argument("--steps", type=Integer(POSITIVE), default=100, help="sampling steps (default 100)")
+    search.add_argument(
+        "--samples", type=Integer(POSITIVE), default=8, help="trajectories the sensitivity pass follows (default 8)"
+    )
+    search.add_argument("--seed", type=Integer(SEEDS), default=0, help=f"0 to {SEEDS.stop - 1}")
+    search.add_argument("--out", type=OutputPath(folder=False), required=True, help="the recipe YAML to write")
+    search.add_argument("--plot", type=OutputPath(folder=False), help="frontier PNG (and its JSON) to write")
+    search.add_argument(
+        "--cache-dir", type=OutputPath(folder=True), help="folder where sensitivity tables are kept and reused"
+    )
+    _bops_options(search)
+    search.set_defaults(run=_search)
 
     gate = commands.add_parser(
         "gate", help="run the settings of a baselines YAML; exit 1 when a metric leaves its tolerance"

@@ -5,7 +5,8 @@ the data it draws (so that its numbers can be quoted):
   difference is what MoDiff quantizes, and its narrow range is the method's premise;
 - per-step relative ε error vs full precision of plain PTQ, MoDiff without error compensation
   and MoDiff (Fig. 3): what each part of MoDiff contributes, all from the same noise;
-- FD vs activation bits per base quantizer, from `benchmarks/base_quantizer_table.py`.
+- FD vs activation bits per base quantizer, from `benchmarks/base_quantizer_table.py`;
+- the quality/compute frontier of `modiff-quant search` (predicted error vs GBops).
 
 The data comes from `figure_data`. matplotlib is imported only when a figure is drawn (on the
 Agg canvas, no pyplot state), so `import modiff_quant` stays light.
@@ -23,6 +24,7 @@ from .evaluate import Harness, Run, step_relative_errors
 from .figure_data import FdTable, LayerDistribution, Spread, load_fd_table, record_distributions, step_errors
 from .recipe import Recipe
 from .samplers import make_scheduler
+from .search import SearchResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -101,6 +103,18 @@ def write_eval_figures(harness: Harness, label: str, run: Run, out: Path) -> dic
         "per-step relative error of ε vs full precision": step_error.name,
         "layer inputs vs temporal differences (full precision)": distributions.name,
     }
+
+
+def write_frontier(result: SearchResult, budget: float, title: str, path: Path) -> Path:
+    """The search's downgrade path with the budget, the found allocation and uniform widths."""
+    data = {
+        "title": title,
+        "budget_gbops": budget,
+        "frontier": [{"gbops": g, "error": e} for g, e in result.frontier],
+        "uniform": {str(w): {"gbops": g, "error": e} for w, (g, e) in result.uniform.items()},
+        "found": {"gbops": result.found.gbops, "error": result.found.error},
+    }
+    return _save(_draw_frontier(result, budget, title), path, data)
 
 
 def _setting(harness: Harness, samples: int | None = None) -> str:
@@ -216,5 +230,24 @@ def _draw_fd_vs_bits(table: FdTable, title: str) -> Figure:
     ]
     handles.append(Line2D([], [], color="black", linestyle=":", label=f"full precision (FD {table.fp_fd:.1f})"))
     ax.legend(handles=handles, fontsize=8, loc="upper right")
+    ax.set_title(title, fontsize=10)
+    return figure
+
+
+def _draw_frontier(result: SearchResult, budget: float, title: str) -> Figure:
+    figure = _figure(6.4, 4.2)
+    ax = figure.subplots()
+    gbops, errors = zip(*result.frontier)
+    ax.plot(gbops, errors, color="tab:blue", label="per-layer, per-phase allocations (greedy path)")
+    for width, (cost, error) in result.uniform.items():
+        ax.scatter([cost], [error], color="tab:gray", marker="s", zorder=3)
+        ax.annotate(f"A{width}", (cost, error), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.scatter([result.found.gbops], [result.found.error], color="tab:red", zorder=4, label="found")
+    ax.axvline(budget, color="black", linestyle=":", linewidth=1, label=f"budget {budget:.3g} GBops")
+    ax.set_yscale("log")
+    ax.set_xlabel("GBops per image-step (amortized)")
+    ax.set_ylabel("predicted Σ squared relative ε error (log)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
     return figure

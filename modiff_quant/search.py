@@ -1,0 +1,317 @@
+"""`modiff-quant search`: a per-layer, per-step activation bit allocation under a compute budget.
+
+1. Sensitivity (cached on disk): along full-precision trajectories, each layer alone is quantized
+   as the base recipe says, at each candidate `a_bits` (every other layer float), and the squared
+   relative ε error it causes is recorded per step. Every call sees the full-precision trajectory
+   (teacher forcing), so one pass per (layer, bits) gives the error of every step.
+2. Allocation: the steps are cut into `phases` equal ranges. From every (layer, phase) at the
+   widest candidate, the downgrade that loses the least error per GBop saved is taken until the
+   amortized GBops fit the budget. Errors of different layers and phases are taken as additive
+   (independent noise); the path of downgrades is the quality/compute frontier.
+3. The allocation is written as a recipe that extends the base recipe with `steps` rules.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .api import convert, prepare, sampling
+from .bops import PAPER_CONVENTIONS, BopsConventions, MacEntry, count_bops, count_macs
+from .models import sample_shape
+from .quant import FLOAT_BITS, MAX_BITS, MIN_BITS, SKIP_BITS
+from .recipe import LayerPlan, Plan, Recipe, load_recipe
+from .recipe.document import plan_document
+from .recipe.schema import Rule
+from .recipe.source import Location
+from .samplers import make_scheduler
+from .settings import LayerSettings
+from .tensors import tensor_bytes
+from .version import __version__
+
+CACHE_FORMAT = 1
+MAX_CACHE_BYTES = 64 << 20  # a sensitivity table of 1,000 layers x 8 widths x 1,000 steps is ~100 MB of JSON
+_SEARCH_RULE = Location("<search>", 0)
+
+
+class SearchError(ValueError):
+    """A search that cannot run as asked (a base recipe or a budget it cannot serve)."""
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """errors[layer, width, step]: squared relative ε error with that layer alone quantized."""
+
+    layers: tuple[str, ...]
+    widths: tuple[int, ...]
+    errors: np.ndarray
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """a_bits per layer and phase, its amortized GBops per step and its predicted error."""
+
+    bits: dict[str, tuple[int, ...]]
+    gbops: float
+    error: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    found: Allocation
+    frontier: list[tuple[float, float]]  # (GBops, predicted error) along the downgrades
+    uniform: dict[int, tuple[float, float]]  # every searched layer at one width: (GBops, error)
+    phases: tuple[tuple[int, int], ...]  # [start, stop) steps of each phase
+
+
+def check_widths(widths: list[int]) -> tuple[int, ...]:
+    """Candidate widths, ascending and distinct, each a quantized activation width."""
+    bad = [w for w in widths if not MIN_BITS <= w <= MAX_BITS]
+    if bad or not widths:
+        raise SearchError(f"--bits: expected widths in {MIN_BITS}-{MAX_BITS}, got {', '.join(map(str, widths))}")
+    return tuple(sorted(set(widths)))
+
+
+def searchable_layers(plan: Plan) -> list[LayerPlan]:
+    """The layers whose activation bits the search allocates: those the base recipe quantizes at
+    one width with a runtime base quantizer; refuses a base it cannot start from."""
+    if plan.blocks or any(layer.zero_bit_steps or layer.bit_steps for layer in plan.layers.values()):
+        raise SearchError(
+            f"recipe {plan.recipe.name} has steps rules or cached blocks; search writes its own step schedule, "
+            "so start it from a recipe without them"
+        )
+    layers = [layer for layer in plan.layers.values() if layer.settings.a_bits not in (FLOAT_BITS, SKIP_BITS)]
+    if not layers:
+        raise SearchError(f"recipe {plan.recipe.name} quantizes no activation: nothing to allocate")
+    return layers
+
+
+def phase_ranges(steps: int, phases: int) -> tuple[tuple[int, int], ...]:
+    if not 1 <= phases <= steps:
+        raise SearchError(f"--phases: expected 1 to {steps} (the steps), got {phases}")
+    edges = [round(steps * k / phases) for k in range(phases + 1)]
+    return tuple(zip(edges[:-1], edges[1:]))
+
+
+def float_trajectory(
+    model: nn.Module, sampler: str, training: dict[str, Any] | None, steps: int, samples: int, seed: int
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """(x_t, t, ε) of each step of full-precision DDIM-style sampling from seeded noise."""
+    scheduler = make_scheduler(sampler, training)
+    scheduler.set_timesteps(steps)
+    x = torch.randn(samples, *sample_shape(model), generator=torch.Generator().manual_seed(seed))
+    calls = []
+    for t in scheduler.timesteps:
+        eps = model(x, t).sample
+        calls.append((x, t, eps))
+        x = scheduler.step(eps, t, x).prev_sample
+    return calls
+
+
+def measure_sensitivity(
+    model: nn.Module, plan: Plan, widths: tuple[int, ...], trajectory: list[tuple[Tensor, Tensor, Tensor]]
+) -> Sensitivity:
+    """One teacher-forced pass per (searched layer, width); see the module docstring."""
+    layers = searchable_layers(plan)
+    errors = np.zeros((len(layers), len(widths), len(trajectory)))
+    runs = [(i, j) for i in range(len(layers)) for j in range(len(widths))]
+    for i, j in tqdm(runs, desc="sensitivity (layer x width)", unit="pass"):
+        quantized = prepare(copy.deepcopy(model), _alone(plan.recipe, layers[i], widths[j]))
+        if any(getattr(m, "needs_calibration", False) for m in quantized.modules()):
+            raise SearchError(
+                f"layer '{layers[i].name}': base quantizer '{layers[i].settings.base_quantizer}' needs calibration; "
+                "search measures with runtime base quantizers (dynamic, torchao_int4)"
+            )
+        convert(quantized)
+        with sampling(quantized):
+            for step, (x, t, eps) in enumerate(trajectory):
+                error = (quantized(x, t).sample - eps).pow(2).sum() / eps.pow(2).sum().clamp_min(1e-30)
+                errors[i, j, step] = float(error)
+    return Sensitivity(tuple(layer.name for layer in layers), widths, errors)
+
+
+def _alone(recipe: Recipe, layer: LayerPlan, bits: int) -> Recipe:
+    """The recipe with only `layer` quantized: its resolved settings at `bits`, float weights
+    (the search allocates activation bits), every other layer float and untouched."""
+    untouched = recipe.overriding({"scheme": "plain", "w_bits": FLOAT_BITS, "a_bits": FLOAT_BITS}, recipe.name)
+    settings = {f.name: getattr(layer.settings, f.name) for f in fields(LayerSettings)}
+    settings.update(a_bits=bits, w_bits=FLOAT_BITS)
+    rule = Rule(patterns=(layer.name,), settings=settings, setting_locations={}, steps=None, location=_SEARCH_RULE)
+    return Recipe(
+        name=f"{recipe.name}@{layer.name}:a{bits}",
+        description="",
+        strict=True,
+        defaults=untouched.defaults,
+        default_locations={},
+        rules=(rule,),
+        source=recipe.source,
+    )
+
+
+def allocate(
+    sensitivity: Sensitivity,
+    plan: Plan,
+    entries: list[MacEntry],
+    steps: int,
+    phases: int,
+    budget: float,
+    conventions: BopsConventions = PAPER_CONVENTIONS,
+) -> SearchResult:
+    """Greedy downgrades from the widest allocation to the narrowest; the found allocation is the
+    first within the budget (GBops per step, amortized)."""
+    ranges = phase_ranges(steps, phases)
+    widths, layers = sensitivity.widths, sensitivity.layers
+    # error[l, w, p]: mean squared relative error over the phase's steps (step 0 runs in float
+    # under a full-precision first step, but a quantized one counts it: keep every step)
+    error = np.stack([sensitivity.errors[:, :, start:stop].mean(axis=2) for start, stop in ranges], axis=2)
+    # cost[l, w, p]: GBops per step, amortized, of the layer's work in the phase at that width
+    macs = np.array([_layer_macs(entries, name, conventions) for name in layers])
+    w_bits = np.array([_charged(plan.layers[name].settings.w_bits, conventions) for name in layers])
+    counted = np.array([stop - start - (start == 0) for start, stop in ranges])  # step 0 is charged as it runs
+    cost = (macs * w_bits)[:, None, None] * np.array(widths)[None, :, None] * counted[None, None, :] / steps / 1e9
+    fixed = uniform_gbops(plan, entries, steps, widths[-1], conventions) - cost[:, -1, :].sum()
+    choice = np.full((len(layers), phases), len(widths) - 1)
+    rows, columns = np.indices(choice.shape)
+
+    def totals() -> tuple[float, float]:
+        return fixed + float(cost[rows, choice, columns].sum()), float(error[rows, choice, columns].sum())
+
+    frontier, found = [totals()], None
+    while True:  # on to the narrowest allocation, so that the frontier is whole
+        if found is None and frontier[-1][0] <= budget:
+            found = Allocation(
+                {name: tuple(widths[k] for k in choice[i]) for i, name in enumerate(layers)}, *frontier[-1]
+            )
+        lower = np.maximum(choice - 1, 0)
+        saved = cost[rows, choice, columns] - cost[rows, lower, columns]
+        lost = error[rows, lower, columns] - error[rows, choice, columns]
+        ratio = np.where(choice > 0, lost / np.maximum(saved, 1e-30), np.inf)
+        if not np.isfinite(ratio).any():
+            break
+        layer, phase = np.unravel_index(np.argmin(ratio), ratio.shape)
+        choice[layer, phase] -= 1
+        frontier.append(totals())
+    if found is None:
+        raise SearchError(
+            f"budget {budget:.4g} GBops per step is below {frontier[-1][0]:.4g}, the cost with every layer at "
+            f"{widths[0]} bits; lower --bits or raise the budget"
+        )
+    uniform = {
+        width: (fixed + float(cost[:, k, :].sum()), float(error[:, k, :].sum())) for k, width in enumerate(widths)
+    }
+    return SearchResult(found, frontier, uniform, ranges)
+
+
+def _layer_macs(entries: list[MacEntry], name: str, conventions: BopsConventions) -> int:
+    """MACs charged at the layer's bits: its own, and its attention's products when charged so."""
+    return sum(
+        e.macs for e in entries if e.charged_as == name and (e.kind == "layer" or conventions.attention == "layer")
+    )
+
+
+def _charged(bits: int, conventions: BopsConventions) -> int:
+    return conventions.float_bits if bits == FLOAT_BITS else bits
+
+
+def uniform_gbops(plan: Plan, entries: list[MacEntry], steps: int, bits: int, conventions: BopsConventions) -> float:
+    """Amortized GBops per step with every searched layer at `bits`."""
+    return count_bops(entries, _widest(plan, bits), steps, conventions).gbops_per_step_amortized
+
+
+def _widest(plan: Plan, bits: int) -> Plan:
+    searched = {layer.name for layer in searchable_layers(plan)}
+    layers = {name: _with_bits(layer, bits) if name in searched else layer for name, layer in plan.layers.items()}
+    return Plan(plan.recipe, layers, plan.blocks, plan.unmatched, plan.unwrapped)
+
+
+def _with_bits(layer: LayerPlan, bits: int) -> LayerPlan:
+    return replace(layer, settings=layer.settings.updated({"a_bits": bits}))
+
+
+def recipe_text(result: SearchResult, base: str, budget: float, description: str) -> str:
+    """The found allocation as a recipe extending `base`: one rule per distinct schedule."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name, bits in result.found.bits.items():
+        groups.setdefault(bits, []).append(name)
+    lines = [
+        f"# found by modiff-quant search: {description}",
+        f"# budget {budget:.6g} GBops per image-step (amortized), found {result.found.gbops:.6g}, "
+        f"predicted Σ squared relative ε error {result.found.error:.4g}",
+        "version: 1",
+        f"extends: {json.dumps(base)}",
+        f"description: {json.dumps('search: ' + description)}",
+        "rules:",
+    ]
+    for bits, names in groups.items():
+        match = json.dumps(names)
+        if len(set(bits)) == 1:
+            lines += [f"  - match: {match}", f"    a_bits: {bits[0]}"]
+            continue
+        for (start, stop), width in zip(result.phases, bits):
+            lines += [f"  - match: {match}", f"    a_bits: {width}", f"    steps: {{start: {start}, stop: {stop}}}"]
+    return "\n".join(lines) + "\n"
+
+
+def sensitivity_key(model: nn.Module, plan: Plan, widths: tuple[int, ...], setting: dict[str, Any]) -> str:
+    """What a sensitivity table depends on: weights, the base plan, widths and the trajectories."""
+    digest = hashlib.sha256(f"modiff-quant sensitivity {CACHE_FORMAT} {__version__}".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + tensor_bytes(tensor))
+    digest.update(json.dumps([plan_document(plan), list(widths), setting], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def load_cached(path: Path, layers: tuple[str, ...], widths: tuple[int, ...], steps: int) -> Sensitivity | None:
+    """The cached table at `path`, or None when it is missing; a file that is not exactly such a
+    table (damaged, crafted, of another search) raises SearchError naming it."""
+    if not path.is_file():
+        return None
+    if path.stat().st_size > MAX_CACHE_BYTES:
+        raise SearchError(f"{path}: larger than any sensitivity table ({MAX_CACHE_BYTES} bytes); delete it")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        errors = np.array(data["errors"], dtype=np.float64)
+        valid = (
+            data.get("format") == CACHE_FORMAT
+            and tuple(data["layers"]) == layers
+            and tuple(data["widths"]) == widths
+            and errors.shape == (len(layers), len(widths), steps)
+            and bool(np.isfinite(errors).all() and (errors >= 0).all())
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SearchError(f"{path}: not a sensitivity table ({exc}); delete it") from None
+    if not valid:
+        raise SearchError(f"{path}: a sensitivity table of another search or damaged; delete it")
+    return Sensitivity(layers, widths, errors)
+
+
+def save_cached(path: Path, sensitivity: Sensitivity) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "format": CACHE_FORMAT,
+        "layers": list(sensitivity.layers),
+        "widths": list(sensitivity.widths),
+        "errors": sensitivity.errors.tolist(),
+    }
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def budget_of(
+    recipe: str, model: nn.Module, entries: list[MacEntry], steps: int, conventions: BopsConventions
+) -> float:
+    """The amortized GBops per step of a recipe on the model: a budget given as a recipe."""
+    plan = load_recipe(recipe).resolve(model)
+    return count_bops(entries, plan, steps, conventions).gbops_per_step_amortized
+
+
+def mac_entries(model: nn.Module) -> list[MacEntry]:
+    return count_macs(model, torch.zeros(1, *sample_shape(model)), torch.tensor(0))
