@@ -319,14 +319,21 @@ def _gate(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> None:
     """Everything is checked (recipe, widths, phases, budget) before the sensitivity pass."""
+    if args.budget_gbops is not None and not (math.isfinite(args.budget_gbops) and args.budget_gbops > 0):
+        raise UsageError(f"argument --budget-gbops: expected a positive number, got {args.budget_gbops}")
     model = load_model(args.model, weights=args.weights)
-    plan = _recipe(args).resolve(model)
-    widths, layers = check_widths(args.bits), searchable_layers(plan)
+    plan = load_recipe(args.recipe).resolve(model)
+    widths, layers = check_widths(args.bits), searchable_layers(plan, model)
+    names = tuple(layer.name for layer in layers)
     check_steps(args.sampler, training_schedule(args.model), args.steps)
     phase_ranges(args.steps, args.phases)
     entries, conventions = mac_entries(model), _conventions(args)
-    budget = args.budget_gbops or budget_of(args.budget_recipe, model, entries, args.steps, conventions)
-    narrowest = uniform_gbops(plan, entries, args.steps, widths[0], conventions)
+    budget = (
+        args.budget_gbops
+        if args.budget_gbops is not None
+        else budget_of(args.budget_recipe, model, entries, args.steps, conventions)
+    )
+    narrowest = uniform_gbops(plan, entries, args.steps, widths[0], conventions, names)
     if budget < narrowest:
         raise SearchError(
             f"budget {budget:.4g} GBops per step is below {narrowest:.4g}, the cost with every searched layer at "
@@ -338,7 +345,6 @@ def _search(args: argparse.Namespace) -> None:
         if args.cache_dir
         else None
     )
-    names = tuple(layer.name for layer in layers)
     sensitivity = load_cached(cache, names, widths, args.steps) if cache else None
     if sensitivity is None:
         trajectory = float_trajectory(
@@ -553,7 +559,6 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--recipe", default="w8a8-modiff", help="base recipe whose layers get searched a_bits (default w8a8-modiff)"
     )
-    _base_quantizer_option(search)
     budget = search.add_mutually_exclusive_group(required=True)
     budget.add_argument(
         "--budget-gbops", type=float, help="GBops per image-step, amortized over the trajectory (as 'bops' counts)"

@@ -43,7 +43,7 @@ def oneshot(
     """
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     denoiser = denoiser_of(pipe_or_model, component)
-    wanted = _needs_data(loaded, denoiser)
+    wanted = first_calibrated_layer(loaded, denoiser)
     if wanted and calibration is None:
         raise ValueError(
             f"recipe {loaded.name}: {wanted} needs calibration data; pass calibration= (your sampling loop, "
@@ -61,7 +61,7 @@ def oneshot(
     return denoiser
 
 
-def _needs_data(recipe: Recipe, denoiser: nn.Module) -> str | None:
+def first_calibrated_layer(recipe: Recipe, denoiser: nn.Module) -> str | None:
     """The first layer whose base quantizer calibrates (or whose input split is found on data), or None."""
     modules = dict(denoiser.named_modules())
     for name, layer in recipe.resolve(denoiser).layers.items():

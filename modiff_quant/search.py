@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .api import convert, prepare, sampling
 from .bops import PAPER_CONVENTIONS, BopsConventions, MacEntry, count_bops, count_macs
 from .models import sample_shape
+from .oneshot import first_calibrated_layer
 from .quant import FLOAT_BITS, MAX_BITS, MIN_BITS, SKIP_BITS
 from .recipe import LayerPlan, Plan, Recipe, load_recipe
 from .recipe.document import plan_document
@@ -81,13 +82,19 @@ def check_widths(widths: list[int]) -> tuple[int, ...]:
     return tuple(sorted(set(widths)))
 
 
-def searchable_layers(plan: Plan) -> list[LayerPlan]:
-    """The layers whose activation bits the search allocates: those the base recipe quantizes at
-    one width with a runtime base quantizer; refuses a base it cannot start from."""
+def searchable_layers(plan: Plan, model: nn.Module) -> list[LayerPlan]:
+    """The layers of `model` whose activation bits the search allocates: those the base recipe
+    quantizes at one width with a runtime base quantizer; refuses a base it cannot start from."""
     if plan.blocks or any(layer.zero_bit_steps or layer.bit_steps for layer in plan.layers.values()):
         raise SearchError(
             f"recipe {plan.recipe.name} has steps rules or cached blocks; search writes its own step schedule, "
             "so start it from a recipe without them"
+        )
+    calibrated = first_calibrated_layer(plan.recipe, model)
+    if calibrated:
+        raise SearchError(
+            f"recipe {plan.recipe.name}: {calibrated} needs calibration data; search measures with runtime base "
+            "quantizers (dynamic, torchao_int4)"
         )
     layers = [layer for layer in plan.layers.values() if layer.settings.a_bits not in (FLOAT_BITS, SKIP_BITS)]
     if not layers:
@@ -121,17 +128,11 @@ def measure_sensitivity(
     model: nn.Module, plan: Plan, widths: tuple[int, ...], trajectory: list[tuple[Tensor, Tensor, Tensor]]
 ) -> Sensitivity:
     """One teacher-forced pass per (searched layer, width); see the module docstring."""
-    layers = searchable_layers(plan)
+    layers = searchable_layers(plan, model)
     errors = np.zeros((len(layers), len(widths), len(trajectory)))
     runs = [(i, j) for i in range(len(layers)) for j in range(len(widths))]
     for i, j in tqdm(runs, desc="sensitivity (layer x width)", unit="pass"):
-        quantized = prepare(copy.deepcopy(model), _alone(plan.recipe, layers[i], widths[j]))
-        if any(getattr(m, "needs_calibration", False) for m in quantized.modules()):
-            raise SearchError(
-                f"layer '{layers[i].name}': base quantizer '{layers[i].settings.base_quantizer}' needs calibration; "
-                "search measures with runtime base quantizers (dynamic, torchao_int4)"
-            )
-        convert(quantized)
+        quantized = convert(prepare(copy.deepcopy(model), _alone(plan.recipe, layers[i], widths[j])))
         with sampling(quantized):
             for step, (x, t, eps) in enumerate(trajectory):
                 error = (quantized(x, t).sample - eps).pow(2).sum() / eps.pow(2).sum().clamp_min(1e-30)
@@ -178,7 +179,7 @@ def allocate(
     w_bits = np.array([_charged(plan.layers[name].settings.w_bits, conventions) for name in layers])
     counted = np.array([stop - start - (start == 0) for start, stop in ranges])  # step 0 is charged as it runs
     cost = (macs * w_bits)[:, None, None] * np.array(widths)[None, :, None] * counted[None, None, :] / steps / 1e9
-    fixed = uniform_gbops(plan, entries, steps, widths[-1], conventions) - cost[:, -1, :].sum()
+    fixed = uniform_gbops(plan, entries, steps, widths[-1], conventions, sensitivity.layers) - cost[:, -1, :].sum()
     choice = np.full((len(layers), phases), len(widths) - 1)
     rows, columns = np.indices(choice.shape)
 
@@ -222,23 +223,23 @@ def _charged(bits: int, conventions: BopsConventions) -> int:
     return conventions.float_bits if bits == FLOAT_BITS else bits
 
 
-def uniform_gbops(plan: Plan, entries: list[MacEntry], steps: int, bits: int, conventions: BopsConventions) -> float:
-    """Amortized GBops per step with every searched layer at `bits`."""
-    return count_bops(entries, _widest(plan, bits), steps, conventions).gbops_per_step_amortized
-
-
-def _widest(plan: Plan, bits: int) -> Plan:
-    searched = {layer.name for layer in searchable_layers(plan)}
-    layers = {name: _with_bits(layer, bits) if name in searched else layer for name, layer in plan.layers.items()}
-    return Plan(plan.recipe, layers, plan.blocks, plan.unmatched, plan.unwrapped)
-
-
-def _with_bits(layer: LayerPlan, bits: int) -> LayerPlan:
-    return replace(layer, settings=layer.settings.updated({"a_bits": bits}))
+def uniform_gbops(
+    plan: Plan, entries: list[MacEntry], steps: int, bits: int, conventions: BopsConventions, searched: tuple[str, ...]
+) -> float:
+    """Amortized GBops per step with every `searched` layer at `bits`."""
+    layers = {
+        name: replace(layer, settings=layer.settings.updated({"a_bits": bits})) if name in searched else layer
+        for name, layer in plan.layers.items()
+    }
+    uniform = Plan(plan.recipe, layers, plan.blocks, plan.unmatched, plan.unwrapped)
+    return count_bops(entries, uniform, steps, conventions).gbops_per_step_amortized
 
 
 def recipe_text(result: SearchResult, base: str, budget: float, description: str) -> str:
-    """The found allocation as a recipe extending `base`: one rule per distinct schedule."""
+    """The found allocation as a recipe extending `base` (a shipped name, or a file, written as
+    its absolute path so that the recipe reads the same from any folder): one rule per distinct
+    schedule."""
+    base = str(Path(base).resolve()) if Path(base).is_file() else base
     groups: dict[tuple[int, ...], list[str]] = {}
     for name, bits in result.found.bits.items():
         groups.setdefault(bits, []).append(name)

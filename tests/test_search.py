@@ -10,7 +10,7 @@ import pytest
 from helpers import tiny_unet
 
 import modiff_quant as mq
-from modiff_quant.bops import count_bops
+from modiff_quant.bops import PAPER_CONVENTIONS, count_bops
 from modiff_quant.cli import main
 from modiff_quant.search import (
     SearchError,
@@ -38,7 +38,7 @@ def setting():
 
 def synthetic(plan, sensitive: str) -> Sensitivity:
     """Every layer loses 4x per bit removed; `sensitive` 1000x more than the rest."""
-    names = tuple(layer.name for layer in searchable_layers(plan))
+    names = tuple(layer.name for layer in searchable_layers(plan, tiny_unet()))
     errors = np.array([[[4.0 ** (8 - w)] * STEPS for w in WIDTHS] for _ in names]) * 1e-6
     errors[names.index(sensitive)] *= 1000
     return Sensitivity(names, WIDTHS, errors)
@@ -46,7 +46,7 @@ def synthetic(plan, sensitive: str) -> Sensitivity:
 
 def test_allocation_fits_the_budget_keeps_the_sensitive_layer_wide_and_costs_what_bops_counts(setting, tmp_path):
     model, plan, entries = setting
-    budget = uniform_gbops(plan, entries, STEPS, 4, mq.bops.PAPER_CONVENTIONS)
+    budget = uniform_gbops(plan, entries, STEPS, 4, PAPER_CONVENTIONS, tuple(plan.layers))
     result = allocate(synthetic(plan, "conv_out"), plan, entries, STEPS, 2, budget)
     assert result.found.gbops <= budget
     assert result.found.bits["conv_out"] == (8, 8)  # the last layer to give up bits
@@ -121,6 +121,8 @@ def test_search_command_writes_a_recipe_a_plot_and_reuses_its_cache(tmp_path, ca
         (["--budget-gbops", "9", "--bits", "1", "8"], "--bits: expected widths in 2-16"),
         (["--budget-gbops", "9", "--recipe", "w8a8-modiff-deepcache"], "has steps rules or cached blocks"),
         (["--budget-gbops", "9", "--phases", "500"], "--phases: expected 1 to 100"),
+        (["--budget-gbops", "nan"], "--budget-gbops: expected a positive number"),
+        (["--budget-gbops", "9", "--recipe", "w8a4-modiff-ptq4dm"], "needs calibration data"),
     ],
 )
 def test_bad_searches_fail_before_the_sensitivity_pass(options, message, tmp_path, capsys):
