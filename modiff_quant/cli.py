@@ -365,8 +365,9 @@ def _search(args: argparse.Namespace) -> None:
     found = count_bops(entries, load_recipe(args.out).resolve(model), args.steps, conventions)
     print(
         f"wrote {args.out}: {found.gbops_per_step_amortized:.4g} GBops per image-step amortized "
-        f"(budget {budget:.4g}), predicted Σ squared relative ε error {result.found.error:.4g} "
-        f"(uniform: {', '.join(f'A{w} {e:.3g}' for w, (_, e) in result.uniform.items())})"
+        f"(budget {budget:.4g}); predicted error {result.found.error:.4g}, uniform "
+        f"{', '.join(f'A{w} {e:.3g}' for w, (_, e) in result.uniform.items())} (Σ over layers of the mean "
+        "squared relative ε error per step)"
     )
     if args.plot:
         print(f"wrote {write_frontier(result, budget, description, args.plot)}")

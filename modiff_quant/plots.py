@@ -246,7 +246,7 @@ def _draw_frontier(result: SearchResult, budget: float, title: str) -> Figure:
     ax.axvline(budget, color="black", linestyle=":", linewidth=1, label=f"budget {budget:.3g} GBops")
     ax.set_yscale("log")
     ax.set_xlabel("GBops per image-step (amortized)")
-    ax.set_ylabel("predicted Σ squared relative ε error (log)")
+    ax.set_ylabel("predicted error: Σ layers of mean squared relative ε error (log)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)

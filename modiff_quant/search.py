@@ -171,9 +171,10 @@ def allocate(
     first within the budget (GBops per step, amortized)."""
     ranges = phase_ranges(steps, phases)
     widths, layers = sensitivity.widths, sensitivity.layers
-    # error[l, w, p]: mean squared relative error over the phase's steps (step 0 runs in float
-    # under a full-precision first step, but a quantized one counts it: keep every step)
-    error = np.stack([sensitivity.errors[:, :, start:stop].mean(axis=2) for start, stop in ranges], axis=2)
+    # error[l, w, p]: the phase's share of the squared relative error per step, averaged over the
+    # trajectory (so that totals compare across phase counts); step 0 runs in float under a
+    # full-precision first step, but a quantized one counts it: keep every step
+    error = np.stack([sensitivity.errors[:, :, start:stop].sum(axis=2) / steps for start, stop in ranges], axis=2)
     # cost[l, w, p]: GBops per step, amortized, of the layer's work in the phase at that width
     macs = np.array([_layer_macs(entries, name, conventions) for name in layers])
     w_bits = np.array([_charged(plan.layers[name].settings.w_bits, conventions) for name in layers])
@@ -188,7 +189,7 @@ def allocate(
 
     frontier, found = [totals()], None
     while True:  # on to the narrowest allocation, so that the frontier is whole
-        if found is None and frontier[-1][0] <= budget:
+        if found is None and frontier[-1][0] <= budget * (1 + 1e-9):  # sums of floats: a budget met exactly
             found = Allocation(
                 {name: tuple(widths[k] for k in choice[i]) for i, name in enumerate(layers)}, *frontier[-1]
             )
@@ -246,7 +247,7 @@ def recipe_text(result: SearchResult, base: str, budget: float, description: str
     lines = [
         f"# found by modiff-quant search: {description}",
         f"# budget {budget:.6g} GBops per image-step (amortized), found {result.found.gbops:.6g}, "
-        f"predicted Σ squared relative ε error {result.found.error:.4g}",
+        f"predicted error {result.found.error:.4g} (Σ over layers of the mean squared relative ε error per step)",
         "version: 1",
         f"extends: {json.dumps(base)}",
         f"description: {json.dumps('search: ' + description)}",

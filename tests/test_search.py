@@ -61,10 +61,13 @@ def test_allocation_fits_the_budget_keeps_the_sensitive_layer_wide_and_costs_wha
     assert [layer.a_bits_at(step) for step in (1, 6)] == list(result.found.bits["conv_in"])
 
 
-def test_a_budget_below_the_narrowest_widths_is_refused(setting):
+def test_a_budget_below_the_narrowest_widths_is_refused_and_one_equal_to_it_is_met(setting):
     _, plan, entries = setting
     with pytest.raises(SearchError, match="below .* every layer at 2 bits"):
         allocate(synthetic(plan, "conv_out"), plan, entries, STEPS, 2, budget=0.0)
+    narrowest = uniform_gbops(plan, entries, STEPS, 2, PAPER_CONVENTIONS, tuple(plan.layers))
+    result = allocate(synthetic(plan, "conv_out"), plan, entries, STEPS, 2, narrowest)
+    assert set(result.found.bits.values()) == {(2, 2)}
 
 
 def test_sensitivity_ranks_a_layer_quantized_at_fewer_bits_worse(setting):
