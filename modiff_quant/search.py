@@ -34,7 +34,7 @@ from .recipe import LayerPlan, Plan, Recipe, load_recipe
 from .recipe.document import plan_document
 from .recipe.schema import Rule
 from .recipe.source import Location
-from .samplers import make_scheduler
+from .samplers import make_scheduler, sample
 from .settings import LayerSettings
 from .tensors import tensor_bytes
 from .version import __version__
@@ -103,25 +103,36 @@ def searchable_layers(plan: Plan, model: nn.Module) -> list[LayerPlan]:
 
 
 def phase_ranges(steps: int, phases: int) -> tuple[tuple[int, int], ...]:
+    """`phases` consecutive [start, stop) step ranges of (nearly) equal length."""
     if not 1 <= phases <= steps:
         raise SearchError(f"--phases: expected 1 to {steps} (the steps), got {phases}")
     edges = [round(steps * k / phases) for k in range(phases + 1)]
     return tuple(zip(edges[:-1], edges[1:]))
 
 
+class _Recorder(nn.Module):
+    """The model, keeping each call's input, timestep and ε prediction."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.calls: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def forward(self, x: Tensor, t: Tensor) -> Any:
+        out = self.model(x, t)
+        self.calls.append((x, t, out.sample))
+        return out
+
+
 def float_trajectory(
     model: nn.Module, sampler: str, training: dict[str, Any] | None, steps: int, samples: int, seed: int
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """(x_t, t, ε) of each step of full-precision DDIM-style sampling from seeded noise."""
-    scheduler = make_scheduler(sampler, training)
-    scheduler.set_timesteps(steps)
-    x = torch.randn(samples, *sample_shape(model), generator=torch.Generator().manual_seed(seed))
-    calls = []
-    for t in scheduler.timesteps:
-        eps = model(x, t).sample
-        calls.append((x, t, eps))
-        x = scheduler.step(eps, t, x).prev_sample
-    return calls
+    """(model input, t, ε) of each step of full-precision sampling from seeded noise, through the
+    harness's own sampling loop (so stochastic samplers and input scaling are as in `eval`)."""
+    recorder = _Recorder(model)
+    noise = torch.randn(samples, *sample_shape(model), generator=torch.Generator().manual_seed(seed))
+    sample(recorder, noise, make_scheduler(sampler, training), steps, seed=seed, progress=False)
+    return recorder.calls
 
 
 def measure_sensitivity(
