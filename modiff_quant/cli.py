@@ -569,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bits", type=int, nargs="+", default=[2, 3, 4, 6, 8], help="candidate activation widths (default 2 3 4 6 8)"
     )
     search.add_argument(
-        "--phases", type=Integer(POSITIVE), default=4, help="equal step ranges that may differ in bits (default 4)"
+        "--phases", type=Integer(POSITIVE), default=10, help="equal step ranges that may differ in bits (default 10)"
     )
     search.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="sampling loop (default ddim)")
     search.add_argument("--steps", type=Integer(POSITIVE), default=100, help="sampling steps (default 100)")
