@@ -7,9 +7,9 @@ from typing import Any
 from torch import Tensor
 
 from modiff_quant.base_quantizer import ActivationQuantizer, BaseQuantizer, DynamicActivationQuantizer
-from modiff_quant.observers import weight_qparams
-from modiff_quant.quant import Granularity, QuantSpec, fake_quantize_grouped
-from modiff_quant.registry import OBSERVERS, register_base_quantizer
+from modiff_quant.observers import check_observer, weight_qparams
+from modiff_quant.quant import QuantSpec, fake_quantize_grouped
+from modiff_quant.registry import register_base_quantizer
 
 
 @register_base_quantizer("dynamic")
@@ -25,9 +25,7 @@ class DynamicQuantizer(BaseQuantizer):
     def __init__(self, weight_observer: str = "minmax", weight_observer_options: dict[str, Any] | None = None) -> None:
         self.weight_observer = weight_observer
         self.weight_observer_options = dict(weight_observer_options or {})
-        OBSERVERS.get(weight_observer)(
-            QuantSpec(8, True, Granularity("tensor")), weight=True, **self.weight_observer_options
-        )  # bad names/options fail at recipe load
+        check_observer(weight_observer, self.weight_observer_options)
 
     def quantize_weight(self, weight: Tensor, spec: QuantSpec) -> Tensor:
         if spec.is_float:

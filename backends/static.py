@@ -7,9 +7,9 @@ from typing import Any
 from torch import Tensor
 
 from modiff_quant.base_quantizer import ActivationQuantizer, BaseQuantizer, ObservedActivationQuantizer
-from modiff_quant.observers import weight_qparams
+from modiff_quant.observers import check_observer, weight_qparams
 from modiff_quant.quant import Granularity, QuantSpec, fake_quantize_grouped
-from modiff_quant.registry import OBSERVERS, register_base_quantizer
+from modiff_quant.registry import register_base_quantizer
 
 
 @register_base_quantizer("static")
@@ -24,9 +24,7 @@ class StaticQuantizer(BaseQuantizer):
     def __init__(self, observer: str = "minmax", observer_options: dict[str, Any] | None = None) -> None:
         self.observer = observer
         self.observer_options = dict(observer_options or {})
-        OBSERVERS.get(self.observer)(
-            QuantSpec(8, True, Granularity("tensor")), weight=True, **self.observer_options
-        )  # bad names/options fail at recipe load
+        check_observer(observer, self.observer_options)
 
     def weight_qparams(self, weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
         """Scale and zero point of a weight from this quantizer's observer, shaped for `stats_view`."""

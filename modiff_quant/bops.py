@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .layer_parts import CHANNEL_DIMS
+from .models import sample_shape
 from .quant import FLOAT_BITS
 from .recipe import LayerPlan, Plan
 
@@ -59,6 +60,11 @@ class MacEntry:
 
 
 @torch.no_grad()
+def count_model_macs(model: nn.Module) -> list[MacEntry]:
+    """`count_macs` of one call on a zero image at t = 0 (MACs depend on neither)."""
+    return count_macs(model, torch.zeros(1, *sample_shape(model)), torch.tensor(0))
+
+
 def count_macs(model: nn.Module, *inputs: Any) -> list[MacEntry]:
     """MACs of each Linear/Conv layer and each attention module's activation products, for one
     call of the float `model` on one image's `inputs`."""
@@ -209,10 +215,11 @@ def _bits(entry: MacEntry, plan: Plan | None, step: int | None, conventions: Bop
         return conventions.float_bits**2
     if entry.kind == "attention" and layer.skips(step or 0) and step:
         step = None  # the products still run on the projections' cached outputs: charge nominal bits
-    return _width(layer.settings.w_bits, conventions) * _activation_bits(layer, step, conventions)
+    return charged_width(layer.settings.w_bits, conventions) * _activation_bits(layer, step, conventions)
 
 
-def _width(bits: int, conventions: BopsConventions) -> int:
+def charged_width(bits: int, conventions: BopsConventions) -> int:
+    """The bit-width `bits` is charged at: float operands at `conventions.float_bits`."""
     return conventions.float_bits if bits == FLOAT_BITS else bits
 
 
@@ -223,8 +230,8 @@ def _activation_bits(layer: LayerPlan, step: int | None, conventions: BopsConven
         if (s.scheme == "modiff" and s.first_step.kind == "fp") or bits == 0:
             return conventions.float_bits  # the first call runs on the float input
         refinements = s.first_step.rounds if s.scheme == "modiff" else 0
-        return _width(bits, conventions) * (1 + refinements)  # warm-up repeats the layer on the same input
-    return _width(s.a_bits if step is None else layer.a_bits_at(step), conventions)
+        return charged_width(bits, conventions) * (1 + refinements)  # warm-up repeats the layer on the same input
+    return charged_width(s.a_bits if step is None else layer.a_bits_at(step), conventions)
 
 
 def _inside(name: str, block: str) -> bool:

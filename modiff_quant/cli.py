@@ -18,11 +18,11 @@ from typing import Any, NoReturn
 
 import torch
 
-from .bops import BopsConventions, count_bops, count_macs
+from .bops import BopsConventions, count_bops, count_model_macs
 from .evaluate import CALIBRATION_SAMPLES, COMPILE_MODES, FLOAT_DTYPES, POSITIVE, SEEDS, Harness, integer_error
 from .features import FEATURE_DIM
 from .gate import format_checks, run_gate
-from .models import BUILTIN_MODELS, BUNDLED_MODELS, load_model, sample_shape, training_schedule
+from .models import BUILTIN_MODELS, BUNDLED_MODELS, load_model, training_schedule
 from .plots import (
     write_distributions,
     write_eval_figures,
@@ -38,17 +38,16 @@ from .search import (
     SearchError,
     allocate,
     budget_of,
+    check_budget,
     check_widths,
     float_trajectory,
     load_cached,
-    mac_entries,
     measure_sensitivity,
     phase_ranges,
     recipe_text,
     save_cached,
     searchable_layers,
     sensitivity_key,
-    uniform_gbops,
 )
 from .serialization import LoadError
 from .version import __version__
@@ -156,7 +155,7 @@ def _bops(args: argparse.Namespace) -> None:
         raise UsageError("argument --base-quantizer: swaps the base quantizer of a --recipe, and none is given")
     model = load_model(args.model, weights=args.weights)
     plan = _recipe(args).resolve(model) if args.recipe else None
-    entries = count_macs(model, torch.zeros(1, *sample_shape(model)), torch.tensor(0))
+    entries = count_model_macs(model)
     bops = count_bops(entries, plan, args.steps, _conventions(args))
     gmacs = {kind: sum(e.macs for e in entries if e.kind == kind) / 1e9 for kind in ("layer", "attention")}
     result = {
@@ -325,20 +324,16 @@ def _search(args: argparse.Namespace) -> None:
     plan = load_recipe(args.recipe).resolve(model)
     widths, layers = check_widths(args.bits), searchable_layers(plan, model)
     names = tuple(layer.name for layer in layers)
-    check_steps(args.sampler, training_schedule(args.model), args.steps)
+    training = training_schedule(args.model)
+    check_steps(args.sampler, training, args.steps)
     phase_ranges(args.steps, args.phases)
-    entries, conventions = mac_entries(model), _conventions(args)
+    entries, conventions = count_model_macs(model), _conventions(args)
     budget = (
         args.budget_gbops
         if args.budget_gbops is not None
         else budget_of(args.budget_recipe, model, entries, args.steps, conventions)
     )
-    narrowest = uniform_gbops(plan, entries, args.steps, widths[0], conventions, names)
-    if budget < narrowest:
-        raise SearchError(
-            f"budget {budget:.4g} GBops per step is below {narrowest:.4g}, the cost with every searched layer at "
-            f"{widths[0]} bits; lower --bits or raise the budget"
-        )
+    check_budget(budget, plan, entries, args.steps, widths[0], conventions, names)
     setting = {"sampler": args.sampler, "steps": args.steps, "samples": args.samples, "seed": args.seed}
     cache = (
         args.cache_dir / f"sensitivity-{sensitivity_key(model, plan, widths, setting)[:32]}.json"
@@ -347,10 +342,8 @@ def _search(args: argparse.Namespace) -> None:
     )
     sensitivity = load_cached(cache, names, widths, args.steps) if cache else None
     if sensitivity is None:
-        trajectory = float_trajectory(
-            model, args.sampler, training_schedule(args.model), args.steps, args.samples, args.seed
-        )
-        sensitivity = measure_sensitivity(model, plan, widths, trajectory)
+        trajectory = float_trajectory(model, args.sampler, training, args.steps, args.samples, args.seed)
+        sensitivity = measure_sensitivity(model, plan.recipe, layers, widths, trajectory)
         if cache:
             save_cached(cache, sensitivity)
     else:

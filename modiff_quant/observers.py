@@ -7,11 +7,13 @@ not raw activations; the observers themselves are generic and only see tensors.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .quant import QuantSpec, fake_quantize, qparams, stats_view
+from .quant import Granularity, QuantSpec, fake_quantize, qparams, stats_view
 from .registry import OBSERVERS, register_observer
 
 
@@ -149,6 +151,12 @@ class LpSearchObserver(Observer):
             best_scale = torch.where(better, scale, best_scale)
             best_zero = torch.where(better, zero, best_zero)
         return best_scale.reshape(shape), best_zero.reshape(shape)
+
+
+def check_observer(name: str, options: Mapping[str, Any]) -> None:
+    """Build observer `name` with `options` once, so that a bad name or option fails when a
+    recipe loads rather than at convert."""
+    OBSERVERS.get(name)(QuantSpec(8, True, Granularity("tensor")), weight=True, **options)
 
 
 def weight_qparams(

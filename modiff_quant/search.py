@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .api import convert, prepare, sampling
-from .bops import PAPER_CONVENTIONS, BopsConventions, MacEntry, count_bops, count_macs
+from .atomic_files import replace_file
+from .bops import PAPER_CONVENTIONS, BopsConventions, MacEntry, charged_width, count_bops
 from .models import sample_shape
 from .oneshot import first_calibrated_layer
 from .quant import FLOAT_BITS, MAX_BITS, MIN_BITS, SKIP_BITS
@@ -136,14 +137,17 @@ def float_trajectory(
 
 
 def measure_sensitivity(
-    model: nn.Module, plan: Plan, widths: tuple[int, ...], trajectory: list[tuple[Tensor, Tensor, Tensor]]
+    model: nn.Module,
+    recipe: Recipe,
+    layers: list[LayerPlan],
+    widths: tuple[int, ...],
+    trajectory: list[tuple[Tensor, Tensor, Tensor]],
 ) -> Sensitivity:
-    """One teacher-forced pass per (searched layer, width); see the module docstring."""
-    layers = searchable_layers(plan, model)
+    """One teacher-forced pass per (layer of `searchable_layers`, width); see the module docstring."""
     errors = np.zeros((len(layers), len(widths), len(trajectory)))
     runs = [(i, j) for i in range(len(layers)) for j in range(len(widths))]
     for i, j in tqdm(runs, desc="sensitivity (layer x width)", unit="pass"):
-        quantized = convert(prepare(copy.deepcopy(model), _alone(plan.recipe, layers[i], widths[j])))
+        quantized = convert(prepare(copy.deepcopy(model), _alone(recipe, layers[i], widths[j])))
         with sampling(quantized):
             for step, (x, t, eps) in enumerate(trajectory):
                 error = (quantized(x, t).sample - eps).pow(2).sum() / eps.pow(2).sum().clamp_min(1e-30)
@@ -188,7 +192,7 @@ def allocate(
     error = np.stack([sensitivity.errors[:, :, start:stop].sum(axis=2) / steps for start, stop in ranges], axis=2)
     # cost[l, w, p]: GBops per step, amortized, of the layer's work in the phase at that width
     macs = np.array([_layer_macs(entries, name, conventions) for name in layers])
-    w_bits = np.array([_charged(plan.layers[name].settings.w_bits, conventions) for name in layers])
+    w_bits = np.array([charged_width(plan.layers[name].settings.w_bits, conventions) for name in layers])
     counted = np.array([stop - start - (start == 0) for start, stop in ranges])  # step 0 is charged as it runs
     cost = (macs * w_bits)[:, None, None] * np.array(widths)[None, :, None] * counted[None, None, :] / steps / 1e9
     fixed = uniform_gbops(plan, entries, steps, widths[-1], conventions, sensitivity.layers) - cost[:, -1, :].sum()
@@ -214,10 +218,7 @@ def allocate(
         choice[layer, phase] -= 1
         frontier.append(totals())
     if found is None:
-        raise SearchError(
-            f"budget {budget:.4g} GBops per step is below {frontier[-1][0]:.4g}, the cost with every layer at "
-            f"{widths[0]} bits; lower --bits or raise the budget"
-        )
+        raise _over_budget(budget, frontier[-1][0], widths[0])
     uniform = {
         width: (fixed + float(cost[:, k, :].sum()), float(error[:, k, :].sum())) for k, width in enumerate(widths)
     }
@@ -231,8 +232,27 @@ def _layer_macs(entries: list[MacEntry], name: str, conventions: BopsConventions
     )
 
 
-def _charged(bits: int, conventions: BopsConventions) -> int:
-    return conventions.float_bits if bits == FLOAT_BITS else bits
+def check_budget(
+    budget: float,
+    plan: Plan,
+    entries: list[MacEntry],
+    steps: int,
+    narrowest: int,
+    conventions: BopsConventions,
+    searched: tuple[str, ...],
+) -> None:
+    """Refuse a budget below the cost of every searched layer at the narrowest width, before the
+    sensitivity pass (`allocate` would find no allocation)."""
+    cost = uniform_gbops(plan, entries, steps, narrowest, conventions, searched)
+    if budget < cost:
+        raise _over_budget(budget, cost, narrowest)
+
+
+def _over_budget(budget: float, cost: float, narrowest: int) -> SearchError:
+    return SearchError(
+        f"budget {budget:.4g} GBops per step is below {cost:.4g}, the cost with every searched layer at "
+        f"{narrowest} bits; lower --bits or raise the budget"
+    )
 
 
 def uniform_gbops(
@@ -308,6 +328,7 @@ def load_cached(path: Path, layers: tuple[str, ...], widths: tuple[int, ...], st
 
 
 def save_cached(path: Path, sensitivity: Sensitivity) -> None:
+    """Write the table whole or not at all: a concurrent search never reads half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "format": CACHE_FORMAT,
@@ -315,7 +336,7 @@ def save_cached(path: Path, sensitivity: Sensitivity) -> None:
         "widths": list(sensitivity.widths),
         "errors": sensitivity.errors.tolist(),
     }
-    path.write_text(json.dumps(data), encoding="utf-8")
+    replace_file(path, json.dumps(data).encode("utf-8"))
 
 
 def budget_of(
@@ -324,7 +345,3 @@ def budget_of(
     """The amortized GBops per step of a recipe on the model: a budget given as a recipe."""
     plan = load_recipe(recipe).resolve(model)
     return count_bops(entries, plan, steps, conventions).gbops_per_step_amortized
-
-
-def mac_entries(model: nn.Module) -> list[MacEntry]:
-    return count_macs(model, torch.zeros(1, *sample_shape(model)), torch.tensor(0))

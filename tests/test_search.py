@@ -10,7 +10,7 @@ import pytest
 from helpers import tiny_unet
 
 import modiff_quant as mq
-from modiff_quant.bops import PAPER_CONVENTIONS, count_bops
+from modiff_quant.bops import PAPER_CONVENTIONS, count_bops, count_model_macs
 from modiff_quant.cli import main
 from modiff_quant.search import (
     SearchError,
@@ -18,7 +18,6 @@ from modiff_quant.search import (
     allocate,
     float_trajectory,
     load_cached,
-    mac_entries,
     measure_sensitivity,
     recipe_text,
     searchable_layers,
@@ -33,7 +32,7 @@ STEPS, WIDTHS = 10, (2, 4, 8)
 def setting():
     model = tiny_unet()
     plan = mq.load_recipe("w8a8-modiff").resolve(model)
-    return model, plan, mac_entries(model)
+    return model, plan, count_model_macs(model)
 
 
 def synthetic(plan, sensitive: str) -> Sensitivity:
@@ -63,7 +62,7 @@ def test_allocation_fits_the_budget_keeps_the_sensitive_layer_wide_and_costs_wha
 
 def test_a_budget_below_the_narrowest_widths_is_refused_and_one_equal_to_it_is_met(setting):
     _, plan, entries = setting
-    with pytest.raises(SearchError, match="below .* every layer at 2 bits"):
+    with pytest.raises(SearchError, match="below .* every searched layer at 2 bits"):
         allocate(synthetic(plan, "conv_out"), plan, entries, STEPS, 2, budget=0.0)
     narrowest = uniform_gbops(plan, entries, STEPS, 2, PAPER_CONVENTIONS, tuple(plan.layers))
     result = allocate(synthetic(plan, "conv_out"), plan, entries, STEPS, 2, narrowest)
@@ -74,7 +73,7 @@ def test_sensitivity_ranks_a_layer_quantized_at_fewer_bits_worse(setting):
     model, plan, _ = setting
     trajectory = float_trajectory(model, "ddim", None, 3, 1, seed=0)
     small = mq.load_recipe("w8a8-modiff").resolve(model)
-    sensitivity = measure_sensitivity(model, small, (2, 8), trajectory)
+    sensitivity = measure_sensitivity(model, small.recipe, searchable_layers(small, model), (2, 8), trajectory)
     mean = sensitivity.errors[:, :, 1:].mean(axis=2)  # step 0 runs in float (first_step: fp)
     assert bool((mean[:, 0] > mean[:, 1]).all())
     assert sensitivity.errors.shape == (len(plan.layers), 2, 3)
