@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from torch import nn
 
+from .attention_products import attention_operands, install_operands
 from .blocks import BlockCache, install_block_cache
 from .calibration.record import CalibrationRecord
 from .conversion import convert_layers
@@ -54,6 +55,11 @@ def ensure_float(model: nn.Module) -> None:
 def install(model: nn.Module, plan: Plan) -> nn.Module:
     """The in-place part of `prepare`, for a plan already resolved against `model`."""
     tracker = Tracker()
+    owners = attention_operands(model)
+    for attention in {
+        owners[name] for name, layer in plan.layers.items() if name in owners and not layer.leaves_float
+    }:
+        install_operands(model.get_submodule(attention))
     modules = dict(model.named_modules())
     for name, layer in plan.layers.items():
         if not layer.leaves_float:

@@ -273,8 +273,11 @@ class BaseQuantizer(ABC):
         """Raise `UnsupportedSetting` when this method cannot quantize `layer` as asked; called
         when a recipe is resolved, before the model changes. By default weight groups must
         divide the flattened input (methods with a fallback override this)."""
-        width, granularity = math.prod(layer.weight.shape[1:]), weight.granularity
-        if not weight.is_float and granularity.kind == "group" and width % granularity.group_size:
+        granularity = weight.granularity
+        if weight.is_float or granularity.kind != "group":
+            return
+        width = math.prod(layer.weight.shape[1:])
+        if width % granularity.group_size:
             raise UnsupportedSetting(
                 "w_granularity",
                 f"{granularity} needs a flattened input size divisible by {granularity.group_size}, got {width}",

@@ -1,9 +1,11 @@
 """Bit-operation accounting as in the paper: per image and step, Σ MACs × w_bits × a_bits.
 
 MACs come from one float call of the model: Linear/Conv layers through forward hooks, and the
-products of two activations (attention QKᵀ and AV, which have no layer to hook) through a torch
-function mode. How each is charged is a `BopsConventions` choice; the defaults reproduce the
-paper's Table 1 (every MAC at the network's W×A, float counted as 32-bit).
+products of two activations (attention QKᵀ and softmax·V, which have no layer to hook) through a
+torch function mode. How each is charged is a `BopsConventions` choice. The defaults charge what
+runs: a product at the widths of its two operands (float unless a recipe quantizes them);
+`PAPER_CONVENTIONS` reproduce the paper's Table 1 (every MAC at the network's W×A, float
+counted as 32-bit).
 
 `nominal` charges every entry at its recipe bits; `amortized` follows a whole trajectory: the
 first step at its real precision (a full-precision first step is A32), 0-bit steps and
@@ -22,30 +24,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .attention_products import PRODUCTS
 from .layer_parts import CHANNEL_DIMS
 from .models import sample_shape
 from .quant import FLOAT_BITS
 from .recipe import LayerPlan, Plan
 
-AttentionCharge = Literal["layer", "float", "exclude"]
+AttentionCharge = Literal["operands", "layer", "float", "exclude"]
 
 
 @dataclass(frozen=True)
 class BopsConventions:
     """How operations are charged.
 
-    `attention`: the attention matmuls (QKᵀ, AV) are charged `layer`: at the bits of the
-    attention's own first projection (e.g. `to_q`), as the paper charges every MAC at the
-    network's W×A; `float`: at float × float, which is what runs (they stay float unless a
-    recipe quantizes them); `exclude`: not counted (the 113-layer count of the CIFAR-10 UNet).
+    `attention`: the attention products (QKᵀ, softmax·V) are charged `operands`: at the widths
+    of their two operands as the recipe quantizes them (float where it does not; a product of
+    two modulated operands at its incremental form, see `_product_bits`); `layer`: at the bits
+    of the attention's own first projection (e.g. `to_q`), as the paper charges every MAC at
+    the network's W×A whether it runs so or not; `float`: at float × float; `exclude`: not
+    counted (the 113-layer count of the CIFAR-10 UNet).
     `float_bits`: the bit-width a float operand is charged at (the paper: 32).
     """
 
-    attention: AttentionCharge = "layer"
+    attention: AttentionCharge = "operands"
     float_bits: int = 32
 
 
-PAPER_CONVENTIONS = BopsConventions()
+DEFAULT_CONVENTIONS = BopsConventions()
+PAPER_CONVENTIONS = BopsConventions(attention="layer")
 
 
 @dataclass(frozen=True)
@@ -69,12 +75,17 @@ def count_macs(model: nn.Module, *inputs: Any) -> list[MacEntry]:
     """MACs of each Linear/Conv layer and each attention module's activation products, for one
     call of the float `model` on one image's `inputs`."""
     layer_macs: dict[str, int] = {}
-    products: dict[str, int] = {}
+    products: dict[str, list[int]] = {}  # module -> MACs of the products of one call, in order
+    calls: dict[str, int] = {}
     stack: list[str] = []
     layer_types = tuple(CHANNEL_DIMS)
 
     def enter(name: str) -> Callable[..., None]:
-        return lambda *_: stack.append(name)
+        def hook(*_: Any) -> None:
+            stack.append(name)
+            calls[name] = calls.get(name, 0) + 1
+
+        return hook
 
     def leave(name: str, layer: bool) -> Callable[..., None]:
         def hook(module: nn.Module, _args: Any, output: Any) -> None:
@@ -87,7 +98,7 @@ def count_macs(model: nn.Module, *inputs: Any) -> list[MacEntry]:
     def product(macs: int) -> None:
         """Charge an activation product to the innermost module running (never inside a layer)."""
         if stack and not isinstance(modules[stack[-1]], layer_types):
-            products[stack[-1]] = products.get(stack[-1], 0) + macs
+            products.setdefault(stack[-1], []).append(macs)
 
     modules = dict(model.named_modules())
     hooks = [
@@ -105,10 +116,14 @@ def count_macs(model: nn.Module, *inputs: Any) -> list[MacEntry]:
         for hook in hooks:
             hook.remove()
     entries = [MacEntry(name, "layer", macs, name) for name, macs in layer_macs.items()]
-    return entries + [
-        MacEntry(name, "attention", macs, _first_layer(modules[name], name, layer_types))
-        for name, macs in products.items()
-    ]
+    for name, found in products.items():
+        first = _first_layer(modules[name], name, layer_types)
+        if len(found) != 2 * calls[name]:  # not attention's QKᵀ then softmax·V: one entry, charged as its layer
+            entries.append(MacEntry(name, "attention", sum(found), first))
+            continue
+        for index, product in enumerate(PRODUCTS):
+            entries.append(MacEntry(f"{name}.{product}", "attention", sum(found[index::2]), first))
+    return entries
 
 
 def _macs_per_output(module: nn.Module) -> int:
@@ -142,24 +157,25 @@ class _ActivationProducts(TorchFunctionMode):
         self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        macs = _product_macs(func, args, kwargs)
-        if macs:
+        for macs in _product_macs(func, args, kwargs):
             self._report(macs)
         return func(*args, **kwargs)
 
 
-def _product_macs(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+def _product_macs(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int]:
+    """MACs of each activation product `func` computes (none: not such a product)."""
     if func is F.scaled_dot_product_attention:
         query, key, value = (args + tuple(kwargs[k] for k in ("query", "key", "value")[len(args) :]))[:3]
-        return math.prod(query.shape[:-1]) * key.shape[-2] * (query.shape[-1] + value.shape[-1])
+        rows = math.prod(query.shape[:-1]) * key.shape[-2]
+        return [rows * query.shape[-1], rows * value.shape[-1]]  # QKᵀ, softmax·V
     if func is torch.baddbmm:
         args = args[1:]
     if func in (torch.bmm, torch.baddbmm, torch.matmul, Tensor.matmul, Tensor.__matmul__) and len(args) >= 2:
         a, b = args[0], args[1]
         if isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() >= 2 and b.dim() >= 2:
             batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-            return math.prod(batch) * a.shape[-2] * a.shape[-1] * b.shape[-1]
-    return 0
+            return [math.prod(batch) * a.shape[-2] * a.shape[-1] * b.shape[-1]]
+    return []
 
 
 @dataclass(frozen=True)
@@ -176,7 +192,7 @@ class Bops:
 
 
 def count_bops(
-    entries: list[MacEntry], plan: Plan | None, steps: int, conventions: BopsConventions = PAPER_CONVENTIONS
+    entries: list[MacEntry], plan: Plan | None, steps: int, conventions: BopsConventions = DEFAULT_CONVENTIONS
 ) -> Bops:
     """GBops of a trajectory of `steps` model calls (plan None: the float model)."""
     charged = [e for e in entries if e.kind == "layer" or conventions.attention != "exclude"]
@@ -210,12 +226,47 @@ def _bits(entry: MacEntry, plan: Plan | None, step: int | None, conventions: Bop
         and any(_inside(entry.name, name) and block.always_skips(step) for name, block in plan.blocks.items())
     ):
         return 0
+    if entry.kind == "attention" and conventions.attention == "operands":
+        return _product_bits(entry, plan, step, conventions)
     layer = plan.layers.get(entry.charged_as) if plan and entry.charged_as else None
     if layer is None or (entry.kind == "attention" and conventions.attention == "float"):
         return conventions.float_bits**2
     if entry.kind == "attention" and layer.skips(step or 0) and step:
         step = None  # the products still run on the projections' cached outputs: charge nominal bits
     return charged_width(layer.settings.w_bits, conventions) * _activation_bits(layer, step, conventions)
+
+
+def _product_bits(entry: MacEntry, plan: Plan | None, step: int | None, conventions: BopsConventions) -> int:
+    """Width × width of the operands an attention product runs on.
+
+    A plain operand enters at its activation bits; a modulated one as its reconstruction â,
+    which is float. When both are modulated, the product has the incremental form
+    P_t = P_{t+1} + q_A·B̂ᵀ + Â·q_Bᵀ (each low-bit increment against the other operand's float
+    reconstruction), charged when cheaper: an integer kernel would run that form."""
+    attention, _, product = entry.name.rpartition(".")
+    operands = [
+        plan.layers.get(f"{attention}.{operand}") if plan and product in PRODUCTS else None
+        for operand in PRODUCTS.get(product, ("", ""))
+    ]
+    widths = [_operand_width(operand, step, conventions) for operand in operands]
+    direct = widths[0] * widths[1]
+    if step != 0 and all(operand is not None and operand.settings.scheme == "modiff" for operand in operands):
+        increments = [
+            charged_width(operand.settings.a_bits if step is None else operand.a_bits_at(step), conventions)
+            for operand in operands
+            if operand is not None
+        ]
+        return min(direct, sum(increments) * conventions.float_bits)
+    return direct
+
+
+def _operand_width(operand: LayerPlan | None, step: int | None, conventions: BopsConventions) -> int:
+    if operand is None:
+        return conventions.float_bits
+    s = operand.settings
+    if s.scheme == "modiff" and not (step == 0 and s.first_step.kind == "quantized"):
+        return conventions.float_bits  # the reconstruction â enters the product
+    return charged_width(s.a_bits if step is None else operand.a_bits_at(step), conventions)
 
 
 def charged_width(bits: int, conventions: BopsConventions) -> int:

@@ -422,9 +422,10 @@ def _execution_options(parser: argparse.ArgumentParser) -> None:
 def _bops_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bops-attention",
-        default="layer",
-        choices=("layer", "float", "exclude"),
-        help="charge attention matmuls at their projection's W×A (the paper), float×float, or not at all",
+        default="operands",
+        choices=("operands", "layer", "float", "exclude"),
+        help="charge attention products (QKᵀ, softmax·V) at the widths of the operands they run on (default: "
+        "float unless the recipe quantizes them), at their projection's W×A (the paper), float×float, or not at all",
     )
     parser.add_argument(
         "--bops-float-bits",

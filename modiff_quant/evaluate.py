@@ -30,7 +30,7 @@ from .api import (
     sampling,
     state_bytes,
 )
-from .bops import PAPER_CONVENTIONS, BopsConventions, MacEntry, count_bops, count_macs
+from .bops import DEFAULT_CONVENTIONS, BopsConventions, MacEntry, count_bops, count_macs
 from .data import load_digits16
 from .features import digit_features, frechet_distance, load_classifier
 from .layers import QuantizedLayer
@@ -85,7 +85,7 @@ class Harness:
         batch_size: int = 256,
         weights: str | None = None,
         calibration_cache: str | Path | None = None,
-        bops_conventions: BopsConventions = PAPER_CONVENTIONS,
+        bops_conventions: BopsConventions = DEFAULT_CONVENTIONS,
         device: str = "cpu",
         dtype: str = "float32",
         compile_mode: str | None = None,

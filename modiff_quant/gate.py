@@ -107,6 +107,9 @@ def _parse(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Location], 
         for metric, recorded in setting["metrics"].items():
             _check_metric(metric, recorded, setting["metrics"].where(metric))
         settings[name] = {**defaults, **setting}
+        recipe = settings[name].get("recipe")
+        if isinstance(recipe, str) and recipe.endswith((".yaml", ".yml")):  # a file: relative to this one
+            settings[name]["recipe"] = str(path.parent / recipe)
         lines[name] = data["settings"].where(name)
         if "model" not in settings[name]:
             raise RecipeError(

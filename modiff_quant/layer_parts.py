@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .attention_products import AttentionOperand
 from .base_quantizer import ActivationQuantizer, BaseQuantizer, SplitActivationQuantizer
 from .quoting import excerpt
 from .registry import BASE_QUANTIZERS, SCHEMES
@@ -25,6 +26,15 @@ if TYPE_CHECKING:
 CHANNEL_DIMS: dict[type[nn.Module], int] = {nn.Linear: -1, nn.Conv1d: -2, nn.Conv2d: -3}
 """The layer types the core wraps, and their input channel dim counted from the end (so that
 unbatched inputs work too)."""
+
+LAYER_TYPES: dict[type[nn.Module], int] = {**CHANNEL_DIMS, AttentionOperand: -1}
+"""Every type a layer plan names, with its channel dim: the weight layers and the operands of
+attention products (which have no weight)."""
+
+
+def layer_type_named(module_type: str) -> type[nn.Module]:
+    """The layer type a plan's `module_type` names."""
+    return next(kind for kind in LAYER_TYPES if kind.__name__ == module_type)
 
 
 SPLIT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
@@ -39,7 +49,7 @@ def build_parts(
     at index `width * groups + group` (a split pair where the layer splits concatenated inputs)."""
     scheme = SCHEMES.get(settings.scheme)()
     base_quantizer = BASE_QUANTIZERS.get(settings.base_quantizer)(**settings.base_quantizer_options)
-    dim, groups = CHANNEL_DIMS[layer_type], settings.timestep_groups.count
+    dim, groups = LAYER_TYPES[layer_type], settings.timestep_groups.count
 
     def make(bits: int) -> ActivationQuantizer:
         spec = settings.activation_spec(bits)
@@ -92,8 +102,8 @@ def check_calibration_state(
     under `prefix`) fits a layer of these settings: load it into standalone quantizers built from
     them, as `QuantizedLayer.load_calibration_state` will, and require each to restore it exactly
     (no tensor ignored or converted) and to quantize a probe input of the layer's width to finite values."""
-    layer_type = next(kind for kind in CHANNEL_DIMS if kind.__name__ == module_type)
-    width = module.in_features if issubclass(layer_type, nn.Linear) else module.in_channels
+    layer_type = layer_type_named(module_type)
+    width = _input_width(module)
     split_at = state.get("split_at")
     if split_at is not None and not (
         splits(settings, layer_type)
@@ -106,8 +116,9 @@ def check_calibration_state(
             f"tensor '{prefix}split_at' must be one int64 in 1..{width - 1} of a layer that splits its input, got "
             f"{split_at.dtype} {list(split_at.shape)}{value}"
         )
-    dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float32
-    probe = torch.linspace(-1.0, 1.0, width, dtype=dtype).reshape(1, width, *[1] * (-CHANNEL_DIMS[layer_type] - 1))
+    weight = getattr(module, "weight", None)
+    dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+    probe = torch.linspace(-1.0, 1.0, width, dtype=dtype).reshape(1, width, *[1] * (-LAYER_TYPES[layer_type] - 1))
     taken = {"split_at", "weight"}
     for role, group in build_parts(settings, layer_type, activation_widths)[2].items():
         for index, quantizer in enumerate(group):
@@ -129,6 +140,14 @@ def check_calibration_state(
     unexpected = sorted(state.keys() - taken)
     if unexpected:
         raise ValueError(f"tensor '{prefix}{excerpt(unexpected[0])}' belongs to no quantizer of this layer")
+
+
+def _input_width(module: nn.Module) -> int:
+    """Input channels of a weight layer; an operand's width is known only when it runs (2 probes
+    one scale per tensor or sample, which is all an operand may have)."""
+    if isinstance(module, AttentionOperand):
+        return 2
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
 
 
 def _same_state(restored: Mapping[str, Tensor], saved: Mapping[str, Tensor]) -> None:

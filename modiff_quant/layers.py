@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adoption import adopt
+from .attention_products import AttentionOperand
 from .base_quantizer import ActivationQuantizer, BaseQuantizer, SplitActivationQuantizer
 from .integer_kernels import IntegerWeights, UnsupportedWeights
 from .layer_parts import build_parts, needs_data, splits
@@ -258,7 +259,8 @@ class QuantizedLayer(nn.Module):
 
     def calibration_state(self) -> dict[str, Tensor]:
         """What calibration decided for this layer: frozen quantizer parameters and the weight."""
-        state = {} if self.packed else {"weight": self.weight.detach()}  # packed weights are re-packed on load
+        # packed weights are re-packed on load; an attention operand has none
+        state = {} if self.packed or self.weight is None else {"weight": self.weight.detach()}
         if self.split_at is not None:
             state["split_at"] = torch.tensor(self.split_at)
         for role, group in self.act_quantizers.items():
@@ -311,10 +313,35 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
     pass
 
 
+class QuantAttentionOperand(QuantizedLayer, AttentionOperand):
+    """An operand of an attention product, quantized (plain) or modulated (modiff) like a layer
+    input whose operation A is the identity: the product then runs in float on what the scheme
+    returns (the quantized operand, or its reconstruction â)."""
+
+    weight = None
+    bias = None
+
+    def apply_op(self, x: Tensor, *, bias: bool) -> Tensor:
+        return x
+
+    def set_execution(self, mode: Execution) -> None:
+        """Products run in float on the dequantized operands under either execution (oneDNN has
+        no int8 batched matmul of two activations)."""
+        self.integer = None
+
+    def stage_weight(self) -> None:
+        """No weight to quantize."""
+
+    @property
+    def packed(self) -> bool:
+        return False
+
+
 _QUANTIZED: dict[type[nn.Module], type[QuantizedLayer]] = {
     nn.Linear: QuantLinear,
     nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
+    AttentionOperand: QuantAttentionOperand,
 }
 
 

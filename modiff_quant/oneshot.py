@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .api import calibrate, convert, reset
-from .layer_parts import CHANNEL_DIMS, build_parts, needs_data, splits
+from .layer_parts import build_parts, layer_type_named, needs_data, splits
 from .pipelines import attach, denoiser_of
 from .recipe import Recipe, load_recipe
 from .serialization import save_quantized
@@ -67,7 +67,7 @@ def first_calibrated_layer(recipe: Recipe, denoiser: nn.Module) -> str | None:
     for name, layer in recipe.resolve(denoiser).layers.items():
         if layer.leaves_float:
             continue
-        layer_type = next(t for t in CHANNEL_DIMS if t.__name__ == layer.module_type)
+        layer_type = layer_type_named(layer.module_type)
         _, base_quantizer, quantizers = build_parts(layer.settings, layer_type, layer.activation_widths)
         if needs_data(quantizers, base_quantizer, splits(layer.settings, layer_type)):
             return f"layer '{name}' ({type(modules[name]).__name__}, base quantizer {layer.settings.base_quantizer})"

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .api import convert, prepare, sampling
 from .atomic_files import replace_file
-from .bops import PAPER_CONVENTIONS, BopsConventions, MacEntry, charged_width, count_bops
+from .bops import DEFAULT_CONVENTIONS, BopsConventions, MacEntry, charged_width, count_bops
 from .models import sample_shape
 from .oneshot import first_calibrated_layer
 from .quant import FLOAT_BITS, MAX_BITS, MIN_BITS, SKIP_BITS
@@ -85,7 +85,8 @@ def check_widths(widths: list[int]) -> tuple[int, ...]:
 
 def searchable_layers(plan: Plan, model: nn.Module) -> list[LayerPlan]:
     """The layers of `model` whose activation bits the search allocates: those the base recipe
-    quantizes at one width with a runtime base quantizer; refuses a base it cannot start from."""
+    quantizes at one width with a runtime base quantizer (attention operands keep the base
+    recipe's widths); refuses a base it cannot start from."""
     if plan.blocks or any(layer.zero_bit_steps or layer.bit_steps for layer in plan.layers.values()):
         raise SearchError(
             f"recipe {plan.recipe.name} has steps rules or cached blocks; search writes its own step schedule, "
@@ -97,7 +98,11 @@ def searchable_layers(plan: Plan, model: nn.Module) -> list[LayerPlan]:
             f"recipe {plan.recipe.name}: {calibrated} needs calibration data; search measures with runtime base "
             "quantizers (dynamic, torchao_int4)"
         )
-    layers = [layer for layer in plan.layers.values() if layer.settings.a_bits not in (FLOAT_BITS, SKIP_BITS)]
+    layers = [
+        layer
+        for layer in plan.layers.values()
+        if layer.has_weight and layer.settings.a_bits not in (FLOAT_BITS, SKIP_BITS)
+    ]
     if not layers:
         raise SearchError(f"recipe {plan.recipe.name} quantizes no activation: nothing to allocate")
     return layers
@@ -180,7 +185,7 @@ def allocate(
     steps: int,
     phases: int,
     budget: float,
-    conventions: BopsConventions = PAPER_CONVENTIONS,
+    conventions: BopsConventions = DEFAULT_CONVENTIONS,
 ) -> SearchResult:
     """Greedy downgrades from the widest allocation to the narrowest; the found allocation is the
     first within the budget (GBops per step, amortized)."""

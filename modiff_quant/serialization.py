@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from .api import ensure_float, install, is_converted, mark_converted, plan_of
 from .atomic_files import write_folder
+from .attention_products import AttentionOperand
 from .imports import quiet_imports
 from .layer_parts import check_calibration_state
 from .layers import QuantizedLayer, weight_digest
@@ -102,7 +103,7 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
     own = _own_state(model, layers)
     coded: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> (codes, table), for the weights `encode` can code
     for name, layer in layers.items():
-        if layer.packed:
+        if layer.packed or not layer.plan.has_weight:
             continue
         codes_and_table = encode(layer.weight, layer.plan.settings.w_bits)
         if codes_and_table is not None:
@@ -154,8 +155,10 @@ def load_quantized(model: nn.Module | str | Path, directory: str | Path | None =
     states = _layer_states(saved, own, model, plan)
     install(model, plan)
     model.load_state_dict(own, strict=False)
+    device = next(model.parameters()).device
     for name, layer in _quantized_layers(model).items():
-        layer.load_calibration_state({key: value.to(layer.weight.device) for key, value in states[name].items()})
+        where = layer.weight.device if layer.plan.has_weight else device
+        layer.load_calibration_state({key: value.to(where) for key, value in states[name].items()})
     mark_converted(model)
     return model
 
@@ -558,14 +561,14 @@ def _layer_states(saved: _Saved, own: dict[str, Tensor], model: nn.Module, plan:
             check_calibration_state(
                 plan.layers[name].settings,
                 plan.layers[name].module_type,
-                modules[name],
+                modules[name] if plan.layers[name].has_weight else AttentionOperand(),  # operands come with prepare
                 state,
                 f"{_LAYER_PREFIX}{name}/",
                 plan.layers[name].activation_widths,
             )
         except ValueError as exc:
             raise LoadError(f"layer '{name}': {exc}") from None
-        if name not in saved.packed:
+        if name not in saved.packed and plan.layers[name].has_weight:
             # the weight as quantized: load_calibration_state would re-quantize without it
             state["weight"] = own[f"{name}.weight"]
     return states

@@ -12,7 +12,7 @@ from helpers import tiny_unet
 from torch import nn
 
 import modiff_quant as mq
-from modiff_quant.bops import count_bops, count_macs
+from modiff_quant.bops import PAPER_CONVENTIONS, count_bops, count_macs
 from modiff_quant.quant import Granularity, QuantSpec, quantize_minmax
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -127,7 +127,7 @@ def test_bops_charge_each_step_at_its_scheduled_bits(write_recipe):
         "version: 1\nextends: w8a4-modiff\nrules:\n  - match: [Conv2d, Linear]\n    a_bits: 8\n"
         "    steps: {start: 0, stop: 5}\n"
     )
-    bops = count_bops(entries, mq.load_recipe(recipe).resolve(model), steps=10)
+    bops = count_bops(entries, mq.load_recipe(recipe).resolve(model), 10, PAPER_CONVENTIONS)  # products as layers
     assert bops.per_step[1] == pytest.approx(2 * bops.per_step[5], rel=1e-9)
     assert bops.gbops_per_step == pytest.approx(bops.per_step[5], rel=1e-9)  # nominal: the layers' a_bits
 

@@ -72,7 +72,7 @@ def unet_and_inputs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["w8a4-modiff", "qdiffusion", "w8a8-modiff-deepcache"])
+@pytest.mark.parametrize("recipe", ["w8a4-modiff", "qdiffusion", "w8a8-modiff-deepcache", "w8a4-modiff-attn8"])
 def test_compiled_trajectories_take_few_graphs_never_recompile_and_equal_eager(recipe, unet_and_inputs, write_recipe):
     model, inputs = unet_and_inputs
     quantized = converted(write_recipe(FAST_QDIFFUSION) if recipe == "qdiffusion" else recipe, model, inputs)

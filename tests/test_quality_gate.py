@@ -1,9 +1,12 @@
 """The quality gate as a product feature, and the project's own CI gate on digits16.
 
 The project's baselines (tests/baselines/digits16.yaml) record FD, FD-to-FP and PSNR-vs-FP for
-full precision and W8A8 / W8A4 / W8A3 plain vs MoDiff (dynamic scales), and W8A4 plain vs MoDiff
-over PTQ4DM and Q-Diffusion; they compare plain with MoDiff so that a collapse of the baseline is
-asserted too: a broken MoDiff fails CI.
+full precision and W8A8 / W8A4 / W8A3 plain vs MoDiff (dynamic scales), W8A4 plain vs MoDiff
+over PTQ4DM and Q-Diffusion, W8A4 with quantized attention products (8-bit plain operands; 4-bit
+plain vs modulated operands), and W8A2 MoDiff with and without a 4-bit start (a bit schedule).
+They compare plain with MoDiff so that a collapse of the baseline is asserted too: a broken
+MoDiff fails CI; and W8A4 with W8A8 MoDiff, so that quantization silently switched off (which
+only improves every metric) fails too.
 """
 
 from __future__ import annotations
@@ -45,13 +48,37 @@ def test_project_quality_gate_passes(part, tmp_path, capsys):
     names = _gate_parts()[part]
     one = {
         **baselines,
-        "settings": {name: baselines["settings"][name] for name in names},
+        "settings": {name: _absolute_recipe(baselines["settings"][name]) for name in names},
         "comparisons": [c for c in baselines.get("comparisons", []) if c["worse"] in names],
     }
     (tmp_path / "baseline.yaml").write_text(yaml.safe_dump(one, sort_keys=False), encoding="utf-8")
     assert main(["gate", "--baseline", str(tmp_path / "baseline.yaml")]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     assert "quality gate passed" in out and "FAIL" not in out
+
+
+def _absolute_recipe(setting: dict) -> dict:
+    """A setting whose recipe file (relative to the baselines file) still resolves from elsewhere."""
+    recipe = setting.get("recipe")
+    is_file = isinstance(recipe, str) and recipe.endswith(".yaml")
+    return {**setting, "recipe": str(BASELINE.parent / recipe)} if is_file else setting
+
+
+def test_recipe_files_of_a_baselines_file_are_found_next_to_it(tmp_path, capsys):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "mine.yaml").write_text("version: 1\nextends: w8a4-modiff\n", encoding="utf-8")
+    path = tmp_path / "baseline.yaml"
+    path.write_text(
+        "version: 1\ndefaults: {model: digits16, steps: 3, samples: 4}\n"
+        "settings:\n  mine:\n    recipe: recipes/mine.yaml\n    metrics: {fd_to_fp: {value: null}}\n",
+        encoding="utf-8",
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(elsewhere)
+        assert main(["gate", "--baseline", str(path), "--update"]) == 0, capsys.readouterr()
+    assert yaml.safe_load(path.read_text(encoding="utf-8"))["settings"]["mine"]["recipe"] == "recipes/mine.yaml"
 
 
 @pytest.mark.slow

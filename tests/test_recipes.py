@@ -67,6 +67,8 @@ SHIPPED = {  # name: w_bits, a_bits, scheme, base quantizer, activation granular
     "w8a8-modiff-deepcache": (8, 8, "modiff", "dynamic", "sample"),
     "w8a8-plain": (8, 8, "plain", "dynamic", "sample"),
     "w8a4-modiff-lean": (8, 4, "modiff", "dynamic", "sample"),
+    "w8a4-modiff-attn8": (8, 4, "modiff", "dynamic", "sample"),
+    "w8a3-modiff-attn8": (8, 3, "modiff", "dynamic", "sample"),
     "deepcache": (32, 32, "plain", "dynamic", "tensor"),
     "adaptive-cache": (32, 32, "plain", "dynamic", "tensor"),
 }
@@ -150,17 +152,21 @@ def test_shipped_recipes_are_the_expected_set():
 )
 def test_shipped_recipe_resolves_on_cifar10_unet(name, unet):
     """Each shipped recipe loads by name and covers all 113 Linear/Conv layers with its W/A,
-    scheme, base quantizer and activation granularity."""
+    scheme, base quantizer and activation granularity; the `-attn8` ones also the 24 operands of
+    the six attentions' products, at plain 8 bits."""
     recipe = load_recipe(name)
     assert recipe.name == name
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a shipped recipe must not have rules that match nothing
         plan = recipe.resolve(unet)
-    assert len(plan.layers) == 113
-    assert Counter(layer.module_type for layer in plan.layers.values()) == {"Conv2d": 65, "Linear": 48}
+    operands = [layer for layer in plan.layers.values() if not layer.has_weight]
+    assert len(operands) == (24 if name.endswith("-attn8") else 0)
+    assert all((o.settings.scheme, o.settings.a_bits) == ("plain", 8) for o in operands)
+    layers = [layer for layer in plan.layers.values() if layer.has_weight]
+    assert Counter(layer.module_type for layer in layers) == {"Conv2d": 65, "Linear": 48}
     assert plan.unmatched == ()
     w_bits, a_bits, scheme, base, a_granularity = SHIPPED[name]
-    for layer in plan.layers.values():
+    for layer in layers:
         first_or_last = layer.name in ("conv_in", "conv_out")  # W4 recipes keep them at 8 bits
         expected_w = 8 if first_or_last and w_bits == 4 else w_bits
         assert (layer.settings.w_bits, layer.settings.a_bits, layer.settings.scheme) == (expected_w, a_bits, scheme), (

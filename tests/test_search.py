@@ -10,7 +10,7 @@ import pytest
 from helpers import tiny_unet
 
 import modiff_quant as mq
-from modiff_quant.bops import PAPER_CONVENTIONS, count_bops, count_model_macs
+from modiff_quant.bops import DEFAULT_CONVENTIONS, count_bops, count_model_macs
 from modiff_quant.cli import main
 from modiff_quant.search import (
     SearchError,
@@ -45,7 +45,7 @@ def synthetic(plan, sensitive: str) -> Sensitivity:
 
 def test_allocation_fits_the_budget_keeps_the_sensitive_layer_wide_and_costs_what_bops_counts(setting, tmp_path):
     model, plan, entries = setting
-    budget = uniform_gbops(plan, entries, STEPS, 4, PAPER_CONVENTIONS, tuple(plan.layers))
+    budget = uniform_gbops(plan, entries, STEPS, 4, DEFAULT_CONVENTIONS, tuple(plan.layers))
     result = allocate(synthetic(plan, "conv_out"), plan, entries, STEPS, 2, budget)
     assert result.found.gbops <= budget
     assert result.found.bits["conv_out"] == (8, 8)  # the last layer to give up bits
@@ -64,7 +64,7 @@ def test_a_budget_below_the_narrowest_widths_is_refused_and_one_equal_to_it_is_m
     _, plan, entries = setting
     with pytest.raises(SearchError, match="below .* every searched layer at 2 bits"):
         allocate(synthetic(plan, "conv_out"), plan, entries, STEPS, 2, budget=0.0)
-    narrowest = uniform_gbops(plan, entries, STEPS, 2, PAPER_CONVENTIONS, tuple(plan.layers))
+    narrowest = uniform_gbops(plan, entries, STEPS, 2, DEFAULT_CONVENTIONS, tuple(plan.layers))
     result = allocate(synthetic(plan, "conv_out"), plan, entries, STEPS, 2, narrowest)
     assert set(result.found.bits.values()) == {(2, 2)}
 

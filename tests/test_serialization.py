@@ -64,7 +64,14 @@ def saved(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    "recipe", ["w8a4-modiff", pytest.param("w8a4-modiff-ptq4dm", marks=pytest.mark.slow), "adaptive-cache", "int4"]
+    "recipe",
+    [
+        "w8a4-modiff",
+        pytest.param("w8a4-modiff-ptq4dm", marks=pytest.mark.slow),
+        "adaptive-cache",
+        "int4",
+        "w8a4-modiff-attn8",
+    ],
 )
 def test_save_load_sample_is_bit_identical(tmp_path, recipe):
     model, inputs = converted(recipe_path(recipe, tmp_path))

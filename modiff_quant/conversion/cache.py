@@ -67,11 +67,15 @@ class CalibrationCache:
         for layer in self.layers:
             state, weight = states[layer.plan.name], layer.weight
             saved = state.get("weight")
-            if not layer.packed and (
-                saved is None
-                or saved.shape != weight.shape
-                or saved.dtype != weight.dtype
-                or not bool(saved.isfinite().all())
+            if (
+                layer.plan.has_weight
+                and not layer.packed
+                and (
+                    saved is None
+                    or saved.shape != weight.shape
+                    or saved.dtype != weight.dtype
+                    or not bool(saved.isfinite().all())
+                )
             ):
                 raise ValueError(
                     f"layer '{layer.plan.name}': its weight is missing or not a finite {weight.dtype} "

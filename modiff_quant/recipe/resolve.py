@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
 
 from ..adoption import Adoption, adopt
+from ..attention_products import AttentionOperand, attention_operands
 from ..base_quantizer import UnsupportedSetting
-from ..layer_parts import CHANNEL_DIMS, build_parts, needs_calibration, splits
+from ..layer_parts import CHANNEL_DIMS, build_parts, layer_type_named, needs_calibration, splits
 from ..quant import FLOAT_BITS, SKIP_BITS, is_packed
 from ..registry import nearest
 from ..settings import LayerSettings, StepSchedule
@@ -69,6 +70,11 @@ class LayerPlan:
             return "all: 0"
         scheduled = [*((steps, SKIP_BITS) for steps in self.zero_bit_steps), *self.bit_steps]
         return ", ".join(f"{steps}: {_format_bits(bits)}" for steps, bits in scheduled) or "-"
+
+    @property
+    def has_weight(self) -> bool:
+        """False for the operand of an attention product (quantized activations only)."""
+        return self.module_type != AttentionOperand.__name__
 
     @property
     def has_skips(self) -> bool:
@@ -124,6 +130,11 @@ def resolve(recipe: Recipe, model: nn.Module) -> Plan:
     }
     adopted = {name: adoption for name, module in subclassed.items() if (adoption := adopt(module)) is not None}
     layers.update({name: subclassed[name] for name in adopted})
+    # operands of attention products: matched like layers, quantized only where a rule names them
+    present = dict(modules)
+    operands = {name: present.get(name) or AttentionOperand() for name in attention_operands(model)}
+    modules += [(name, module) for name, module in operands.items() if name not in present]
+    layers.update(operands)
     # e.g. nn.MultiheadAttention's out_proj: its owner uses the weight directly, so wrapping is impossible
     unwrapped = [name for name in subclassed if name not in adopted]
     values: dict[str, dict[str, object]] = {
@@ -173,6 +184,12 @@ def resolve(recipe: Recipe, model: nn.Module) -> Plan:
                 f"rule '{rule.describe()}' sets skip_threshold, which applies to blocks, but matches layers "
                 f"({_some(matched_layers)})",
             )
+        elif "w_bits" in rule.settings and all(name in operands for name in matched_layers):
+            raise RecipeError(
+                rule.setting_locations["w_bits"],
+                f"rule '{rule.describe()}' sets w_bits, but matches attention operands only "
+                f"({_some(matched_layers)}), which have no weight",
+            )
         else:
             for name in matched_layers:
                 hits[name].append(rule.location)
@@ -187,7 +204,9 @@ def resolve(recipe: Recipe, model: nn.Module) -> Plan:
     _report_unmatched(recipe, unmatched, modules)
     plans = {}
     for name, module in layers.items():
-        settings = recipe.defaults.updated(values[name])
+        if name in operands and not hits[name]:
+            continue
+        settings = recipe.defaults.updated(values[name] | ({"w_bits": FLOAT_BITS} if name in operands else {}))
         adoption = adopted.get(name)
         layer_type = adoption.layer_type if adoption else type(module)
         plan = LayerPlan(
@@ -258,16 +277,20 @@ def _check_layer(
     def fail(key: str, message: str, where: Location | None = None) -> None:
         raise RecipeError(where or sources.get(key), f"layer '{name}' ({type(module).__name__}): {message}")
 
-    weight = module.weight.data
+    if isinstance(module, AttentionOperand):
+        _check_operand(plan, fail)
+    weight = getattr(module, "weight", None)
     packed_note = None
-    if is_packed(weight):  # e.g. a torchao tensor subclass from quantize_
+    if weight is not None and is_packed(weight.data):  # e.g. a torchao tensor subclass from quantize_
         if settings.w_bits != FLOAT_BITS:
             fail("w_bits", f"its weight is already quantized ({type(weight).__name__}); set w_bits: float for it")
         packed_note = f"{type(weight).__name__} (quantized before prepare)"
-    in_width = module.in_features if isinstance(module, nn.Linear) else module.in_channels
     group = settings.a_granularity
-    if group.kind == "group" and in_width % group.group_size:
-        fail("a_granularity", f"{group} needs an input channel count divisible by {group.group_size}, got {in_width}")
+    if group.kind == "group" and weight is not None and _in_width(module) % group.group_size:
+        fail(
+            "a_granularity",
+            f"{group} needs an input channel count divisible by {group.group_size}, got {_in_width(module)}",
+        )
     if settings.first_step.kind != "fp" and settings.a_bits == SKIP_BITS:
         fail("first_step", f"first_step {settings.first_step} quantizes the first input, but a_bits is 0 (skip)")
     if settings.first_step.kind == "warmup" and not settings.error_compensation:
@@ -297,7 +320,28 @@ def _check_layer(
             "delta scale is sized for temporal differences, so the warm-up residual rounds to zero; use first_step: "
             "quantized or a dynamic base quantizer",
         )
-    return packed_note or base_quantizer.weight_note(module, settings.weight_spec())
+    return packed_note or (None if weight is None else base_quantizer.weight_note(module, settings.weight_spec()))
+
+
+def _in_width(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
+
+
+def _check_operand(plan: LayerPlan, fail: Callable[..., None]) -> None:
+    """An operand has no weight and runs every step: its product needs both operands, and its
+    size per sample is known only when it runs."""
+    settings = plan.settings
+    if plan.has_skips:
+        fail(
+            "a_bits",
+            "an attention operand cannot be 0-bit (its product is recomputed from both operands each step); cache "
+            "the attention block instead",
+            plan.rules[-1] if plan.zero_bit_steps else None,
+        )
+    if settings.a_granularity.kind in ("channel", "group"):
+        fail(
+            "a_granularity", f"an attention operand takes a_granularity tensor or sample, got {settings.a_granularity}"
+        )
 
 
 def _format_base(name: str, options: Mapping[str, object]) -> str:
@@ -327,7 +371,6 @@ def _explain(plan: Plan) -> str:
         "A by step",
         "rules",
     )
-    types = {layer_type.__name__: layer_type for layer_type in CHANNEL_DIMS}
     rows = []
     for layer in plan.layers.values():
         s = layer.settings
@@ -338,11 +381,11 @@ def _explain(plan: Plan) -> str:
                 layer.module_type,
                 s.scheme,
                 _format_base(s.base_quantizer, s.base_quantizer_options),
-                _format_bits(s.w_bits),
+                _format_bits(s.w_bits) if layer.has_weight else "-",
                 _format_bits(s.a_bits) + ("" if s.a_symmetric else "u"),
                 str(s.a_granularity),
                 str(s.timestep_groups.count),
-                "on" if splits(s, types[layer.module_type]) else "-",
+                "on" if splits(s, layer_type_named(layer.module_type)) else "-",
                 str(s.first_step) if modiff else "-",
                 ("on" if s.error_compensation else "off") if modiff else "-",
                 layer.describe_steps(),
