@@ -145,8 +145,13 @@ def run_gate(source: Path, baseline: Path, log: Path) -> dict[str, object]:
     """Gate outcome: exit code and the failed checks, from the gate's table."""
     environment = {**os.environ, "PYTHONPATH": str(source), "OMP_WAIT_POLICY": "PASSIVE"}
     command = [sys.executable, "-c", "import sys; from modiff_quant.cli import main; sys.exit(main(sys.argv[1:]))"]
-    done = subprocess.run(
-        [*command, "gate", "--baseline", str(baseline)], env=environment, capture_output=True, text=True, check=False
+    done = subprocess.run(  # run next to the copy: `python -c` puts the working directory first on sys.path
+        [*command, "gate", "--baseline", str(baseline.resolve())],
+        env=environment,
+        cwd=source,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     log.write_text(done.stdout + done.stderr, encoding="utf-8")
     failed = [line.rsplit(None, 1)[0] for line in done.stdout.splitlines() if line.rstrip().endswith("FAIL")]

@@ -3,7 +3,8 @@
 The project's baselines (tests/baselines/digits16.yaml) record FD, FD-to-FP and PSNR-vs-FP for
 full precision and W8A8 / W8A4 / W8A3 plain vs MoDiff (dynamic scales), W8A4 plain vs MoDiff
 over PTQ4DM and Q-Diffusion, W8A4 with quantized attention products (8-bit plain operands; 4-bit
-plain vs modulated operands), and W8A2 MoDiff with and without a 4-bit start (a bit schedule).
+plain vs modulated operands), W8A2 MoDiff with and without a 4-bit start (a bit schedule), and
+a `search` result at W8A3 MoDiff's GBops.
 They compare plain with MoDiff so that a collapse of the baseline is asserted too: a broken
 MoDiff fails CI; and W8A4 with W8A8 MoDiff, so that quantization silently switched off (which
 only improves every metric) fails too.
