@@ -12,6 +12,8 @@ only improves every metric) fails too.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,3 +186,18 @@ def test_a_setting_evaluated_twice_gives_bit_identical_images(tmp_path):
         for _ in range(2)
     )
     assert torch.equal(first, second)
+
+
+def test_every_bug_the_power_script_plants_is_one_line_of_the_library(tmp_path, monkeypatch):
+    """scripts/gate_power.py stays in step with the code: each planted edit applies exactly once."""
+    spec = importlib.util.spec_from_file_location("gate_power", BASELINE.parents[2] / "scripts" / "gate_power.py")
+    power = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gate_power", power)  # its dataclass looks its module up
+    spec.loader.exec_module(power)
+    assert len(power.BUGS) >= 8 and len({bug.key for bug in power.BUGS}) == len(power.BUGS)
+    source = power.library_copy(tmp_path)
+    for bug in power.BUGS:
+        original = (source / bug.file).read_text(encoding="utf-8")
+        power.plant(source, bug)
+        assert (source / bug.file).read_text(encoding="utf-8") != original
+        (source / bug.file).write_text(original, encoding="utf-8")

@@ -395,8 +395,12 @@ def _explain(plan: Plan) -> str:
     strict = " strict" if recipe.strict else ""
     lines = [f"recipe {recipe.name} ({recipe.source}){strict}: {recipe.description}".rstrip(": ")]
     lines += _table(header, rows)
+    operands = sum(not layer.has_weight for layer in plan.layers.values())
+    counted = f"{len(plan.layers) - operands} layers" + (
+        f" and {operands} attention operands (W -: no weight)" if operands else ""
+    )
     lines.append(
-        f"{len(plan.layers)} layers; A bits: 'u' = asymmetric; A by step: steps rules (0-bit steps are skipped "
+        f"{counted}; A bits: 'u' = asymmetric; A by step: steps rules (0-bit steps are skipped "
         "whatever later rules say, otherwise the last rule containing a step sets its bits); split: separate "
         "quantizers where the input is a concatenation (found at convert); rules: recipe file:line of each rule "
         "that applied"
