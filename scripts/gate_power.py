@@ -91,7 +91,7 @@ BUGS = (
         "the first step's reconstruction starts from zero instead of the input",
         "modiff_quant/schemes.py",
         'a_hat = x.clone() if settings.first_step.kind == "fp" else layer.quantizer(RAW)(x)',
-        'a_hat = torch.zeros_like(x) if settings.first_step.kind == "fp" else layer.quantizer(RAW)(x)',
+        'a_hat = x.new_zeros(x.shape) if settings.first_step.kind == "fp" else layer.quantizer(RAW)(x)',
     ),
     Bug(
         "B9",

@@ -106,8 +106,8 @@ def test_eval_runs_on_the_cifar_architecture(tmp_path):
     ):
         assert key in result
     assert result["fd"] is None and result["gbops_per_step"] == pytest.approx(
-        6.222 * 8 * 3, rel=1e-3
-    )  # layers and attention matmuls
+        6.054 * 8 * 3 + 0.168 * 32 * 32, rel=1e-3
+    )  # layers at W8A3, attention products as they run: float
     assert (
         result["cache_bytes_per_image"] > 0
         and (tmp_path / "grid.png").is_file()
