@@ -116,6 +116,13 @@ BUGS = (
     ),
     Bug(
         "B12",
+        "fake quantization returns the activation unquantized",
+        "modiff_quant/layers.py",
+        "            return quantizer(x), None",
+        "            return x, None",
+    ),
+    Bug(
+        "B13",
         "new-trajectory detection inverted: every step starts a trajectory (a float first step)",
         "modiff_quant/trajectory.py",
         "went_up = t is not None and lane.last_t is not None and t > lane.last_t",
