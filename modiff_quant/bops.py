@@ -244,10 +244,9 @@ def _product_bits(entry: MacEntry, plan: Plan | None, step: int | None, conventi
     P_t = P_{t+1} + q_A·B̂ᵀ + Â·q_Bᵀ (each low-bit increment against the other operand's float
     reconstruction), charged when cheaper: an integer kernel would run that form."""
     attention, _, product = entry.name.rpartition(".")
-    operands = [
-        plan.layers.get(f"{attention}.{operand}") if plan and product in PRODUCTS else None
-        for operand in PRODUCTS.get(product, ("", ""))
-    ]
+    # an entry that is not one of attention's two products has no operands: float
+    names = PRODUCTS.get(product, ("", ""))
+    operands = [plan.layers.get(f"{attention}.{name}") if plan else None for name in names]
     widths = [_operand_width(operand, step, conventions) for operand in operands]
     direct = widths[0] * widths[1]
     if step != 0 and all(operand is not None and operand.settings.scheme == "modiff" for operand in operands):

@@ -260,7 +260,7 @@ class QuantizedLayer(nn.Module):
     def calibration_state(self) -> dict[str, Tensor]:
         """What calibration decided for this layer: frozen quantizer parameters and the weight."""
         # packed weights are re-packed on load; an attention operand has none
-        state = {} if self.packed or self.weight is None else {"weight": self.weight.detach()}
+        state = {} if self.packed or not self.plan.has_weight else {"weight": self.weight.detach()}
         if self.split_at is not None:
             state["split_at"] = torch.tensor(self.split_at)
         for role, group in self.act_quantizers.items():
