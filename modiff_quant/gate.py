@@ -107,9 +107,7 @@ def _parse(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Location], 
         for metric, recorded in setting["metrics"].items():
             _check_metric(metric, recorded, setting["metrics"].where(metric))
         settings[name] = {**defaults, **setting}
-        recipe = settings[name].get("recipe")
-        if isinstance(recipe, str) and recipe.endswith((".yaml", ".yml")):  # a file: relative to this one
-            settings[name]["recipe"] = str(path.parent / recipe)
+        settings[name]["recipe"] = recipe_beside(settings[name].get("recipe"), path)
         lines[name] = data["settings"].where(name)
         if "model" not in settings[name]:
             raise RecipeError(
@@ -120,6 +118,14 @@ def _parse(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Location], 
         raise RecipeError(data.where("comparisons"), "comparisons must be a list")
     parsed = [_parse_comparison(c, where, settings) for c, where in zip(comparisons, comparisons.item_locations)]
     return settings, lines, parsed
+
+
+def recipe_beside(recipe: Any, baselines: Path) -> Any:
+    """A setting's recipe as the gate runs it: a `.yaml` file is found relative to the baselines
+    file; shipped names and null stay as they are."""
+    if isinstance(recipe, str) and recipe.endswith((".yaml", ".yml")):
+        return str(baselines.parent / recipe)
+    return recipe
 
 
 def _check_keys(mapping: LocatedDict, allowed: tuple[str, ...], what: str) -> None:

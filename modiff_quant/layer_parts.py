@@ -103,7 +103,7 @@ def check_calibration_state(
     them, as `QuantizedLayer.load_calibration_state` will, and require each to restore it exactly
     (no tensor ignored or converted) and to quantize a probe input of the layer's width to finite values."""
     layer_type = layer_type_named(module_type)
-    width = _input_width(module)
+    width = input_width(module)
     split_at = state.get("split_at")
     if split_at is not None and not (
         splits(settings, layer_type)
@@ -142,7 +142,7 @@ def check_calibration_state(
         raise ValueError(f"tensor '{prefix}{excerpt(unexpected[0])}' belongs to no quantizer of this layer")
 
 
-def _input_width(module: nn.Module) -> int:
+def input_width(module: nn.Module) -> int:
     """Input channels of a weight layer; an operand's width is known only when it runs (2 probes
     one scale per tensor or sample, which is all an operand may have)."""
     if isinstance(module, AttentionOperand):

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from modiff_quant.gate import recipe_beside
+
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "tests" / "baselines" / "digits16.yaml"
 
@@ -180,9 +182,7 @@ def main() -> None:
     data["settings"] = {name: setting for name, setting in data["settings"].items() if name not in args.skip}
     data["comparisons"] = [c for c in data.get("comparisons", []) if not {c["worse"], c["better"]} & set(args.skip)]
     for setting in data["settings"].values():
-        recipe = setting.get("recipe")
-        if isinstance(recipe, str) and recipe.endswith((".yaml", ".yml")):
-            setting["recipe"] = str((args.baseline.parent / recipe).resolve())
+        setting["recipe"] = recipe_beside(setting.get("recipe"), args.baseline.resolve())
     baseline.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     results = {}
     with tempfile.TemporaryDirectory() as folder:

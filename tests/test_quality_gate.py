@@ -51,20 +51,19 @@ def test_project_quality_gate_passes(part, tmp_path, capsys):
     names = _gate_parts()[part]
     one = {
         **baselines,
-        "settings": {name: _absolute_recipe(baselines["settings"][name]) for name in names},
+        "settings": {
+            name: {
+                **baselines["settings"][name],
+                "recipe": gate.recipe_beside(baselines["settings"][name].get("recipe"), BASELINE),
+            }
+            for name in names
+        },
         "comparisons": [c for c in baselines.get("comparisons", []) if c["worse"] in names],
     }
     (tmp_path / "baseline.yaml").write_text(yaml.safe_dump(one, sort_keys=False), encoding="utf-8")
     assert main(["gate", "--baseline", str(tmp_path / "baseline.yaml")]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     assert "quality gate passed" in out and "FAIL" not in out
-
-
-def _absolute_recipe(setting: dict) -> dict:
-    """A setting whose recipe file (relative to the baselines file) still resolves from elsewhere."""
-    recipe = setting.get("recipe")
-    is_file = isinstance(recipe, str) and recipe.endswith(".yaml")
-    return {**setting, "recipe": str(BASELINE.parent / recipe)} if is_file else setting
 
 
 def test_recipe_files_of_a_baselines_file_are_found_next_to_it(tmp_path, capsys):

@@ -18,7 +18,7 @@ from torch import nn
 from ..adoption import Adoption, adopt
 from ..attention_products import AttentionOperand, attention_operands
 from ..base_quantizer import UnsupportedSetting
-from ..layer_parts import CHANNEL_DIMS, build_parts, layer_type_named, needs_calibration, splits
+from ..layer_parts import CHANNEL_DIMS, build_parts, input_width, layer_type_named, needs_calibration, splits
 from ..quant import FLOAT_BITS, SKIP_BITS, is_packed
 from ..registry import nearest
 from ..settings import LayerSettings, StepSchedule
@@ -286,10 +286,10 @@ def _check_layer(
             fail("w_bits", f"its weight is already quantized ({type(weight).__name__}); set w_bits: float for it")
         packed_note = f"{type(weight).__name__} (quantized before prepare)"
     group = settings.a_granularity
-    if group.kind == "group" and weight is not None and _in_width(module) % group.group_size:
+    if group.kind == "group" and weight is not None and input_width(module) % group.group_size:
         fail(
             "a_granularity",
-            f"{group} needs an input channel count divisible by {group.group_size}, got {_in_width(module)}",
+            f"{group} needs an input channel count divisible by {group.group_size}, got {input_width(module)}",
         )
     if settings.first_step.kind != "fp" and settings.a_bits == SKIP_BITS:
         fail("first_step", f"first_step {settings.first_step} quantizes the first input, but a_bits is 0 (skip)")
@@ -321,10 +321,6 @@ def _check_layer(
             "quantized or a dynamic base quantizer",
         )
     return packed_note or (None if weight is None else base_quantizer.weight_note(module, settings.weight_spec()))
-
-
-def _in_width(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
 
 
 def _check_operand(plan: LayerPlan, fail: Callable[..., None]) -> None:
