@@ -27,10 +27,14 @@ class DynamicQuantizer(BaseQuantizer):
         self.weight_observer_options = dict(weight_observer_options or {})
         check_observer(weight_observer, self.weight_observer_options)
 
+    def weight_qparams(self, weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+        """Scale and zero point of a weight from `weight_observer`, shaped for `stats_view`."""
+        return weight_qparams(weight, spec, self.weight_observer, **self.weight_observer_options)
+
     def quantize_weight(self, weight: Tensor, spec: QuantSpec) -> Tensor:
         if spec.is_float:
             return weight
-        scale, zero_point = weight_qparams(weight, spec, self.weight_observer, **self.weight_observer_options)
+        scale, zero_point = self.weight_qparams(weight, spec)
         return fake_quantize_grouped(weight, scale, zero_point, spec, weight=True)
 
     def activation_quantizer(self, spec: QuantSpec, channel_dim: int) -> ActivationQuantizer:

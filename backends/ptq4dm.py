@@ -1,7 +1,7 @@
 """`ptq4dm`: PTQ4DM (Shang et al., CVPR 2023) as a base quantizer.
 
 Calibration samples come from the normally distributed time-step calibration (NDTC) set; weights
-(per output channel, symmetric in the shipped recipes) and per-tensor activations get their
+(per output channel, asymmetric in the shipped recipes) and per-tensor activations get their
 clipping range by an L_p grid search with p = 2.4 over 100 candidates (`mse` observer). As in
 the released code there is no reconstruction. Differences from the released code: activations
 are quantized at each layer's input (where MoDiff takes its temporal differences), not at its

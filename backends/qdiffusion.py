@@ -31,18 +31,12 @@ from tqdm.auto import tqdm
 
 from modiff_quant.base_quantizer import ObservedActivationQuantizer, SplitActivationQuantizer
 from modiff_quant.calibration import CalibrationRecord, Pick, uniform_steps
-from modiff_quant.calibration.reconstruction import (
-    DEFAULT_BLOCK_TYPES,
-    Reconstruction,
-    Unit,
-    UnitSample,
-    random_batches,
-)
-from modiff_quant.layers import QuantizedLayer, join_weight_parts
+from modiff_quant.calibration.reconstruction import DEFAULT_BLOCK_TYPES, Reconstruction, Unit, random_batches
+from modiff_quant.layers import QuantizedLayer
 from modiff_quant.registry import register_base_quantizer
 from modiff_quant.trajectory import Mode
 
-from .adaround import AdaRound
+from .adaround import RoundingSchedule, learn_roundings, reconstruction_loss
 from .static import StaticQuantizer
 
 
@@ -72,14 +66,13 @@ class QDiffusionQuantizer(StaticQuantizer):
         seed: int = 0,
     ) -> None:
         super().__init__(observer, observer_options)
-        if min(calibration_steps, samples_per_step, batch_size) < 1 or min(weight_iters, act_iters) < 0:
-            raise ValueError("calibration_steps, samples_per_step and batch_size must be >= 1, iteration counts >= 0")
-        if len(beta) != 2 or not 0 <= warmup < 1 or p <= 0:
-            raise ValueError(f"expected beta [start, end], 0 <= warmup < 1 and p > 0, got {beta}, {warmup}, {p}")
+        if min(calibration_steps, samples_per_step) < 1 or act_iters < 0 or p <= 0:
+            raise ValueError("calibration_steps and samples_per_step must be >= 1, act_iters >= 0 and p > 0")
+        self.rounding = RoundingSchedule(
+            weight_iters, batch_size, weight_lr, round_weight, tuple(map(float, beta)), warmup, seed
+        )
         self.calibration_steps, self.samples_per_step = calibration_steps, samples_per_step
-        self.weight_iters, self.act_iters, self.batch_size = weight_iters, act_iters, batch_size
-        self.weight_lr, self.act_lr, self.round_weight = weight_lr, act_lr, round_weight
-        self.beta, self.warmup, self.p, self.seed = (float(beta[0]), float(beta[1])), warmup, p, seed
+        self.act_iters, self.batch_size, self.act_lr, self.p, self.seed = act_iters, batch_size, act_lr, p, seed
         self.blocks = tuple(blocks) if blocks is not None else DEFAULT_BLOCK_TYPES
         self.log: list[dict[str, Any]] = []  # per unit and phase: reconstruction loss before/after
 
@@ -88,66 +81,14 @@ class QDiffusionQuantizer(StaticQuantizer):
 
     def reconstruct(self, reconstruction: Reconstruction) -> None:
         units = reconstruction.units(self.blocks)
+        if self.rounding.iters:
+            self.log += learn_roundings(
+                reconstruction, units, self.weight_qparams, self.rounding, "qdiffusion: AdaRound weights"
+            )
         with torch.enable_grad():
-            if self.weight_iters:
-                for unit in tqdm(units, desc="qdiffusion: AdaRound weights", leave=False):
-                    self._round_weights(reconstruction, unit)
             if self.act_iters:
                 for unit in tqdm(units, desc="qdiffusion: activation step sizes", leave=False):
                     self._learn_step_sizes(reconstruction, unit)
-
-    def _round_weights(self, reconstruction: Reconstruction, unit: Unit) -> None:
-        """AdaRound every quantized weight of the unit together (BRECQ block reconstruction)."""
-        roundings = {
-            layer: self._roundings(layer) for layer in unit.layers if not layer.plan.settings.weight_spec().is_float
-        }
-        if not roundings:
-            return
-        samples = reconstruction.capture(unit, inputs_from=Mode.WEIGHTS_ONLY)
-        self._set_weights(roundings, hard=True)
-        nearest = _loss(
-            reconstruction, unit, samples, 2.0, quantized_activations=False
-        )  # at the start, hard = round to nearest
-        optimizer = torch.optim.Adam([r.v for parts in roundings.values() for r in parts], lr=self.weight_lr)
-        start_decay = int(self.warmup * self.weight_iters)
-        for step, (sample, rows) in enumerate(random_batches(samples, self.weight_iters, self.batch_size, self.seed)):
-            self._set_weights(roundings, hard=False)
-            output = reconstruction.forward(unit, sample, rows, quantized_activations=False)
-            loss = (output - sample.target[rows]).pow(2).sum(1).mean()
-            if step >= start_decay:
-                beta = self.beta[1] + (self.beta[0] - self.beta[1]) * (
-                    1 - (step - start_decay) / max(self.weight_iters - start_decay, 1)
-                )
-                loss = loss + self.round_weight * sum(
-                    r.regularizer(beta) for parts in roundings.values() for r in parts
-                )
-            if (
-                not loss.requires_grad
-            ):  # the unit's output ignores its weights (e.g. a 0-bit layer reuses its cached output)
-                break
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        self._set_weights(roundings, hard=True)
-        undecided = max(r.undecided() for parts in roundings.values() for r in parts)
-        self.log.append(
-            {
-                "unit": unit.name,
-                "phase": "weights",
-                "loss_nearest": nearest,
-                "loss": _loss(reconstruction, unit, samples, 2.0, quantized_activations=False),
-                "undecided": undecided,
-            }
-        )
-
-    @staticmethod
-    def _set_weights(roundings: dict[QuantizedLayer, list[AdaRound]], *, hard: bool) -> None:
-        for layer, parts in roundings.items():
-            layer.staged_weight = join_weight_parts([r.hard_weight() if hard else r.soft_weight() for r in parts])
-
-    def _roundings(self, layer: QuantizedLayer) -> list[AdaRound]:
-        spec = layer.plan.settings.weight_spec()
-        return [AdaRound(part, *self.weight_qparams(part, spec), spec) for part in layer.weight_parts()]
 
     def _learn_step_sizes(self, reconstruction: Reconstruction, unit: Unit) -> None:
         """Learn the unit's static activation step sizes against its full-precision output."""
@@ -159,7 +100,7 @@ class QDiffusionQuantizer(StaticQuantizer):
         )
         if not samples:
             return
-        before = _loss(reconstruction, unit, samples, self.p, quantized_activations=True)
+        before = reconstruction_loss(reconstruction, unit, samples, self.p, quantized_activations=True)
         initial = [q.scale.detach() for q in quantizers]
         logs = [torch.zeros_like(scale, requires_grad=True) for scale in initial]
         optimizer = torch.optim.Adam(logs, lr=self.act_lr)
@@ -182,7 +123,7 @@ class QDiffusionQuantizer(StaticQuantizer):
             reconstruction.tracker.reset()
             for quantizer, scale, log in zip(quantizers, initial, logs):
                 quantizer.scale = (scale * log.exp()).detach()
-        after = _loss(reconstruction, unit, samples, self.p, quantized_activations=True)
+        after = reconstruction_loss(reconstruction, unit, samples, self.p, quantized_activations=True)
         if after > before:  # learning did not help on the calibration data: keep the observer's step sizes
             for quantizer, scale in zip(quantizers, initial):
                 quantizer.scale = scale
@@ -195,25 +136,6 @@ class QDiffusionQuantizer(StaticQuantizer):
                 "learned": after <= before,
             }
         )
-
-
-@torch.no_grad()
-def _loss(
-    reconstruction: Reconstruction, unit: Unit, samples: Sequence[UnitSample], p: float, *, quantized_activations: bool
-) -> float:
-    """Mean L_p reconstruction error of the unit over all calibration samples."""
-    total = 0.0
-    for sample in samples:
-        rows = torch.arange(sample.inputs.rows)
-        total += float(
-            (reconstruction.forward(unit, sample, rows, quantized_activations=quantized_activations) - sample.target)
-            .abs()
-            .pow(p)
-            .sum(1)
-            .mean()
-        )
-    reconstruction.tracker.reset()
-    return total / len(samples)
 
 
 def _static_quantizers(layer: QuantizedLayer) -> list[ObservedActivationQuantizer]:

@@ -12,6 +12,10 @@ sums (vpmaddubsw) that saturate above 127·128·2, so U is 127 there: 4-bit code
 Codes spanning more than U values (8-bit codes minus a per-sample zero point) are split into
 pieces that each fit, and the outputs summed (exact by linearity).
 
+The kernels take symmetric weights only (weight zero point 0). Asymmetric weights s·(c + o) run as
+s·c on the kernels plus s·o times the sum of the input over each output's receptive field: a
+channel sum and a window sum, about 1/C_out of the layer's work, computed in float and exact.
+
 Everything here traces under torch.compile without a host sync when the caller gives static
 code bounds: the zero point, the pieces and the sign are Python ints known from the bounds, and
 scales stay tensors (applied after the product, where inductor fuses them with the accumulation).
@@ -20,15 +24,18 @@ scales stay tensors (applied after the product, where inductor fuses them with t
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 _OPS = ("qconv_prepack", "qconv2d_pointwise", "qlinear_prepack", "qlinear_pointwise")
 _CODE_LIMIT = 255  # |centered| bound: 8-bit codes minus an 8-bit zero point
 _PROBE_WIDTH = 64
 _POST_OPS = (1.0, 0, torch.float32, "none", [], "")  # output scale, zero point, dtype; no fused op
+_ONE = torch.ones(())
 
 
 class UnsupportedWeights(ValueError):
@@ -93,10 +100,14 @@ def unavailable_reason() -> str | None:
 class IntegerWeights:
     """The int8 weights of one layer, prepacked for the oneDNN kernels, and `run` on activation codes."""
 
-    def __init__(self, codes: Tensor, scales: Tensor, conv: _ConvParams | None, unit_height: bool) -> None:
+    def __init__(
+        self, codes: Tensor, scales: Tensor, offsets: Tensor, conv: _ConvParams | None, unit_height: bool
+    ) -> None:
         linear = conv is None
         self._codes = codes.view(*codes.shape, 1, 1) if linear else codes  # int8, as the conv kernel takes them
         self._scales = scales
+        self._offsets = None if not offsets.any() else scales * offsets  # s·o per output channel; None: symmetric
+        self._window = torch.ones(1 if linear else conv.groups, 1, *self._codes.shape[2:])  # sums a receptive field
         self._zero_points = torch.zeros(scales.numel(), dtype=torch.int64)
         self._conv = _POINTWISE if conv is None else conv  # as the 2-d kernel takes them
         self._unit_height = unit_height  # Conv1d, run as a Conv2d over [B, C, 1, L]
@@ -109,10 +120,12 @@ class IntegerWeights:
     def from_layer(cls, layer: nn.Module, weight: Tensor, bits: int) -> IntegerWeights:
         """Pack `weight` (the layer's fake-quantized float weight) for integer execution.
 
-        `weight` must lie on a symmetric lattice of `bits` (2-8) bits per output channel: w = s·c
-        with integer c in [-2^(b-1), 2^(b-1) - 1]. The lattice is recovered and checked to within
-        1e-6 of each channel's largest |w|, else UnsupportedWeights is raised (e.g. group-wise or
-        asymmetric weight scales). `layer` supplies stride/padding/dilation/groups.
+        `weight` must lie on a per-output-channel lattice of `bits` (2-8) bits: w = s·(c + o) with
+        integer c in [-2^(b-1), 2^(b-1) - 1], o = 0 for symmetric weights, else the channel's
+        offset (the zero point of asymmetric weights, corrected at run time from the input's window
+        sums). The lattice is recovered and checked to within 1e-6 of each channel's largest |w|,
+        else UnsupportedWeights is raised (e.g. group-wise weight scales). `layer` supplies
+        stride/padding/dilation/groups.
         """
         reason = unavailable_reason()
         if reason is not None:
@@ -127,7 +140,7 @@ class IntegerWeights:
             raise UnsupportedWeights(
                 f"integer kernels pad with zeros only, this convolution has padding_mode={layer.padding_mode!r}"
             )
-        codes, scales = _lattice(weight, bits)
+        codes, scales, offsets = _lattice(weight, bits)
         conv, unit_height = None, isinstance(layer, nn.Conv1d)
         if not isinstance(layer, nn.Linear):
             stride, padding, dilation = list(layer.stride), _padding(layer), list(layer.dilation)
@@ -135,7 +148,7 @@ class IntegerWeights:
                 codes = codes.unsqueeze(2)
                 stride, padding, dilation = [1, *stride], [0, *padding], [1, *dilation]
             conv = _ConvParams(stride, padding, dilation, layer.groups)
-        return cls(codes, scales, conv, unit_height)
+        return cls(codes, scales, offsets, conv, unit_height)
 
     def run(
         self,
@@ -166,6 +179,8 @@ class IntegerWeights:
             part = self._kernel(piece, piece_low, piece_high)
             out = part if out is None else out.add_(part)
         assert out is not None
+        if self._offsets is not None:
+            out = self._add_zero_point_correction(out, centered)
         if scale.numel() == 1:
             scale = scale.reshape(())
         if accumulate is None:
@@ -173,6 +188,21 @@ class IntegerWeights:
         if torch.compiler.is_compiling():  # dynamo refuses out= on a channels-last tensor; inductor fuses anyway
             return torch.addcmul(accumulate, out, scale)
         return torch.addcmul(accumulate, out, scale, out=out)
+
+    def _add_zero_point_correction(self, out: Tensor, centered: Tensor) -> Tensor:
+        """Add what the weight offsets contribute, in place: s·o times the sum of the input over
+        each output's receptive field (each group's channel sum, then a window sum; exact in
+        float32 while 255·fan-in < 2^24), broadcast over the group's output channels."""
+        x, offsets = centered.float(), self._offsets
+        if self._linear is not None:
+            return out.addcmul_(x.sum(-1, keepdim=True), offsets)
+        groups = self._conv.groups
+        image = x.unsqueeze(2) if self._unit_height else x
+        sums = F.conv2d(image.unflatten(1, (groups, -1)).sum(2), self._window, None, *self._conv)
+        sums = sums.squeeze(2) if self._unit_height else sums  # [B, groups, *spatial]
+        spatial = [1] * (out.dim() - 2)
+        out.unflatten(1, (groups, -1)).addcmul_(sums.unsqueeze(2), offsets.view(groups, -1, *spatial))
+        return out
 
     def _packed_weights(self, shape: tuple[int, ...]) -> Tensor:
         """The convolution weights packed for an input shape.
@@ -214,34 +244,128 @@ class IntegerWeights:
         )
 
 
-def _lattice(weight: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """int8 codes and float32 per-output-channel scales with codes·scale = weight.
+class InputGroupedWeights:
+    """A layer whose weight scales also vary along its input (w_granularity group:N of whole input
+    channels, e.g. a 3×3 convolution at group:9): the kernels scale per output channel only, so
+    the layer runs as one grouped convolution with an output channel per (input group, output
+    channel), summed over the input groups. Its intermediate output is (input groups)× the
+    layer's: cheap on narrow layers (a single-channel `conv_out`), not on wide ones."""
 
-    Each channel's scale is amax/n where n is the largest |code| of that channel: n = qmax or
-    qmax + 1 for min-max and clipped scales, smaller for per-tensor scales or rounding that
-    stopped short of the range, so those candidates are tried first and then every other n.
+    def __init__(self, kernel: IntegerWeights, groups: int, linear: bool) -> None:
+        self._kernel, self._groups, self._linear = kernel, groups, linear
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, weight: Tensor, bits: int, group_size: int) -> InputGroupedWeights:
+        """Pack `weight`, whose scales are per output channel and group of `group_size` elements of
+        the flattened input; raises UnsupportedWeights unless the groups are whole input channels
+        of an ungrouped layer."""
+        per_channel = math.prod(weight.shape[2:])
+        if group_size % per_channel or getattr(layer, "groups", 1) != 1:
+            raise UnsupportedWeights(
+                f"weight groups of {group_size} elements run on the kernels only as whole input channels "
+                f"({per_channel} elements each) of an ungrouped layer"
+            )
+        groups = weight.shape[1] // (group_size // per_channel)
+        stacked = weight.unflatten(1, (groups, -1)).transpose(0, 1).flatten(0, 1)  # [groups·out, in/groups, ...]
+        linear = isinstance(layer, nn.Linear)
+        if linear:
+            stacked = stacked[..., None, None]
+            carrier = nn.Conv2d(weight.shape[1], stacked.shape[0], 1, groups=groups, device="meta")
+        elif isinstance(layer, nn.Conv1d | nn.Conv2d):
+            carrier = type(layer)(
+                weight.shape[1],
+                stacked.shape[0],
+                layer.kernel_size,
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                groups,
+                padding_mode=layer.padding_mode,
+                device="meta",
+            )
+        else:
+            carrier = layer  # refused by from_layer, naming the type
+        return cls(IntegerWeights.from_layer(carrier, stacked, bits), groups, linear)
+
+    def run(
+        self,
+        centered: Tensor,
+        scale: Tensor,
+        accumulate: Tensor | None = None,
+        *,
+        bounds: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """As `IntegerWeights.run`."""
+        x = centered.reshape(-1, centered.shape[-1], 1, 1) if self._linear else centered
+        out = self._kernel.run(x, _ONE, bounds=bounds).unflatten(1, (self._groups, -1)).sum(1)
+        if self._linear:
+            out = out.reshape(*centered.shape[:-1], -1)
+        if scale.numel() == 1:
+            scale = scale.reshape(())
+        return out.mul_(scale) if accumulate is None else torch.addcmul(accumulate, out, scale)
+
+
+def pack_weights(
+    layer: nn.Module, weight: Tensor, bits: int, input_group: int | None = None
+) -> IntegerWeights | InputGroupedWeights:
+    """`IntegerWeights.from_layer`, or `InputGroupedWeights.from_layer` when `input_group`
+    (elements of the flattened input per weight scale, i.e. group:N) is given."""
+    if input_group is None:
+        return IntegerWeights.from_layer(layer, weight, bits)
+    return InputGroupedWeights.from_layer(layer, weight, bits, input_group)
+
+
+def _lattice(weight: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """int8 codes c, float32 per-output-channel scales s and offsets o with s·(c + o) = weight.
+
+    Symmetric channels get o = 0 (no correction at run time): their scale is amax/n where n is
+    the largest |code|, n = qmax or qmax + 1 for min-max and clipped scales, smaller for
+    per-tensor scales or rounding that stopped short of the range, so those candidates are tried
+    first and then every other n. Channels left over are tried as affine (asymmetric) lattices:
+    scale span/n for n from 2^b − 1 down, codes counted from the channel's minimum and shifted
+    into int8, the minimum carried by the offset.
     """
     qmax = 2 ** (bits - 1) - 1
-    rows = weight.detach().reshape(weight.shape[0], -1).double()
-    amax = rows.abs().amax(1)
-    scales = torch.ones_like(amax)  # all-zero rows keep scale 1
-    pending = (amax != 0).nonzero().squeeze(1)
+    found = _Lattice(weight.detach().reshape(weight.shape[0], -1).double(), qmax)
+    amax, low = found.rows.abs().amax(1), found.rows.amin(1)
+    pending = (amax != 0).nonzero().squeeze(1)  # all-zero rows keep scale 1, codes 0
     for n in (qmax, qmax + 1, *range(qmax - 1, 0, -1)):
-        if pending.numel() == 0:
-            break
-        scale = amax[pending] / n
-        codes = torch.round(rows[pending] / scale[:, None])
-        error = (codes * scale[:, None] - rows[pending]).abs().amax(1)
-        fits = (error <= 1e-6 * amax[pending]) & (codes.amin(1) >= -qmax - 1) & (codes.amax(1) <= qmax)
-        scales[pending[fits]] = scale[fits]
-        pending = pending[~fits]
+        pending = found.fit(pending, amax[pending] / n, torch.zeros_like(amax[pending]))
+    for n in range(2 * qmax + 1, 0, -1):
+        scale = (found.rows[pending].amax(1) - low[pending]) / n
+        pending = found.fit(pending, scale, low[pending] / scale + qmax + 1)
     if pending.numel():
         raise UnsupportedWeights(
-            f"weight is not on a symmetric per-channel {bits}-bit lattice (w = s·c with integer |c| <= {qmax + 1}) "
-            f"in {pending.numel()} of {rows.shape[0]} output channels, e.g. channel {pending[0].item()}"
+            f"weight is not on a per-channel {bits}-bit lattice (w = s·(c + o) with integer c in "
+            f"[{-qmax - 1}, {qmax}]) in {pending.numel()} of {found.rows.shape[0]} output channels, e.g. channel "
+            f"{pending[0].item()}"
         )
-    codes = torch.round(rows / scales[:, None]).to(torch.int8).reshape(weight.shape)
-    return codes, scales.float()
+    return found.codes.to(torch.int8).reshape(weight.shape), found.scales.float(), found.offsets.float()
+
+
+class _Lattice:
+    """Per-channel lattices s·(c + o) found so far for the rows of a weight."""
+
+    def __init__(self, rows: Tensor, qmax: int) -> None:
+        self.rows, self.qmax = rows, qmax
+        self.scales, self.offsets = (
+            torch.ones(rows.shape[0], dtype=rows.dtype),
+            torch.zeros(rows.shape[0], dtype=rows.dtype),
+        )
+        self.codes = torch.zeros_like(rows)
+
+    def fit(self, pending: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+        """Record the rows of `pending` that lie on s·(c + o) with integer c in [-qmax - 1, qmax]
+        (to 1e-6 of the row's largest |w|); return those that do not."""
+        if pending.numel() == 0:
+            return pending
+        rows = self.rows[pending]
+        codes = torch.round(rows / scale[:, None] - offset[:, None])
+        error = ((codes + offset[:, None]) * scale[:, None] - rows).abs().amax(1)
+        fits = (error <= 1e-6 * rows.abs().amax(1)) & (codes.amin(1) >= -self.qmax - 1) & (codes.amax(1) <= self.qmax)
+        kept = pending[fits]
+        self.scales[kept], self.offsets[kept], self.codes[kept] = scale[fits], offset[fits], codes[fits]
+        return pending[~fits]
 
 
 def _padding(layer: nn.Conv1d | nn.Conv2d) -> list[int]:

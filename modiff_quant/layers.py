@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .adoption import adopt
 from .attention_products import AttentionOperand
 from .base_quantizer import ActivationQuantizer, BaseQuantizer, SplitActivationQuantizer
-from .integer_kernels import IntegerWeights, UnsupportedWeights
+from .integer_kernels import InputGroupedWeights, IntegerWeights, UnsupportedWeights, pack_weights
 from .layer_parts import build_parts, needs_data, splits
 from .quant import FLOAT_BITS, SKIP_BITS, Codes, QuantSpec, is_packed
 from .recipe import LayerPlan
@@ -59,7 +59,7 @@ class QuantizedLayer(nn.Module):
         self.staged_weight = None  # inside convert(): the quantized weight, before it replaces the float one
         self._tracker = tracker
         self._slot = tracker.add(self)
-        self.integer: IntegerWeights | None = None  # set by `set_execution("integer")`
+        self.integer: IntegerWeights | InputGroupedWeights | None = None  # set by `set_execution("integer")`
         self.source_weight_digest: str | None = None  # of the float weight a packed weight was made from
 
     @property
@@ -183,9 +183,10 @@ class QuantizedLayer(nn.Module):
         if self.packed:
             raise ValueError(f"{fail} float-stored quantized weights, but {s.base_quantizer} packed this one")
         try:
-            self.integer = IntegerWeights.from_layer(self, self.weight.detach(), s.w_bits)
+            group = s.w_granularity.group_size if s.w_granularity.kind == "group" else None
+            self.integer = pack_weights(self, self.weight.detach(), s.w_bits, group)
         except UnsupportedWeights as exc:
-            raise ValueError(f"{fail} symmetric per-channel weights of 2-8 bits: {exc}") from None
+            raise ValueError(f"{fail} per-channel (or whole-input-channel group) weights of 2-8 bits: {exc}") from None
 
     def set_split(self, split_at: int | None) -> None:
         """Record where a concatenated input divides (None: the input is no concatenation)."""

@@ -128,6 +128,6 @@ def test_every_option_has_help_and_the_base_quantizers_are_shown():
 def test_explain_and_bops_take_the_base_quantizer_swap(capsys):
     """What `eval --base-quantizer` will run can be seen first: explain lists the adapted settings."""
     assert main(["explain", "--model", "digits16", "--recipe", "w8a4-modiff", "--base-quantizer", "ptq4dm"]) == 0
-    assert "defaults: a_granularity sample (from w8a8-modiff.yaml:14) -> tensor" in capsys.readouterr().out
+    assert "defaults: a_granularity sample (from w8a8-modiff.yaml:17) -> tensor" in capsys.readouterr().out
     assert main(["bops", "--model", "digits16", "--base-quantizer", "ptq4dm"]) == 2
     assert "--base-quantizer: swaps the base quantizer of a --recipe, and none is given" in capsys.readouterr().err

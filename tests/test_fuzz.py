@@ -434,6 +434,15 @@ BASE_QUANTIZER = st.one_of(
         blocks=st.lists(st.sampled_from(CLASSES), max_size=2),
         observer=OBSERVERS,
     ),
+    _base(
+        "adaround",
+        beta=st.sampled_from([[20, 2], [1], [], "x"]),
+        iters=SMALL_INT,
+        samples_per_step=SMALL_INT,
+        lr=st.floats(),
+        warmup=st.floats(),
+        weight_observer=OBSERVERS,
+    ),
     _base("torchao_int4", fallback=st.sampled_from(["channel", "float", "int8"])),
     _base(
         "brevitas",

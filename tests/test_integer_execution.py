@@ -20,10 +20,19 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("recipe", ["w8a4-modiff", "w8a8-plain", "w4a4-modiff"])
+def _variant(**values: object) -> mq.Recipe:
+    recipe = mq.load_recipe("w8a4-modiff")
+    return dataclasses.replace(recipe, defaults=recipe.defaults.updated(values))
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    ["w8a4-modiff", "w8a8-plain", "w4a4-modiff", _variant(w_symmetric=False)],
+    ids=["w8a4-modiff", "w8a8-plain", "w4a4-modiff", "w8a4-modiff-asymmetric-weights"],
+)
 def test_every_integer_product_matches_the_float_product_of_the_same_codes(recipe, monkeypatch):
     """Over a digits16 trajectory, each layer call's integer A(q) (+ô, +bias) is within 1e-5
-    relative of the float layer on the dequantized codes."""
+    relative of the float layer on the dequantized codes; asymmetric weights included."""
     model = mq.set_execution(mq.convert(mq.prepare(load_model("digits16"), recipe)), "integer")
     original = QuantizedLayer.apply_quantized
     worst, calls = [0.0], [0]
@@ -61,17 +70,12 @@ def test_integer_and_fake_execution_switch_back_and_forth():
     assert ((integer[1] - fake[1]).norm() / fake[1].norm()) < 1e-3
 
 
-def _variant(**values: object) -> mq.Recipe:
-    recipe = mq.load_recipe("w8a4-modiff")
-    return dataclasses.replace(recipe, defaults=recipe.defaults.updated(values))
-
-
 @pytest.mark.parametrize(
     ("recipe", "message"),
     [
         (_variant(a_granularity=mq.Granularity.parse("channel")), "activation scales per tensor or per sample"),
         (_variant(input_cache="int8"), "input_cache: full"),
-        (_variant(w_symmetric=False), "symmetric per-channel weights"),
+        (_variant(w_granularity=mq.Granularity.parse("group:1")), "whole-input-channel group. weights of 2-8 bits"),
     ],
 )
 def test_layers_that_cannot_run_on_integers_are_all_named_and_nothing_changes(recipe, message):
@@ -95,3 +99,31 @@ def test_integer_execution_on_another_device_is_refused_by_layer():
     model = mq.convert(mq.prepare(tiny_unet(), "w8a4-modiff")).to("meta")
     with pytest.raises(ValueError, match="conv_in: integer execution needs the model on the CPU .* on meta"):
         mq.set_execution(model, "integer")
+
+
+def test_weight_scales_per_input_channel_run_on_integers(write_recipe, monkeypatch):
+    """`conv_out` at w_granularity group:9 (a scale per input channel of its 3×3 kernel: its one
+    output channel) runs on the integer kernels, each call within 1e-5 of the float product of
+    the same codes."""
+    from modiff_quant.integer_kernels import InputGroupedWeights
+
+    recipe = write_recipe(
+        "version: 1\nextends: w8a4-modiff\nrules:\n  - match: conv_out\n    w_granularity: group:9\n"
+    )
+    model = mq.set_execution(mq.convert(mq.prepare(load_model("digits16"), recipe)), "integer")
+    assert isinstance(model.conv_out.integer, InputGroupedWeights)
+    original = QuantizedLayer.apply_quantized
+    errors = []
+
+    def both(layer, q, codes, *, bias, accumulate=None):
+        out = original(layer, q, codes, bias=bias, accumulate=accumulate)
+        if codes is not None and layer is model.conv_out:
+            expected = original(layer, q, None, bias=bias, accumulate=accumulate)
+            errors.append(((out - expected).norm() / expected.norm().clamp_min(1e-12)).item())
+        return out
+
+    monkeypatch.setattr(QuantizedLayer, "apply_quantized", both)
+    with mq.sampling(model):
+        for x, t in ddim_inputs(load_model("digits16"), steps=4, batch=2):
+            model(x, t)
+    assert len(errors) == 3 and max(errors) < 1e-5, errors

@@ -13,8 +13,10 @@ from modiff_quant.integer_kernels import (
     UnsupportedWeights,
     _probe,
     code_range,
+    pack_weights,
     unavailable_reason,
 )
+from modiff_quant.quant import Granularity, QuantSpec, quantize_minmax
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
@@ -36,6 +38,17 @@ def lattice_weight(layer: nn.Module, bits: int, *, per_tensor: bool = False) -> 
     amax = weight.abs().amax() if per_tensor else weight.flatten(1).abs().amax(1).view(-1, *[1] * (weight.dim() - 1))
     scale = amax / qmax
     return torch.clamp(torch.round(weight / scale), -qmax - 1, qmax) * scale
+
+
+def affine_weight(layer: nn.Module, bits: int) -> Tensor:
+    """An asymmetric fake-quantized weight, per output channel, shifted so that its offsets are
+    not zero: (clamp(round(w/s) + z, 0, 2^b - 1) - z)·s."""
+    weight = layer.weight.detach() + 0.6 * layer.weight.detach().abs().amax()
+    shape = (-1, *[1] * (weight.dim() - 1))
+    low, high = weight.flatten(1).amin(1).clamp(max=0).view(shape), weight.flatten(1).amax(1).clamp(min=0).view(shape)
+    scale = (high - low) / (2**bits - 1)
+    zero_point = torch.round(-low / scale)
+    return (torch.clamp(torch.round(weight / scale) + zero_point, 0, 2**bits - 1) - zero_point) * scale
 
 
 def activation(layer: nn.Module, codes: int, batch: int = 3) -> Tensor:
@@ -74,6 +87,65 @@ def test_matches_float_layer(no_grad: None, name: str, bits: int, codes: int, pe
     assert_close(kernel.run(x, scale, accumulate), expected + accumulate)
 
 
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_asymmetric_weights_run_with_a_zero_point_correction(no_grad: None, name: str, bits: int) -> None:
+    """Weights s·(c + o) with nonzero offsets: s·c on the kernels plus s·o times the input's
+    window sums matches the float layer, for every layer shape, per-sample scales, wide codes
+    split into pieces, and channels-last inputs."""
+    torch.manual_seed(bits)
+    layer = LAYERS[name]()
+    weight = affine_weight(layer, bits)
+    kernel = IntegerWeights.from_layer(layer, weight, bits)
+    assert kernel._offsets is not None and kernel._offsets.abs().amin() > 0
+    for codes in (7, 255):
+        x = activation(layer, codes)
+        scale = torch.rand(x.shape[0], *[1] * (x.dim() - 1)) + 0.01
+        expected = reference(layer, x * scale.double(), weight)
+        assert_close(kernel.run(x, scale), expected)
+        if x.dim() == 4:
+            assert_close(kernel.run(x.contiguous(memory_format=torch.channels_last), scale), expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "group"),
+    [("linear", 8), ("conv3x3", 36), ("conv3x3_stride2", 9), ("conv1x1", 4), ("conv1d", 6)],
+)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_weight_scales_per_group_of_input_channels(no_grad: None, name: str, group: int, symmetric: bool) -> None:
+    """w_granularity group:N covering whole input channels (a scale per output channel and input
+    group) runs as one grouped kernel call, summed over the input groups; channels-last inputs
+    and torch.compile too."""
+    torch.manual_seed(group)
+    layer = LAYERS[name]()
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(layer.weight.shape[1]).view(1, -1, *[1] * (layer.weight.dim() - 2)) * 4)
+    spec = QuantSpec(8, symmetric, Granularity("group", group))
+    weight = quantize_minmax(layer.weight.detach(), spec, weight=True)
+    with pytest.raises(UnsupportedWeights, match="lattice"):
+        IntegerWeights.from_layer(layer, weight, 8)  # one scale per output channel cannot hold it
+    kernel = pack_weights(layer, weight, 8, group)
+    x = activation(layer, 255)
+    scale = torch.rand(x.shape[0], *[1] * (x.dim() - 1)) + 0.01
+    expected = reference(layer, x * scale.double(), weight)
+    assert_close(kernel.run(x, scale), expected)
+    accumulate = torch.randn(expected.shape)
+    assert_close(kernel.run(x, scale, accumulate), expected + accumulate)
+    if x.dim() == 4:
+        assert_close(kernel.run(x.contiguous(memory_format=torch.channels_last), scale), expected)
+    torch._dynamo.reset()
+    compiled = torch.compile(kernel.run, backend="aot_eager", fullgraph=True)
+    assert_close(compiled(x, scale, accumulate, bounds=(-255, 255)), expected + accumulate)
+
+
+def test_input_groups_must_be_whole_channels_of_an_ungrouped_layer() -> None:
+    with pytest.raises(UnsupportedWeights, match="whole input channels .9 elements each"):
+        pack_weights(LAYERS["conv3x3"](), lattice_weight(LAYERS["conv3x3"](), 8), 8, 3)
+    grouped = LAYERS["conv_grouped"]()
+    with pytest.raises(UnsupportedWeights, match="ungrouped layer"):
+        pack_weights(grouped, lattice_weight(grouped, 8), 8, 9)
+
+
 @pytest.mark.parametrize(
     "bounds",
     [(-40, 215), (0, 255), (-255, 0), (-255, 255), (-8, 7), (0, 127), (-120, 7)],
@@ -110,20 +182,21 @@ def test_kernel_input_range_is_what_the_cpu_multiplies_exactly() -> None:
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", ["linear", "conv3x3", "conv1d"])
 def test_compiles_in_one_graph_without_host_syncs(no_grad: None, backend: str, name: str) -> None:
-    """Under torch.compile(fullgraph=True) the run traces whole: static bounds (split into pieces
-    where wide), tensor scales, the packing for any shape; inductor fuses code prep and scaling."""
+    """Under torch.compile(fullgraph=True) the run traces whole, with symmetric and asymmetric
+    weights: static bounds (split into pieces where wide), tensor scales, the packing for any
+    shape; inductor fuses code prep and scaling."""
     torch._dynamo.reset()
     torch.manual_seed(3)
     layer = LAYERS[name]()
-    weight = lattice_weight(layer, 8)
-    kernel = IntegerWeights.from_layer(layer, weight, 8)
-    run = torch.compile(kernel.run, backend=backend, fullgraph=True)
-    for bounds in [(-15, 15), (-255, 255)]:
-        x = activation(layer, bounds[1])
-        scale = torch.rand(x.shape[0], *[1] * (x.dim() - 1)) + 0.01
-        accumulate = torch.randn(reference(layer, x, weight).shape)
-        expected = reference(layer, x * scale.double(), weight) + accumulate
-        assert_close(run(x, scale, accumulate, bounds=bounds), expected)
+    for weight in (lattice_weight(layer, 8), affine_weight(layer, 8)):
+        kernel = IntegerWeights.from_layer(layer, weight, 8)
+        run = torch.compile(kernel.run, backend=backend, fullgraph=True)
+        for bounds in [(-15, 15), (-255, 255)]:
+            x = activation(layer, bounds[1])
+            scale = torch.rand(x.shape[0], *[1] * (x.dim() - 1)) + 0.01
+            accumulate = torch.randn(reference(layer, x, weight).shape)
+            expected = reference(layer, x * scale.double(), weight) + accumulate
+            assert_close(run(x, scale, accumulate, bounds=bounds), expected)
 
 
 def test_layouts_shapes_and_per_tensor_weights(no_grad: None) -> None:
@@ -159,7 +232,7 @@ def test_lattice_recovery_beyond_minmax(no_grad: None) -> None:
 
 def test_unsupported_weights_and_layers() -> None:
     conv = nn.Conv2d(4, 4, 3)
-    with pytest.raises(UnsupportedWeights, match="not on a symmetric per-channel 8-bit lattice"):
+    with pytest.raises(UnsupportedWeights, match="not on a per-channel 8-bit lattice"):
         IntegerWeights.from_layer(conv, torch.randn(4, 4, 3, 3), 8)
     with pytest.raises(UnsupportedWeights, match="4-bit lattice"):
         IntegerWeights.from_layer(conv, lattice_weight(conv, 8), 4)

@@ -36,7 +36,7 @@ def _gate_parts() -> dict[str, list[str]]:
     parts: dict[str, list[str]] = {}
     for name, owner in part.items():
         parts.setdefault(owner, []).append(name)
-    calibrated = ("qdiffusion", "ptq4dm")  # their calibration makes these parts the longest: first
+    calibrated = ("qdiffusion", "adaround", "ptq4dm")  # their calibration makes these parts the longest: first
     ordered = sorted(parts.values(), key=lambda names: [not any(c in n for n in names) for c in calibrated])
     return {"+".join(names): names for names in ordered}
 

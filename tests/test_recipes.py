@@ -48,6 +48,7 @@ CIFAR10_UNET_CONFIG = dict(
 SHIPPED = {  # name: w_bits, a_bits, scheme, base quantizer, activation granularity
     "w4a4-modiff": (4, 4, "modiff", "dynamic", "sample"),
     "w4a4-plain": (4, 4, "plain", "dynamic", "sample"),
+    "w4a4-modiff-adaround": (4, 4, "modiff", "adaround", "sample"),
     "w8a3-modiff": (8, 3, "modiff", "dynamic", "sample"),
     "w8a3-plain": (8, 3, "plain", "dynamic", "sample"),
     "w8a4-modiff": (8, 4, "modiff", "dynamic", "sample"),
@@ -933,8 +934,12 @@ def test_every_base_quantizer_swaps_onto_the_shipped_recipes(shipped, base):
     )
     assert bool(recipe.adapted) == calibrated
     if calibrated:
-        assert "defaults: a_granularity sample (from w8a8-modiff.yaml:14) -> tensor: " in recipe.adapted[0]
-        assert recipe.adapted[0] in recipe.explain(TinyNet())
+        assert any(
+            "defaults: a_granularity sample (from w8a8-modiff.yaml:17) -> tensor: " in a for a in recipe.adapted
+        )
+        assert all(adapted in recipe.explain(TinyNet()) for adapted in recipe.adapted)
+    if base == "brevitas":  # its default injectors are symmetric: the asymmetric weights are adapted too
+        assert any("defaults: w_symmetric False (from w8a8-modiff.yaml:15) -> True" in a for a in recipe.adapted)
 
 
 def test_a_swap_onto_qdiffusion_equals_the_shipped_qdiffusion_recipe():

@@ -250,6 +250,10 @@ LIST_AND_MAPPING_OPTIONS = {
         "{name: qdiffusion, observer: mse, observer_options: {p: 2.4, grid: 10}, beta: [20, 2], "
         "blocks: [ResnetBlock2D, Attention], weight_iters: 2, act_iters: 2, samples_per_step: 8}"
     ),
+    "adaround": (
+        "{name: adaround, weight_observer: mse, weight_observer_options: {grid: 10}, beta: [20, 2], "
+        "blocks: [ResnetBlock2D, Attention], iters: 2, samples_per_step: 8}"
+    ),
 }
 OPTION_RECIPES = ["w8a4-modiff"] + [
     name for name in mq.shipped_recipes() if mq.load_recipe(name).defaults.base_quantizer in LIST_AND_MAPPING_OPTIONS

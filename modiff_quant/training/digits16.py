@@ -32,18 +32,29 @@ UNET_CONFIG = {
     "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     "norm_num_groups": 8,
 }
+DEEP_UNET_CONFIG = {
+    **UNET_CONFIG,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    "resnet_time_scale_shift": "scale_shift",
+}
+"""A second model for measurements that must hold beyond one network (not shipped): two levels
+instead of three, two ResNet blocks per level, timestep scale-and-shift in the ResNet blocks."""
+ARCHITECTURES = {"digits16": UNET_CONFIG, "digits16-deep": DEEP_UNET_CONFIG}
 SCHEDULER_CONFIG = DDPM_TRAINING
 
 
 def train(
-    steps: int, batch_size: int, lr: float, ema_decay: float, seed: int
+    steps: int, batch_size: int, lr: float, ema_decay: float, seed: int, architecture: str = "digits16"
 ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """EMA weights of a UNet trained with the DDPM epsilon loss, and the loss log."""
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
     train_set, _ = load_digits16()
-    model = UNet2DModel(**UNET_CONFIG)
+    model = UNet2DModel(**ARCHITECTURES[architecture])
     ema = copy.deepcopy(model).requires_grad_(False)
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -53,7 +64,7 @@ def train(
     )
     generator = torch.Generator().manual_seed(seed)
     log, smoothed = [], None
-    for step in tqdm(range(steps), desc="training digits16"):
+    for step in tqdm(range(steps), desc=f"training {architecture}"):
         x0 = train_set.images[torch.randint(len(train_set.images), (batch_size,), generator=generator)]
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
@@ -81,10 +92,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="digits16")
     args = parser.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
-    model, log = train(args.steps, args.batch_size, args.lr, args.ema_decay, args.seed)
+    model, log = train(args.steps, args.batch_size, args.lr, args.ema_decay, args.seed, args.architecture)
     model.save_pretrained(args.out, safe_serialization=True)
     DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(args.out)  # samplers read the training schedule from here
     record = {
