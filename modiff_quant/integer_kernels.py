@@ -181,13 +181,7 @@ class IntegerWeights:
         assert out is not None
         if self._offsets is not None:
             out = self._add_zero_point_correction(out, centered)
-        if scale.numel() == 1:
-            scale = scale.reshape(())
-        if accumulate is None:
-            return out.mul_(scale)
-        if torch.compiler.is_compiling():  # dynamo refuses out= on a channels-last tensor; inductor fuses anyway
-            return torch.addcmul(accumulate, out, scale)
-        return torch.addcmul(accumulate, out, scale, out=out)
+        return _scaled(out, scale, accumulate)
 
     def _add_zero_point_correction(self, out: Tensor, centered: Tensor) -> Tensor:
         """Add what the weight offsets contribute, in place: s·o times the sum of the input over
@@ -300,9 +294,18 @@ class InputGroupedWeights:
         out = self._kernel.run(x, _ONE, bounds=bounds).unflatten(1, (self._groups, -1)).sum(1)
         if self._linear:
             out = out.reshape(*centered.shape[:-1], -1)
-        if scale.numel() == 1:
-            scale = scale.reshape(())
-        return out.mul_(scale) if accumulate is None else torch.addcmul(accumulate, out, scale)
+        return _scaled(out, scale, accumulate)
+
+
+def _scaled(out: Tensor, scale: Tensor, accumulate: Tensor | None) -> Tensor:
+    """out·scale (+ accumulate), in `out`'s memory where eager code can."""
+    if scale.numel() == 1:
+        scale = scale.reshape(())
+    if accumulate is None:
+        return out.mul_(scale)
+    if torch.compiler.is_compiling():  # dynamo refuses out= on a channels-last tensor; inductor fuses anyway
+        return torch.addcmul(accumulate, out, scale)
+    return torch.addcmul(accumulate, out, scale, out=out)
 
 
 def pack_weights(
