@@ -14,7 +14,8 @@ pieces that each fit, and the outputs summed (exact by linearity).
 
 The kernels take symmetric weights only (weight zero point 0). Asymmetric weights s·(c + o) run as
 s·c on the kernels plus s·o times the sum of the input over each output's receptive field: a
-channel sum and a window sum, about 1/C_out of the layer's work, computed in float and exact.
+channel sum and a window sum, computed in float and exact. Few operations, but float ones beside
+int8 kernels: eager W8A4 MoDiff sampling took about 10 % longer with them (docs/results.md).
 
 Everything here traces under torch.compile without a host sync when the caller gives static
 code bounds: the zero point, the pieces and the sign are Python ints known from the bounds, and
