@@ -31,6 +31,10 @@ LAYER_TYPES: dict[type[nn.Module], int] = {**CHANNEL_DIMS, AttentionOperand: -1}
 """Every type a layer plan names, with its channel dim: the weight layers and the operands of
 attention products (which have no weight)."""
 
+PARAMETER_KEYS = ("weight", "bias")
+"""The layer's own parameters in its calibration state; a saved model keeps them in its
+state_dict instead."""
+
 
 def layer_type_named(module_type: str) -> type[nn.Module]:
     """The layer type a plan's `module_type` names."""
@@ -119,7 +123,7 @@ def check_calibration_state(
     weight = getattr(module, "weight", None)
     dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
     probe = torch.linspace(-1.0, 1.0, width, dtype=dtype).reshape(1, width, *[1] * (-LAYER_TYPES[layer_type] - 1))
-    taken = {"split_at", "weight"}
+    taken = {"split_at", *PARAMETER_KEYS}
     for role, group in build_parts(settings, layer_type, activation_widths)[2].items():
         for index, quantizer in enumerate(group):
             start = f"{role}.{index}."

@@ -75,8 +75,14 @@ class QuantizedLayer(nn.Module):
 
     @property
     def needs_calibration(self) -> bool:
-        """True when convert() needs calibration data: to learn from, or a split to detect."""
-        return needs_data(self.act_quantizers, self.base_quantizer, self.split_enabled)
+        """True when convert() needs calibration data: to learn from, mean inputs for a bias
+        correction, or a split to detect."""
+        return needs_data(self.act_quantizers, self.base_quantizer, self.split_enabled) or self.corrects_bias
+
+    @property
+    def corrects_bias(self) -> bool:
+        """True when convert() moves the quantized weight's mean error into the bias (`w_bias_correction`)."""
+        return self.plan.has_weight and self.plan.settings.corrects_bias
 
     def forward(self, x: Tensor) -> Tensor:
         tracker = self._tracker
@@ -259,9 +265,12 @@ class QuantizedLayer(nn.Module):
         return is_packed(self.weight.data)
 
     def calibration_state(self) -> dict[str, Tensor]:
-        """What calibration decided for this layer: frozen quantizer parameters and the weight."""
+        """What calibration decided for this layer: frozen quantizer parameters, the weight and a
+        corrected bias."""
         # packed weights are re-packed on load; an attention operand has none
         state = {} if self.packed or not self.plan.has_weight else {"weight": self.weight.detach()}
+        if self.corrects_bias:
+            state["bias"] = self.bias.detach()
         if self.split_at is not None:
             state["split_at"] = torch.tensor(self.split_at)
         for role, group in self.act_quantizers.items():
@@ -284,6 +293,8 @@ class QuantizedLayer(nn.Module):
         else:
             self.stage_weight()
             self.commit_weight()
+        if "bias" in state:
+            self.bias.copy_(state["bias"])
 
     def extra_repr(self) -> str:
         s = self.plan.settings

@@ -49,7 +49,7 @@ from .api import ensure_float, install, is_converted, mark_converted, plan_of
 from .atomic_files import write_folder
 from .attention_products import AttentionOperand
 from .imports import quiet_imports
-from .layer_parts import check_calibration_state
+from .layer_parts import PARAMETER_KEYS, check_calibration_state
 from .layers import QuantizedLayer, weight_digest
 from .quoting import excerpt, first_few
 from .recipe import LayerPlan, Plan, Recipe, RecipeError, flat_recipe
@@ -98,7 +98,7 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
         f"{_LAYER_PREFIX}{name}/{key}": value
         for name, layer in layers.items()
         for key, value in layer.calibration_state().items()
-        if key != "weight"
+        if key not in PARAMETER_KEYS
     }
     own = _own_state(model, layers)
     coded: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> (codes, table), for the weights `encode` can code
@@ -549,7 +549,7 @@ def _layer_states(saved: _Saved, own: dict[str, Tensor], model: nn.Module, plan:
     for key, value in saved.tensors.items():
         if key.startswith(_LAYER_PREFIX):
             name, _, part = key.removeprefix(_LAYER_PREFIX).partition("/")
-            if name not in states or not part or part == "weight":
+            if name not in states or not part or part in PARAMETER_KEYS:
                 raise LoadError(
                     f"tensor '{excerpt(key)}' of {TENSORS} belongs to no quantizer "
                     "of a quantized layer of the saved recipe"

@@ -181,6 +181,7 @@ class LayerSettings:
     w_granularity: Granularity = Granularity("channel")
     a_granularity: Granularity = Granularity("tensor")
     w_symmetric: bool = True
+    w_bias_correction: bool = False  # shift the bias by the weight error's mean effect (needs calibration data)
     a_symmetric: bool = False
     first_step: FirstStep = FirstStep("fp")
     error_compensation: bool = True
@@ -191,6 +192,11 @@ class LayerSettings:
 
     def weight_spec(self) -> QuantSpec:
         return QuantSpec(self.w_bits, self.w_symmetric, self.w_granularity)
+
+    @property
+    def corrects_bias(self) -> bool:
+        """`w_bias_correction` where there is a weight error to correct (quantized weights)."""
+        return self.w_bias_correction and self.w_bits != FLOAT_BITS
 
     def activation_spec(self, bits: int | None = None) -> QuantSpec:
         """The activation spec at `bits` (default `a_bits`, or a width a step schedule sets); 0 bits
@@ -273,6 +279,7 @@ SETTING_PARSERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "w_granularity": lambda v: {"w_granularity": _granularity(("tensor", "channel", "group"))(v)},
     "a_granularity": lambda v: {"a_granularity": _granularity(("tensor", "sample", "channel", "group"))(v)},
     "w_symmetric": lambda v: {"w_symmetric": _bool(v)},
+    "w_bias_correction": lambda v: {"w_bias_correction": _bool(v)},
     "a_symmetric": lambda v: {"a_symmetric": _bool(v)},
     "first_step": lambda v: {"first_step": FirstStep.parse(v)},
     "error_compensation": lambda v: {"error_compensation": _bool(v)},

@@ -130,6 +130,13 @@ BUGS = (
         "went_up = t is not None and lane.last_t is not None and t > lane.last_t",
         "went_up = t is not None and lane.last_t is not None and t < lane.last_t",
     ),
+    Bug(
+        "B14",
+        "bias correction adds the weight error's mean instead of subtracting it",
+        "modiff_quant/conversion/bias_correction.py",
+        "layer.bias.sub_(shift.to(layer.bias.dtype))",
+        "layer.bias.add_(shift.to(layer.bias.dtype))",
+    ),
 )
 
 

@@ -257,7 +257,8 @@ def test_dynamic_split_needs_calibration(write_recipe):
     quantized = mq.prepare(tiny_unet(), write_recipe(recipe_text("dynamic", extra="  split: true\n")))
     with pytest.raises(
         RuntimeError,
-        match=r"needs? calibration data \(static scales, a reconstruction or a shortcut split to detect\)",
+        match=r"needs? calibration data \(static scales, a reconstruction, a bias correction or a shortcut split to "
+        r"detect\)",
     ):
         mq.convert(quantized)
 

@@ -123,9 +123,9 @@ def test_a_width_whose_steps_calibration_never_reached_fails_convert_by_name(wri
 def test_bops_charge_each_step_at_its_scheduled_bits(write_recipe):
     model = tiny_unet()
     entries = count_macs(model, torch.zeros(1, 1, 8, 8), torch.tensor(500))
-    recipe = write_recipe(
-        "version: 1\nextends: w8a4-modiff\nrules:\n  - match: [Conv2d, Linear]\n    a_bits: 8\n"
-        "    steps: {start: 0, stop: 5}\n"
+    recipe = write_recipe(  # the first rule puts the timestep embedding at A4 too
+        "version: 1\nextends: w8a4-modiff\nrules:\n  - match: [Conv2d, Linear]\n    a_bits: 4\n"
+        "  - match: [Conv2d, Linear]\n    a_bits: 8\n    steps: {start: 0, stop: 5}\n"
     )
     bops = count_bops(entries, mq.load_recipe(recipe).resolve(model), 10, PAPER_CONVENTIONS)  # products as layers
     assert bops.per_step[1] == pytest.approx(2 * bops.per_step[5], rel=1e-9)

@@ -481,6 +481,7 @@ SETTINGS: dict[str, st.SearchStrategy[Any]] = {
     "w_granularity": st.one_of(st.sampled_from(["tensor", "channel"]), GROUP),
     "a_granularity": st.one_of(st.sampled_from(["tensor", "sample", "channel"]), GROUP),
     "w_symmetric": st.booleans(),
+    "w_bias_correction": st.booleans(),
     "a_symmetric": st.booleans(),
     "first_step": st.one_of(
         st.sampled_from(["fp", "quantized"]),

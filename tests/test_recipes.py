@@ -51,6 +51,7 @@ SHIPPED = {  # name: w_bits, a_bits, scheme, base quantizer, activation granular
     "w4a4-modiff-adaround": (4, 4, "modiff", "adaround", "sample"),
     "w8a3-modiff": (8, 3, "modiff", "dynamic", "sample"),
     "w8a3-plain": (8, 3, "plain", "dynamic", "sample"),
+    "w8a2-modiff": (8, 2, "modiff", "dynamic", "sample"),
     "w8a4-modiff": (8, 4, "modiff", "dynamic", "sample"),
     "w8a4-modiff-ptq4dm": (8, 4, "modiff", "ptq4dm", "tensor"),
     "w8a4-modiff-qdiffusion": (8, 4, "modiff", "qdiffusion", "tensor"),
@@ -153,8 +154,9 @@ def test_shipped_recipes_are_the_expected_set():
 )
 def test_shipped_recipe_resolves_on_cifar10_unet(name, unet):
     """Each shipped recipe loads by name and covers all 113 Linear/Conv layers with its W/A,
-    scheme, base quantizer and activation granularity; the `-attn8` ones also the 24 operands of
-    the six attentions' products, at plain 8 bits."""
+    scheme, base quantizer and activation granularity (the 24 layers of the timestep embedding at
+    A8 in those built on `w8a8-modiff`); the `-attn8` ones also the 24 operands of the six
+    attentions' products, at plain 8 bits."""
     recipe = load_recipe(name)
     assert recipe.name == name
     with warnings.catch_warnings():
@@ -167,12 +169,19 @@ def test_shipped_recipe_resolves_on_cifar10_unet(name, unet):
     assert Counter(layer.module_type for layer in layers) == {"Conv2d": 65, "Linear": 48}
     assert plan.unmatched == ()
     w_bits, a_bits, scheme, base, a_granularity = SHIPPED[name]
+    timestep = [
+        layer.name for layer in layers if re.fullmatch(r"(.*\.)?(time_embedding\.linear_\d|time_emb_proj)", layer.name)
+    ]
+    assert len(timestep) == 24
     for layer in layers:
         first_or_last = layer.name in ("conv_in", "conv_out")  # W4 recipes keep them at 8 bits
         expected_w = 8 if first_or_last and w_bits == 4 else w_bits
-        assert (layer.settings.w_bits, layer.settings.a_bits, layer.settings.scheme) == (expected_w, a_bits, scheme), (
-            layer.name
-        )
+        expected_a = 8 if layer.name in timestep and a_bits != FLOAT_BITS else a_bits
+        assert (layer.settings.w_bits, layer.settings.a_bits, layer.settings.scheme) == (
+            expected_w,
+            expected_a,
+            scheme,
+        ), layer.name
         assert layer.settings.base_quantizer == base
         assert layer.settings.a_granularity == Granularity(a_granularity)
         assert not layer.has_skips, layer.name
@@ -611,7 +620,9 @@ def test_extends_inherits_defaults_and_appends_rules(tmp_path, unet):
     plan = recipe.resolve(unet)
     assert set(plan.blocks) == DEEPCACHE_BLOCKS
     assert plan.layers["conv_out"].settings.w_bits == FLOAT_BITS
-    assert {layer.settings.a_bits for layer in plan.layers.values()} == {6}
+    timestep = {name for name in plan.layers if re.search(r"time_emb", name)}  # w8a8-modiff's rule keeps them at 8
+    assert {plan.layers[name].settings.a_bits for name in timestep} == {8}
+    assert {layer.settings.a_bits for name, layer in plan.layers.items() if name not in timestep} == {6}
     assert {layer.settings.scheme for layer in plan.layers.values()} == {"modiff"}
 
 
@@ -965,3 +976,18 @@ def test_a_swap_keeps_a_setting_the_user_pinned_and_names_its_line(tmp_path):
         load_recipe(str(rule)).with_base_quantizer("brevitas")
     inherited = write(tmp_path, "version: 1\nextends: w8a4-modiff\ndefaults:\n  a_bits: 6\n", "inherited.yaml")
     assert load_recipe(str(inherited)).with_base_quantizer("ptq4dm").defaults.a_granularity == Granularity("tensor")
+
+
+def test_shipped_recipes_keep_the_timestep_embedding_at_8_bits():
+    """`w8a8-modiff`'s rule reaches every recipe built on it: on a diffusers UNet and on a DiT
+    the timestep embedding's layers run at A8 and every other weight layer at the recipe's width."""
+    from helpers import tiny_dit_pipeline, tiny_unet
+
+    for model in (tiny_unet(), tiny_dit_pipeline().transformer):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the rule matches something on both
+            plan = load_recipe("w8a3-modiff").resolve(model)
+        layers = {name: layer for name, layer in plan.layers.items() if layer.has_weight}
+        embedding = [name for name in layers if re.search(r"time_emb|timestep_embedder", name)]
+        assert embedding and all(layers[name].settings.a_bits == 8 for name in embedding)
+        assert {layer.settings.a_bits for name, layer in layers.items() if name not in embedding} == {3}

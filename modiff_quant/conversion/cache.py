@@ -65,22 +65,13 @@ class CalibrationCache:
                 raise ValueError(f"tensor {clip(key)!r} belongs to no calibrated layer")
             states[name][part] = value
         for layer in self.layers:
-            state, weight = states[layer.plan.name], layer.weight
-            saved = state.get("weight")
-            if (
-                layer.plan.has_weight
-                and not layer.packed
-                and (
-                    saved is None
-                    or saved.shape != weight.shape
-                    or saved.dtype != weight.dtype
-                    or not bool(saved.isfinite().all())
-                )
-            ):
-                raise ValueError(
-                    f"layer '{layer.plan.name}': its weight is missing or not a finite {weight.dtype} "
-                    f"{list(weight.shape)}"
-                )
+            state = states[layer.plan.name]
+            expected = {"weight": layer.plan.has_weight and not layer.packed, "bias": layer.corrects_bias}
+            for key, kept in expected.items():
+                if kept:
+                    _check_parameter(layer.plan.name, key, state.get(key), getattr(layer, key))
+                elif key in state:
+                    raise ValueError(f"layer '{layer.plan.name}': a {key} is saved, but this layer keeps none")
             try:
                 check_calibration_state(
                     layer.plan.settings,
@@ -103,6 +94,18 @@ class CalibrationCache:
         }
         contents = save(tensors, metadata={"format": FORMAT})
         replace_file(self.path, contents)  # a concurrent reader never sees half a file
+
+
+def _check_parameter(layer: str, key: str, saved: Tensor | None, parameter: Tensor) -> None:
+    if (
+        saved is None
+        or saved.shape != parameter.shape
+        or saved.dtype != parameter.dtype
+        or not bool(saved.isfinite().all())
+    ):
+        raise ValueError(
+            f"layer '{layer}': its {key} is missing or not a finite {parameter.dtype} {list(parameter.shape)}"
+        )
 
 
 def _fingerprint(

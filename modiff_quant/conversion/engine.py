@@ -1,5 +1,6 @@
 """What `convert()` does with the calibration record: detect shortcut splits, replay each base
-quantizer's calibration samples to its observers, freeze, reconstruct, quantize the weights."""
+quantizer's calibration samples to its observers, freeze, reconstruct, correct biases, quantize
+the weights."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..layers import QuantizedLayer
 from ..quoting import first_few
 from ..schemes import RAW
 from ..trajectory import Mode, Tracker
+from .bias_correction import correct_biases
 from .cache import CalibrationCache
 
 
@@ -33,8 +35,8 @@ def convert_layers(
         several = len(waiting) > 1
         raise RuntimeError(
             f"{len(waiting)} layer{'s' if several else ''} ({first_few(waiting)}) need{'' if several else 's'} "
-            "calibration data (static scales, a reconstruction or a shortcut split to detect): run the sampling "
-            "loop inside modiff_quant.calibrate(model) before convert(model)"
+            "calibration data (static scales, a reconstruction, a bias correction or a shortcut split to detect): "
+            "run the sampling loop inside modiff_quant.calibrate(model) before convert(model)"
         )
     blocks = [(m.plan.name, m.plan.schedule) for m in tracker.members if isinstance(m, BlockCache)]
     cache = CalibrationCache(cache_dir, model, layers, blocks, record) if cache_dir is not None and record else None
@@ -52,6 +54,9 @@ def convert_layers(
         layer.stage_weight()
     for key, group in groups.items():
         group[0].base_quantizer.reconstruct(Reconstruction(model, tracker, record, group, picks[key]))
+    correcting = [layer for layer in layers if layer.corrects_bias]
+    if correcting:
+        correct_biases(model, tracker, record, correcting)
     for layer in layers:
         layer.commit_weight()
     if cache is not None:

@@ -48,9 +48,12 @@ def plan_document(plan: Plan) -> dict[str, Any]:
 
 
 def _layer_document(layer: LayerPlan) -> dict[str, Any]:
+    settings = _all_settings(layer.settings)
+    if not settings["w_bias_correction"]:  # absent when off, as in plans saved before it existed
+        del settings["w_bias_correction"]
     document = {
         "type": layer.module_type,
-        "settings": settings_document(_all_settings(layer.settings)),
+        "settings": settings_document(settings),
         "zero_bit_steps": [schedule_document(steps) for steps in layer.zero_bit_steps],
         "adopted_from": layer.adopted_from,
     }

@@ -285,6 +285,8 @@ def _check_layer(
         if settings.w_bits != FLOAT_BITS:
             fail("w_bits", f"its weight is already quantized ({type(weight).__name__}); set w_bits: float for it")
         packed_note = f"{type(weight).__name__} (quantized before prepare)"
+    if settings.corrects_bias and weight is not None and module.bias is None:
+        fail("w_bias_correction", "it has no bias to take the weight error's mean; set w_bias_correction: false")
     group = settings.a_granularity
     if group.kind == "group" and weight is not None and input_width(module) % group.group_size:
         fail(
@@ -377,7 +379,7 @@ def _explain(plan: Plan) -> str:
                 layer.module_type,
                 s.scheme,
                 _format_base(s.base_quantizer, s.base_quantizer_options),
-                _format_bits(s.w_bits) if layer.has_weight else "-",
+                _format_bits(s.w_bits) + ("+bc" if s.corrects_bias else "") if layer.has_weight else "-",
                 _format_bits(s.a_bits) + ("" if s.a_symmetric else "u"),
                 str(s.a_granularity),
                 str(s.timestep_groups.count),
@@ -396,10 +398,10 @@ def _explain(plan: Plan) -> str:
         f" and {operands} attention operands (W -: no weight)" if operands else ""
     )
     lines.append(
-        f"{counted}; A bits: 'u' = asymmetric; A by step: steps rules (0-bit steps are skipped "
-        "whatever later rules say, otherwise the last rule containing a step sets its bits); split: separate "
-        "quantizers where the input is a concatenation (found at convert); rules: recipe file:line of each rule "
-        "that applied"
+        f"{counted}; W bits: '+bc' = bias correction; A bits: 'u' = asymmetric; A by step: steps rules (0-bit "
+        "steps are skipped whatever later rules say, otherwise the last rule containing a step sets its bits); "
+        "split: separate quantizers where the input is a concatenation (found at convert); rules: recipe file:line "
+        "of each rule that applied"
     )
     if recipe.adapted:
         lines += ["", "adapted to the swapped-in base quantizer (settings inherited from shipped recipes)"]
