@@ -265,7 +265,11 @@ def test_plugin_through_its_entry_points_runs_the_documented_recipes(installed_p
         recipe = mq.load_recipe(path)
         quantized, _ = run(recipe, trajectory)
         layers = [m for m in quantized.modules() if isinstance(m, QuantizedLayer)]
-        assert layers and all(layer.plan.settings.a_bits == 4 for layer in layers)
+        embedding = [
+            layer for layer in layers if re.search(r"time_emb", layer.plan.name)
+        ]  # w8a8-modiff keeps them at 8
+        assert embedding and all(layer.plan.settings.a_bits == 8 for layer in embedding)
+        assert all(layer.plan.settings.a_bits == 4 for layer in layers if layer not in embedding)
         _, sqnr = run(at_w8a8(recipe), trajectory)
         assert sqnr > 20.0, f"{path.name} at W8A8: SQNR {sqnr:.1f} dB"
         if "activations: static" in text:  # the frozen activation scales are powers of two
