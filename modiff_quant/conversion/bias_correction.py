@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..calibration.record import CalibrationRecord
-from ..layer_parts import CHANNEL_DIMS
+from ..layer_parts import LAYER_TYPES, layer_type_named
 from ..layers import QuantizedLayer
 from ..quant import is_packed
 from ..quoting import first_few
@@ -57,10 +57,11 @@ def input_means(
     """Each layer's mean input per channel over every recorded call, the model in full precision."""
     sums: dict[QuantizedLayer, Tensor] = {}
     counts: dict[QuantizedLayer, int] = {}
+    channel_dims = {layer: LAYER_TYPES[layer_type_named(layer.plan.module_type)] for layer in layers}
 
-    def accumulate(layer: nn.Module, args: tuple[Tensor, ...]) -> None:
+    def accumulate(layer: QuantizedLayer, args: tuple[Tensor, ...]) -> None:
         x = args[0].detach().float()
-        channel = x.dim() + next(dim for kind, dim in CHANNEL_DIMS.items() if isinstance(layer, kind))
+        channel = x.dim() + channel_dims[layer]
         # each call's sum on the device, the running total in float64 on the CPU (MPS has no float64)
         sums[layer] = sums.get(layer, 0) + x.sum([d for d in range(x.dim()) if d != channel]).cpu().double()
         counts[layer] = counts.get(layer, 0) + x.numel() // x.shape[channel]
