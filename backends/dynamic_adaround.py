@@ -15,25 +15,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from modiff_quant.calibration import CalibrationRecord, Pick, uniform_steps
 from modiff_quant.calibration.reconstruction import DEFAULT_BLOCK_TYPES, Reconstruction
 from modiff_quant.registry import register_base_quantizer
 
 from .adaround import RoundingSchedule, learn_roundings
-from .dynamic import DynamicQuantizer
+from .weight_reconstruction import DynamicWeightReconstruction
 
 
 @register_base_quantizer("adaround")
-class DynamicAdaRoundQuantizer(DynamicQuantizer):
+class DynamicAdaRoundQuantizer(DynamicWeightReconstruction):
     """Dynamic min-max activations; weights on the `weight_observer` grid with AdaRound rounding.
 
     Calibration samples are Q-Diffusion's time-step-aware set (`calibration_steps` steps,
     `samples_per_step` rows each); `iters`, `batch_size`, `lr`, `round_weight`, `beta`, `warmup`
     and `seed` set AdaRound as in `qdiffusion` (its `weight_*` options); `blocks` names the
-    reconstruction units.
+    reconstruction units. `log`: per unit, the reconstruction loss at nearest and at learned
+    rounding.
     """
-
-    reconstructs = True
 
     def __init__(
         self,
@@ -50,18 +48,9 @@ class DynamicAdaRoundQuantizer(DynamicQuantizer):
         blocks: Sequence[str] | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(weight_observer, weight_observer_options)
-        if min(calibration_steps, samples_per_step) < 1:
-            raise ValueError(
-                f"calibration_steps and samples_per_step must be >= 1, got {calibration_steps}, {samples_per_step}"
-            )
+        super().__init__(weight_observer, weight_observer_options, calibration_steps, samples_per_step)
         self.rounding = RoundingSchedule(iters, batch_size, lr, round_weight, tuple(map(float, beta)), warmup, seed)
-        self.calibration_steps, self.samples_per_step = calibration_steps, samples_per_step
         self.blocks = tuple(blocks) if blocks is not None else DEFAULT_BLOCK_TYPES
-        self.log: list[dict[str, Any]] = []  # per unit: reconstruction loss at nearest rounding and learned
-
-    def calibration_picks(self, record: CalibrationRecord) -> list[Pick]:
-        return uniform_steps(record, self.calibration_steps, self.samples_per_step)
 
     def reconstruct(self, reconstruction: Reconstruction) -> None:
         units = reconstruction.units(self.blocks)

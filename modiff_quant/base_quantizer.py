@@ -262,6 +262,10 @@ class BaseQuantizer(ABC):
     """Whether `reconstruct` optimises layers, so that calibration data is needed even where no
     activation has a static scale (e.g. AdaRound with float activations)."""
 
+    reconstructs_weights_only: ClassVar[bool] = False
+    """Whether `reconstruct` touches quantized weights alone (`adaround`, `gptq`), so that a layer
+    with float weights needs no calibration data (as `search`'s float-weight passes)."""
+
     def calibration_picks(self, record: CalibrationRecord) -> list[Pick]:
         """The recorded samples the activation observers see; every step by default."""
         return all_steps(record)

@@ -86,11 +86,16 @@ def needs_calibration(quantizers: Mapping[str, Iterable[ActivationQuantizer]]) -
 
 
 def needs_data(
-    quantizers: Mapping[str, Iterable[ActivationQuantizer]], base_quantizer: BaseQuantizer, split: bool
+    quantizers: Mapping[str, Iterable[ActivationQuantizer]],
+    base_quantizer: BaseQuantizer,
+    split: bool,
+    quantized_weight: bool = True,
 ) -> bool:
     """True when convert() needs calibration data for a layer: static scales or a reconstruction
-    to learn, or a concatenated input to find (`split`)."""
-    return needs_calibration(quantizers) or base_quantizer.reconstructs or split
+    to learn (a weights-only one only for a quantized weight), or a concatenated input to find
+    (`split`)."""
+    learns = base_quantizer.reconstructs and (quantized_weight or not base_quantizer.reconstructs_weights_only)
+    return needs_calibration(quantizers) or learns or split
 
 
 @torch.no_grad()

@@ -66,7 +66,9 @@ class QuantizedLayer(nn.Module):
     def calibrates(self) -> bool:
         """True when the base quantizer learns from calibration data for this layer (static
         activation scales, or a reconstruction)."""
-        return needs_data(self.act_quantizers, self.base_quantizer, split=False)
+        return needs_data(
+            self.act_quantizers, self.base_quantizer, split=False, quantized_weight=self.plan.quantizes_weight
+        )
 
     @property
     def frozen(self) -> bool:
@@ -77,7 +79,10 @@ class QuantizedLayer(nn.Module):
     def needs_calibration(self) -> bool:
         """True when convert() needs calibration data: to learn from, mean inputs for a bias
         correction, or a split to detect."""
-        return needs_data(self.act_quantizers, self.base_quantizer, self.split_enabled) or self.corrects_bias
+        return (
+            needs_data(self.act_quantizers, self.base_quantizer, self.split_enabled, self.plan.quantizes_weight)
+            or self.corrects_bias
+        )
 
     @property
     def corrects_bias(self) -> bool:

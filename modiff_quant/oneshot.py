@@ -69,7 +69,7 @@ def first_calibrated_layer(recipe: Recipe, denoiser: nn.Module) -> str | None:
             continue
         layer_type = layer_type_named(layer.module_type)
         _, base_quantizer, quantizers = build_parts(layer.settings, layer_type, layer.activation_widths)
-        if needs_data(quantizers, base_quantizer, splits(layer.settings, layer_type)):
+        if needs_data(quantizers, base_quantizer, splits(layer.settings, layer_type), layer.quantizes_weight):
             return f"layer '{name}' ({type(modules[name]).__name__}, base quantizer {layer.settings.base_quantizer})"
     return None
 

@@ -92,12 +92,6 @@ def searchable_layers(plan: Plan, model: nn.Module) -> list[LayerPlan]:
             f"recipe {plan.recipe.name} has steps rules or cached blocks; search writes its own step schedule, "
             "so start it from a recipe without them"
         )
-    calibrated = first_calibrated_layer(plan.recipe, model)
-    if calibrated:
-        raise SearchError(
-            f"recipe {plan.recipe.name}: {calibrated} needs calibration data; search measures with runtime base "
-            "quantizers (dynamic, torchao_int4)"
-        )
     layers = [
         layer
         for layer in plan.layers.values()
@@ -105,6 +99,14 @@ def searchable_layers(plan: Plan, model: nn.Module) -> list[LayerPlan]:
     ]
     if not layers:
         raise SearchError(f"recipe {plan.recipe.name} quantizes no activation: nothing to allocate")
+    for layer in layers:  # the passes run each layer alone with float weights: those must need no data
+        calibrated = first_calibrated_layer(_alone(plan.recipe, layer, layer.settings.a_bits), model)
+        if calibrated:
+            raise SearchError(
+                f"recipe {plan.recipe.name}: {calibrated} needs calibration data even with float weights; search "
+                "measures with runtime activation quantizers (dynamic, torchao_int4, or weights-only "
+                "reconstructions such as adaround and gptq)"
+            )
     return layers
 
 

@@ -137,6 +137,13 @@ BUGS = (
         "layer.bias.sub_(shift.to(layer.bias.dtype))",
         "layer.bias.add_(shift.to(layer.bias.dtype))",
     ),
+    Bug(
+        "B15",
+        "GPTQ spreads each column's rounding error with the wrong sign",
+        "backends/gptq.py",
+        "w[:, j + 1 : end] -= error[:, None] * factor[j, j + 1 : end][None]",
+        "w[:, j + 1 : end] += error[:, None] * factor[j, j + 1 : end][None]",
+    ),
 )
 
 
@@ -149,8 +156,13 @@ def library_copy(folder: Path) -> Path:
     return target
 
 
+def planted_file(source: Path, bug: Bug) -> Path:
+    """Where `bug.file` is in the library copy (`backends/` sits inside the package there)."""
+    return source / (f"modiff_quant/{bug.file}" if bug.file.startswith("backends/") else bug.file)
+
+
 def plant(source: Path, bug: Bug) -> None:
-    path = source / bug.file.replace("backends/", "modiff_quant/backends/")
+    path = planted_file(source, bug)
     text = path.read_text(encoding="utf-8")
     if text.count(bug.old) != 1:
         raise SystemExit(f"{bug.key}: the line to change is not once in {bug.file}: {bug.old!r}")

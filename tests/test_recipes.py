@@ -49,6 +49,8 @@ SHIPPED = {  # name: w_bits, a_bits, scheme, base quantizer, activation granular
     "w4a4-modiff": (4, 4, "modiff", "dynamic", "sample"),
     "w4a4-plain": (4, 4, "plain", "dynamic", "sample"),
     "w4a4-modiff-adaround": (4, 4, "modiff", "adaround", "sample"),
+    "w8a4-modiff-gptq": (8, 4, "modiff", "gptq", "sample"),
+    "w8a3-modiff-gptq": (8, 3, "modiff", "gptq", "sample"),
     "w8a3-modiff": (8, 3, "modiff", "dynamic", "sample"),
     "w8a3-plain": (8, 3, "plain", "dynamic", "sample"),
     "w8a2-modiff": (8, 2, "modiff", "dynamic", "sample"),
@@ -174,8 +176,9 @@ def test_shipped_recipe_resolves_on_cifar10_unet(name, unet):
     ]
     assert len(timestep) == 24
     for layer in layers:
-        first_or_last = layer.name in ("conv_in", "conv_out")  # W4 recipes keep them at 8 bits
-        expected_w = 8 if first_or_last and w_bits == 4 else w_bits
+        first_or_last = layer.name in ("conv_in", "conv_out")  # W4 recipes keep them at 8 bits, gptq at 16
+        wide_edges = {4: 8, 8: 16 if base == "gptq" else 8}.get(w_bits, w_bits)
+        expected_w = wide_edges if first_or_last else w_bits
         expected_a = 8 if layer.name in timestep and a_bits != FLOAT_BITS else a_bits
         assert (layer.settings.w_bits, layer.settings.a_bits, layer.settings.scheme) == (
             expected_w,

@@ -141,3 +141,23 @@ def test_a_cached_table_of_another_shape_is_refused(tmp_path):
     with pytest.raises(SearchError, match="not a sensitivity table"):
         path.write_text("[", encoding="utf-8")
         load_cached(path, ("a",), (2,), 1)
+
+
+@pytest.mark.parametrize("base", ["gptq", "adaround"])
+def test_weights_only_reconstruction_is_a_search_base(write_recipe, base):
+    """A base recipe whose calibration touches quantized weights alone (with bias correction) can
+    be searched: its passes run float weights, which need no data; its measured errors match
+    `dynamic`'s, whose activations it shares."""
+    model = tiny_unet()
+    text = f"version: 1\nextends: w8a8-modiff\ndefaults:\n  base_quantizer: {base}\n  w_bias_correction: true\n"
+    plan = mq.load_recipe(write_recipe(text, f"{base}.yaml")).resolve(model)
+    layers = searchable_layers(plan, model)
+    trajectory = float_trajectory(model, "ddim", None, 3, 2, seed=0)
+    measured = measure_sensitivity(model, plan.recipe, layers[:3], (4,), trajectory)
+    dynamic = mq.load_recipe("w8a8-modiff")
+    reference = measure_sensitivity(
+        model, dynamic, searchable_layers(dynamic.resolve(model), model)[:3], (4,), trajectory
+    )
+    np.testing.assert_allclose(measured.errors, reference.errors, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="need calibration data"):  # the recipe itself still does
+        mq.convert(mq.prepare(tiny_unet(), plan.recipe))

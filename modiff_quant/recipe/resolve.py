@@ -77,6 +77,11 @@ class LayerPlan:
         return self.module_type != AttentionOperand.__name__
 
     @property
+    def quantizes_weight(self) -> bool:
+        """A weight, quantized (what a weights-only reconstruction needs data for)."""
+        return self.has_weight and self.settings.w_bits != FLOAT_BITS
+
+    @property
     def has_skips(self) -> bool:
         return self.settings.a_bits == SKIP_BITS or bool(self.zero_bit_steps)
 
