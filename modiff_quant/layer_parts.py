@@ -89,7 +89,7 @@ def needs_data(
     quantizers: Mapping[str, Iterable[ActivationQuantizer]],
     base_quantizer: BaseQuantizer,
     split: bool,
-    quantized_weight: bool = True,
+    quantized_weight: bool,
 ) -> bool:
     """True when convert() needs calibration data for a layer: static scales or a reconstruction
     to learn (a weights-only one only for a quantized weight), or a concatenated input to find
