@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from modiff_quant.calibration.reconstruction import Reconstruction, Unit, UnitSample
 from modiff_quant.layers import QuantizedLayer, join_weight_parts
-from modiff_quant.quant import QuantSpec, stats_view
+from modiff_quant.quant import QuantSpec, fake_quantize, stats_view
 from modiff_quant.trajectory import Mode
 
 from .adaround import WeightGrid
@@ -79,8 +79,7 @@ def compensated_rounding(
         errors = torch.empty(w.shape[0], end - start, dtype=w.dtype)
         for j in range(start, end):
             column = w[:, j]
-            codes = (torch.round(column / s[:, j]) + z[:, j]).clamp(spec.qmin, spec.qmax)
-            rounded[:, j] = (codes - z[:, j]) * s[:, j]
+            rounded[:, j] = fake_quantize(column, s[:, j], z[:, j], spec)
             error = (column - rounded[:, j]) / factor[j, j]
             w[:, j + 1 : end] -= error[:, None] * factor[j, j + 1 : end][None]
             errors[:, j - start] = error
@@ -141,7 +140,7 @@ def compensate_layer(
     scale, zero_point = (t.flatten(1).double().cpu() for t in element_grid(layer, grid, spec))
     groups = hessian.shape[0]
     rows = flat.shape[0] // groups
-    nearest = ((torch.round(flat / scale) + zero_point).clamp(spec.qmin, spec.qmax) - zero_point) * scale
+    nearest = fake_quantize(flat, scale, zero_point, spec)
     rounded = torch.empty_like(flat)
     for g in range(groups):
         mine = slice(g * rows, (g + 1) * rows)
