@@ -99,14 +99,15 @@ def searchable_layers(plan: Plan, model: nn.Module) -> list[LayerPlan]:
     ]
     if not layers:
         raise SearchError(f"recipe {plan.recipe.name} quantizes no activation: nothing to allocate")
-    for layer in layers:  # the passes run each layer alone with float weights: those must need no data
-        calibrated = first_calibrated_layer(_alone(plan.recipe, layer, layer.settings.a_bits), model)
-        if calibrated:
-            raise SearchError(
-                f"recipe {plan.recipe.name}: {calibrated} needs calibration data even with float weights; search "
-                "measures with runtime activation quantizers (dynamic, torchao_int4, or weights-only "
-                "reconstructions such as adaround and gptq)"
-            )
+    # the passes run each layer alone with float weights: those must need no calibration data
+    measured = _float_weights(plan.recipe, [(layer, layer.settings.a_bits) for layer in layers], plan.recipe.name)
+    calibrated = first_calibrated_layer(measured, model)
+    if calibrated:
+        raise SearchError(
+            f"recipe {plan.recipe.name}: {calibrated} needs calibration data even with float weights; search "
+            "measures with runtime activation quantizers (dynamic, torchao_int4, or weights-only "
+            "reconstructions such as adaround and gptq)"
+        )
     return layers
 
 
@@ -163,19 +164,28 @@ def measure_sensitivity(
 
 
 def _alone(recipe: Recipe, layer: LayerPlan, bits: int) -> Recipe:
-    """The recipe with only `layer` quantized: its resolved settings at `bits`, float weights
-    (the search allocates activation bits), every other layer float and untouched."""
+    """The recipe with only `layer` quantized, as one sensitivity pass runs it."""
+    return _float_weights(recipe, [(layer, bits)], f"{recipe.name}@{layer.name}:a{bits}")
+
+
+def _float_weights(recipe: Recipe, widths: list[tuple[LayerPlan, int]], name: str) -> Recipe:
+    """The recipe with only these layers quantized: each layer's resolved settings at its width,
+    float weights (the search allocates activation bits), every other layer float and untouched."""
     untouched = recipe.overriding({"scheme": "plain", "w_bits": FLOAT_BITS, "a_bits": FLOAT_BITS}, recipe.name)
-    settings = {f.name: getattr(layer.settings, f.name) for f in fields(LayerSettings)}
-    settings.update(a_bits=bits, w_bits=FLOAT_BITS)
-    rule = Rule(patterns=(layer.name,), settings=settings, setting_locations={}, steps=None, location=_SEARCH_RULE)
+    rules = []
+    for layer, bits in widths:
+        settings = {f.name: getattr(layer.settings, f.name) for f in fields(LayerSettings)}
+        settings.update(a_bits=bits, w_bits=FLOAT_BITS)
+        rules.append(
+            Rule(patterns=(layer.name,), settings=settings, setting_locations={}, steps=None, location=_SEARCH_RULE)
+        )
     return Recipe(
-        name=f"{recipe.name}@{layer.name}:a{bits}",
+        name=name,
         description="",
         strict=True,
         defaults=untouched.defaults,
         default_locations={},
-        rules=(rule,),
+        rules=tuple(rules),
         source=recipe.source,
     )
 
