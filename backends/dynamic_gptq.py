@@ -39,12 +39,16 @@ class DynamicGPTQQuantizer(DynamicWeightReconstruction):
         calibration_steps: int = 20,
         samples_per_step: int = 256,
         damp: float = 0.01,
+        act_order: bool = False,
     ) -> None:
         super().__init__(weight_observer, weight_observer_options, calibration_steps, samples_per_step)
         if not 0 < damp <= 1:
             raise ValueError(f"damp must be in (0, 1], got {damp!r}")
         self.damp = float(damp)
+        self.act_order = act_order
 
     def reconstruct(self, reconstruction: Reconstruction) -> None:
         units = reconstruction.units()
-        self.log += compensate_units(reconstruction, units, self.weight_qparams, self.damp, "gptq: weights")
+        self.log += compensate_units(
+            reconstruction, units, self.weight_qparams, self.damp, self.act_order, "gptq: weights"
+        )

@@ -62,15 +62,25 @@ def element_grid(layer: QuantizedLayer, grid: WeightGrid, spec: QuantSpec) -> tu
 
 
 def compensated_rounding(
-    weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, damp: float
+    weight: Tensor,
+    hessian: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    spec: QuantSpec,
+    damp: float,
+    act_order: bool = False,
 ) -> Tensor:
     """Round `weight` [rows, d] on the grid (`scale`, `zero_point`, same shape) column by column,
-    each column's error propagated through the Cholesky factor of (H + damp·mean(diag H)·I)⁻¹."""
-    w = weight.double().clone()
-    s, z = scale.double(), zero_point.double()
+    each column's error propagated through the Cholesky factor of (H + damp·mean(diag H)·I)⁻¹.
+    `act_order` rounds the columns of the largest inputs (diag H) first, while the most columns
+    remain to absorb their error."""
     h = hessian.double().clone()
     dead = h.diagonal() == 0  # an input that is always zero: its weights only need rounding
     h[dead, dead] = 1.0
+    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(h.shape[0])
+    h = h[order][:, order]
+    w = weight.double()[:, order].clone()
+    s, z = scale.double()[:, order], zero_point.double()[:, order]
     factor = _inverse_factor(h, damp)
     rounded = torch.empty_like(w)
     d = w.shape[1]
@@ -84,7 +94,7 @@ def compensated_rounding(
             w[:, j + 1 : end] -= error[:, None] * factor[j, j + 1 : end][None]
             errors[:, j - start] = error
         w[:, end:] -= errors @ factor[start:end, end:]
-    return rounded
+    return rounded[:, torch.argsort(order)]
 
 
 def _inverse_factor(hessian: Tensor, damp: float) -> Tensor:
@@ -112,6 +122,7 @@ def compensate_layer(
     samples: Sequence[UnitSample],
     grid: WeightGrid,
     damp: float,
+    act_order: bool,
 ) -> dict[str, Any]:
     """Collect the layer's input Hessian over the unit's samples (weights quantized so far, float
     activations), round its weight with compensation and stage it; returns the mean squared
@@ -145,7 +156,9 @@ def compensate_layer(
     for g in range(groups):
         mine = slice(g * rows, (g + 1) * rows)
         try:
-            rounded[mine] = compensated_rounding(flat[mine], hessian[g], scale[mine], zero_point[mine], spec, damp)
+            rounded[mine] = compensated_rounding(
+                flat[mine], hessian[g], scale[mine], zero_point[mine], spec, damp, act_order
+            )
         except RuntimeError as exc:
             raise RuntimeError(f"{layer.plan.name}: {exc}") from exc
     layer.staged_weight = rounded.reshape(weight.shape).to(weight.device, weight.dtype)
@@ -165,7 +178,12 @@ def output_error(delta: Tensor, hessian: Tensor) -> float:
 
 
 def compensate_units(
-    reconstruction: Reconstruction, units: Sequence[Unit], grid: WeightGrid, damp: float, desc: str
+    reconstruction: Reconstruction,
+    units: Sequence[Unit],
+    grid: WeightGrid,
+    damp: float,
+    act_order: bool,
+    desc: str,
 ) -> list[dict[str, Any]]:
     """`compensate_layer` on each quantized-weight layer, unit by unit in execution order (each
     sees the layers before it quantized), with a progress bar; one log entry per layer."""
@@ -179,5 +197,5 @@ def compensate_units(
         if not layers:
             continue
         samples = reconstruction.capture(unit, inputs_from=Mode.WEIGHTS_ONLY)
-        logs += [compensate_layer(reconstruction, unit, layer, samples, grid, damp) for layer in layers]
+        logs += [compensate_layer(reconstruction, unit, layer, samples, grid, damp, act_order) for layer in layers]
     return logs

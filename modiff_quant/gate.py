@@ -71,16 +71,17 @@ def run_gate(path: Path, *, update: bool = False, execution: dict[str, Any] | No
     `execution` holds Harness options (device, dtype, compile_mode) every setting runs with: the
     same tolerances hold there."""
     settings, lines, comparisons = _parse(path)
-    results = _evaluate(settings, lines, execution or {})
+    results = _evaluate(settings, lines, execution or {})  # a setting that raised: its error text
     checks = [
         check
         for name, setting in settings.items()
         for check in _metric_checks(name, setting["metrics"], results[name], update)
     ]
     compared = [_compare(c, results) for c in comparisons]
-    recorded = update and all(check.passed for check in compared)
+    ran = {name: result for name, result in results.items() if isinstance(result, dict)}
+    recorded = update and len(ran) == len(results) and all(check.passed for check in compared)
     if recorded:
-        _record(path, results)
+        _record(path, ran)
     return checks + compared, recorded
 
 
@@ -211,9 +212,10 @@ def _number(value: Any) -> float | None:
 
 def _evaluate(
     settings: dict[str, dict[str, Any]], lines: dict[str, Location], execution: dict[str, Any]
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, dict[str, Any] | str]:
     """Metrics per setting; settings sharing model, noise and sampler share one FP reference.
-    Every model is loaded and every recipe checked before the first one is sampled."""
+    Every model is loaded and every recipe checked before the first one is sampled; a setting
+    whose run then raises gets its error text instead, so that its checks fail and the rest run."""
     harnesses: dict[tuple[Any, ...], Harness] = {}
     recipes = {}
     for name, setting in settings.items():
@@ -228,12 +230,15 @@ def _evaluate(
             else:
                 calibration_samples = setting.get("calibration_samples", CALIBRATION_SAMPLES)
                 recipes[name] = harnesses[key].check(recipe, setting.get("base_quantizer"), calibration_samples)
-    results = {}
+    results: dict[str, dict[str, Any] | str] = {}
     for name, setting in settings.items():
         harness = harnesses[tuple(setting.get(k) for k in HARNESS_KEYS)]
-        results[name], _ = harness.evaluate(
-            recipes[name], calibration_samples=setting.get("calibration_samples", CALIBRATION_SAMPLES)
-        )
+        try:
+            results[name], _ = harness.evaluate(
+                recipes[name], calibration_samples=setting.get("calibration_samples", CALIBRATION_SAMPLES)
+            )
+        except Exception as exc:  # a regression that crashes one setting must not hide the others'
+            results[name] = f"error: {type(exc).__name__}: {' '.join(str(exc).split())}"
     return results
 
 
@@ -265,10 +270,14 @@ def _float(text: str) -> float | None:
         return None
 
 
-def _metric_checks(name: str, metrics: dict[str, Any], result: dict[str, Any], update: bool) -> list[Check]:
+def _metric_checks(name: str, metrics: dict[str, Any], result: dict[str, Any] | str, update: bool) -> list[Check]:
     checks = []
     for metric, recorded in metrics.items():
-        value, baseline = result[metric], recorded["value"]
+        baseline = recorded["value"]
+        if isinstance(result, str):
+            checks.append(Check(name, metric, baseline, None, result, False))
+            continue
+        value = result[metric]
         spec = recorded.get("tolerance", DEFAULT_TOLERANCES[metric])
         if update:
             checks.append(Check(name, metric, baseline, value, "recorded", value is not None))
@@ -289,9 +298,12 @@ def _metric_checks(name: str, metrics: dict[str, Any], result: dict[str, Any], u
     return checks
 
 
-def _compare(c: _Comparison, results: dict[str, dict[str, Any]]) -> Check:
-    w, b = results[c.worse][c.metric], results[c.better][c.metric]
+def _compare(c: _Comparison, results: dict[str, dict[str, Any] | str]) -> Check:
     setting = f"{c.worse} vs {c.better}"
+    failed = [name for name in dict.fromkeys((c.worse, c.better)) if isinstance(results[name], str)]
+    if failed:
+        return Check(setting, c.metric, None, None, f"{' and '.join(failed)} raised", False)
+    w, b = results[c.worse][c.metric], results[c.better][c.metric]
     if w is None or b is None:
         return Check(setting, c.metric, None, None, "no value", False)
     if c.metric in HIGHER_IS_BETTER:

@@ -32,8 +32,9 @@ from modiff_quant.models import CIFAR10_DDPM_CONFIG
 MESSAGE_LIMIT = 2000  # characters of one error line
 
 
-class SamplingStarted(Exception):
-    """Raised where sampling would begin: the command line got past every check."""
+class SamplingStarted(BaseException):
+    """Raised where sampling would begin: the command line got past every check (a BaseException,
+    as an interrupt, so that no error handling of the product, such as the gate's, catches it)."""
 
 
 def _refuse_sampling(*args: Any, **kwargs: Any) -> Any:

@@ -443,7 +443,7 @@ BASE_QUANTIZER = st.one_of(
         warmup=st.floats(),
         weight_observer=OBSERVERS,
     ),
-    _base("gptq", damp=st.floats(), samples_per_step=SMALL_INT, weight_observer=OBSERVERS),
+    _base("gptq", damp=st.floats(), act_order=st.booleans(), samples_per_step=SMALL_INT, weight_observer=OBSERVERS),
     _base("torchao_int4", fallback=st.sampled_from(["channel", "float", "int8"])),
     _base(
         "brevitas",

@@ -84,6 +84,25 @@ def test_correlated_inputs_lower_the_output_error_on_the_grid():
     torch.testing.assert_close(compensated, float(((rounded - weight.double()) @ x).pow(2).sum()), rtol=1e-6, atol=0)
 
 
+def test_act_order_rounds_the_largest_inputs_first():
+    """`act_order` is plain GPTQ on the columns sorted by decreasing input energy, each weight
+    handed back in its own column."""
+    torch.manual_seed(0)
+    x = (torch.randn(20, 5) @ torch.randn(5, 500) * torch.rand(20, 1) * 4).double()
+    hessian = x @ x.t()
+    weight = torch.randn(8, 20)
+    scale, zero_point = grid(weight, bits=4)
+    spec = QuantSpec(4, False, Granularity("channel"))
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    assert not torch.equal(order, torch.arange(20))
+    sorted_first = compensated_rounding(
+        weight[:, order], hessian[order][:, order], scale[:, order], zero_point[:, order], spec, damp=0.01
+    )
+    rounded = compensated_rounding(weight, hessian, scale, zero_point, spec, damp=0.01, act_order=True)
+    torch.testing.assert_close(rounded[:, order], sorted_first, rtol=0, atol=0)
+    assert not torch.equal(rounded, compensated_rounding(weight, hessian, scale, zero_point, spec, damp=0.01))
+
+
 def test_a_hessian_that_never_factorises_is_named():
     weight = torch.randn(4, 6)
     scale, zero_point = grid(weight)

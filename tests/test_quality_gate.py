@@ -117,6 +117,34 @@ def test_update_records_values_that_then_pass(tmp_path, capsys):
     assert "quality gate passed" in capsys.readouterr().out
 
 
+def test_a_setting_that_raises_fails_its_checks_and_the_others_still_run(tmp_path, capsys, monkeypatch):
+    """A regression that crashes one setting's run (after every input was checked) fails that
+    setting's metrics and comparisons with the error's text; the other settings are still
+    measured, and --update records nothing."""
+    path = tmp_path / "baseline.yaml"
+    metrics = {"psnr_vs_fp": {"value": None}}
+    settings = {"fp": {"metrics": {"fd": {"value": None}}}, "a": {"recipe": "w8a4-modiff", "metrics": metrics}}
+    comparisons = [{"metric": "psnr_vs_fp", "worse": "a", "better": "a", "margin": 0}]
+    data = {"defaults": {"model": "digits16", "steps": 5, "samples": 8}, "settings": settings}
+    path.write_text(yaml.safe_dump({"version": 1, **data, "comparisons": comparisons}), encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
+    evaluate = gate.Harness.evaluate
+
+    def refuse_quantized(self, recipe, **kwargs):
+        if recipe is not None:
+            raise RuntimeError("calibration refused:\n  no record")
+        return evaluate(self, recipe, **kwargs)
+
+    monkeypatch.setattr(gate.Harness, "evaluate", refuse_quantized)
+    assert main(["gate", "--baseline", str(path), "--update"]) == 1
+    out = capsys.readouterr().out
+    rows = {tuple(line.split()[:2]): line for line in out.splitlines()}
+    assert rows["fp", "fd"].split()[-2:] == ["recorded", "ok"]  # full precision still measured
+    assert rows["a", "psnr_vs_fp"].split()[-7:] == "error: RuntimeError: calibration refused: no record FAIL".split()
+    assert rows["a", "vs"].split()[-3:] == ["a", "raised", "FAIL"] and "nothing recorded" in out
+    assert path.read_text(encoding="utf-8") == text
+
+
 def test_bad_baselines_files_are_clear_errors(tmp_path, capsys):
     """Typos and missing parts fail before anything is sampled, naming the file and line."""
     path = tmp_path / "baseline.yaml"
@@ -187,12 +215,31 @@ def test_a_setting_evaluated_twice_gives_bit_identical_images(tmp_path):
     assert torch.equal(first, second)
 
 
-def test_every_bug_the_power_script_plants_is_one_line_of_the_library(tmp_path, monkeypatch):
-    """scripts/gate_power.py stays in step with the code: each planted edit applies exactly once."""
+@pytest.fixture
+def power(monkeypatch):
+    """scripts/gate_power.py as a module."""
     spec = importlib.util.spec_from_file_location("gate_power", BASELINE.parents[2] / "scripts" / "gate_power.py")
-    power = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "gate_power", power)  # its dataclass looks its module up
-    spec.loader.exec_module(power)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gate_power", module)  # its dataclass looks its module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_power_script_counts_only_checks_failed_on_values_as_catches(power):
+    """A setting that raised fails its checks in the gate's table, but only a check that failed on
+    a value is a catch."""
+    checks = [
+        gate.Check("a", "fd", 1.0, 2.0, "<= 1.15 (15%)", False),
+        gate.Check("b", "fd", 1.0, None, "error: ValueError: refused", False),
+        gate.Check("a vs b", "fd", None, None, "b raised", False),
+        gate.Check("c", "fd", 1.0, 1.0, "<= 1.15 (15%)", True),
+    ]
+    failed, on_values = power.failed_checks(gate.format_checks(checks))
+    assert len(failed) == 3 and len(on_values) == 1 and on_values[0].startswith("a  ")
+
+
+def test_every_bug_the_power_script_plants_is_one_line_of_the_library(tmp_path, power):
+    """scripts/gate_power.py stays in step with the code: each planted edit applies exactly once."""
     assert len(power.BUGS) >= 8 and len({bug.key for bug in power.BUGS}) == len(power.BUGS)
     source = power.library_copy(tmp_path)
     for bug in power.BUGS:

@@ -254,7 +254,10 @@ LIST_AND_MAPPING_OPTIONS = {
         "{name: adaround, weight_observer: mse, weight_observer_options: {grid: 10}, beta: [20, 2], "
         "blocks: [ResnetBlock2D, Attention], iters: 2, samples_per_step: 8}"
     ),
-    "gptq": "{name: gptq, weight_observer: mse, weight_observer_options: {grid: 10}, samples_per_step: 8, damp: 0.05}",
+    "gptq": (
+        "{name: gptq, weight_observer: mse, weight_observer_options: {grid: 10}, samples_per_step: 8, damp: 0.05, "
+        "act_order: true}"
+    ),
 }
 OPTION_RECIPES = ["w8a4-modiff"] + [
     name for name in mq.shipped_recipes() if mq.load_recipe(name).defaults.base_quantizer in LIST_AND_MAPPING_OPTIONS
