@@ -7,16 +7,18 @@ parameters and quantizes weights; `sampling` scopes one or more trajectories.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 from torch import nn
 
 from .attention_products import attention_operands, install_operands
 from .blocks import BlockCache, install_block_cache
-from .calibration.record import CalibrationRecord
+from .calibration.record import CalibrationRecord, gathered_record
 from .conversion import convert_layers
 from .deferred import set_binder, take_marks
 from .layers import Execution, QuantizedLayer, quantize_layer
@@ -131,20 +133,29 @@ def calibrate(model: nn.Module) -> Iterator[nn.Module]:
     """Run your sampling loop inside: the model computes in full precision and every call is
     recorded. `convert()` then replays the samples each base quantizer chooses to its observers
     (temporal differences under `modiff`) and runs its reconstruction. Calls are kept until
-    `convert()`, in memory; state is reset on entry and exit."""
+    `convert()`, in memory; state is reset on entry and exit. In a torch.distributed job every
+    process must calibrate: on leaving, each process gets every process's calls (in rank order),
+    so each one converts the same model from the whole record."""
     tracker = _tracker(model)
     if tracker.mode is not Mode.PREPARED:
         raise RuntimeError(
             f"calibrate() needs a prepared model that is not yet converted (model is {tracker.mode.value})"
         )
     tracker.reset()
-    tracker.record = CalibrationRecord()
+    record = tracker.record = CalibrationRecord()
     tracker.mode = Mode.CALIBRATING
     try:
         yield model
     finally:
         tracker.mode = Mode.PREPARED
         tracker.reset()
+    tracker.record = gathered_record(record, _device_of(model))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model computes (its first parameter's or buffer's device; the CPU without any)."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def convert(model: nn.Module, cache_dir: str | Path | None = None) -> nn.Module:

@@ -12,14 +12,26 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
+from . import distributed
 from .bops import BopsConventions, count_bops, count_model_macs
-from .evaluate import CALIBRATION_SAMPLES, COMPILE_MODES, FLOAT_DTYPES, POSITIVE, SEEDS, Harness, integer_error
+from .evaluate import (
+    CALIBRATION_SAMPLES,
+    COMPILE_MODES,
+    FLOAT_DTYPES,
+    POSITIVE,
+    SEEDS,
+    Harness,
+    checked_device,
+    integer_error,
+)
 from .features import FEATURE_DIM
 from .gate import format_checks, run_gate
 from .models import BUILTIN_MODELS, BUNDLED_MODELS, load_model, training_schedule
@@ -54,6 +66,8 @@ from .version import __version__
 
 FLOAT_BITS = range(1, 65)
 BOPS_STEPS = range(1, 10_001)  # longer than any training schedule; the count's work grows with it
+SHARDED_COMMANDS = ("eval", "demo", "gate", "plot")
+"""Commands whose sampling torchrun shards over its processes (modiff_quant.distributed)."""
 USER_ERRORS = (RecipeError, LoadError, SearchError, FileNotFoundError, UnknownNameError, ValueError)
 """What a user's input may raise (besides an OSError naming a file); see `main`."""
 
@@ -223,10 +237,11 @@ def _eval(args: argparse.Namespace) -> None:
         if key not in ("run", "json", "out", "command"):  # outputs and dispatch are no settings
             settings[key] = str(value) if isinstance(value, Path) else value
     settings["kernels"] = _kernels()
+    settings["processes"] = distributed.world_size()
     finite = {key: _json_number(value) for key, value in metrics.items()}
-    if args.json:
+    if args.json and distributed.is_main():
         _write_json(args.json, {"settings": settings, **finite})
-    if args.out:
+    if args.out and distributed.is_main():
         save_grid(args.out / "grid.png", {"full precision": harness.reference.images, args.recipe: run.images})
         figures = write_eval_figures(harness, args.recipe, run, args.out)
         write_report(
@@ -267,6 +282,8 @@ def _demo(args: argparse.Namespace) -> None:
     for row in rows:
         cells = [f"{row[c]:>16.2f}" if row[c] is not None else f"{'-':>16}" for c in columns]  # '-': no value
         print(f"{row['recipe']:<16}" + "".join(cells))
+    if not distributed.is_main():
+        return
     save_grid(args.out / "grid.png", images)
     settings = {
         **{k: getattr(args, k) for k in ("model", "sampler", "steps", "samples", "seed")},
@@ -592,17 +609,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command: 0 done, 1 a failed quality gate, 2 a user error (one line on stderr)."""
+    """Run a command: 0 done, 1 a failed quality gate, 2 a user error (one line on stderr), 3 another
+    process of a torchrun job failed or did not answer (one line on stderr)."""
     try:
         args = build_parser().parse_args(argv)
-        with torch.no_grad():
+        with torch.no_grad(), _sharded(args.command, getattr(args, "device", "cpu")):
             return args.run(args) or 0
     except (UsageError, *USER_ERRORS) as exc:
         return _report(exc)
+    except distributed.ProcessGroupError as exc:
+        _report(exc)
+        return 3
     except OSError as exc:
         if exc.filename is None:  # not about a path the user gave: a bug or the system's problem
             raise
         return _report(exc)
+
+
+@contextmanager
+def _sharded(command: str, device: str) -> Iterator[None]:
+    """Under torchrun, the process group around a command that shards its sampling, with rank 0
+    alone printing and warning (and writing: see the commands; an error is reported by every
+    rank); a command that does not shard is refused."""
+    if not distributed.launched():
+        yield
+        return
+    if command not in SHARDED_COMMANDS:
+        raise UsageError(f"{command} runs in one process; under torchrun run {', '.join(SHARDED_COMMANDS)}")
+    distributed.join(checked_device(device))
+    try:
+        with open(os.devnull, "w", encoding="utf-8") as quiet:
+            if distributed.is_main():
+                yield
+            else:
+                with redirect_stdout(quiet), redirect_stderr(quiet):
+                    yield
+    finally:
+        distributed.leave()
 
 
 def _report(exc: BaseException) -> int:

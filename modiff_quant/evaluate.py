@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .api import (
     block_skips,
     calibrate,
@@ -97,7 +98,7 @@ class Harness:
         ):
             if error := integer_error(value, allowed):
                 raise ValueError(f"{name}: {error}")
-        self.device = checked_device(device)
+        self.device = distributed.local_device(checked_device(device))
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {shown(dtype)}")
         self.dtype = FLOAT_DTYPES[dtype]
@@ -168,8 +169,10 @@ class Harness:
         quantized = prepare(copy.deepcopy(self.model), self.check(recipe, base_quantizer, calibration_samples))
         if any(m.needs_calibration for m in quantized.modules() if isinstance(m, QuantizedLayer)):
             seed = self.seed + CALIBRATION_SEED_OFFSET
-            with calibrate(quantized):
-                for index, batch in enumerate(self._noise(calibration_samples, seed).split(self.batch_size)):
+            with calibrate(quantized):  # each process records its share of the batches; all get all
+                everyone = self._noise(calibration_samples, seed).split(self.batch_size)
+                for index in distributed.share(len(everyone)):
+                    batch = everyone[index]
                     reset(quantized)
                     sample(
                         quantized,
@@ -178,6 +181,7 @@ class Harness:
                         self.steps,
                         seed=seed + index,
                         desc="calibrating",
+                        progress=distributed.is_main(),
                     )
         return convert(quantized, cache_dir=self.calibration_cache)
 
@@ -228,7 +232,8 @@ class Harness:
 
     def _generate(self, model: nn.Module, desc: str) -> Run:
         """Samples of the harness's noise, batch by batch; batch i draws sampler noise from seed + i
-        in every model."""
+        in every model. In a torch.distributed job each process samples its share of the batches
+        and every process gets them all."""
         prepared = is_prepared(model)
         net = model if self.compile_mode is None else torch.compile(model, mode=self.compile_mode)
         with torch.no_grad():
@@ -238,7 +243,9 @@ class Harness:
         skips_before, calls_before = block_skips(model) if prepared else (0, 0)  # the warm-up's count
         start, batches, cache = time.perf_counter(), [], 0
         epsilons: list[list[Tensor]] = [[] for _ in range(self.steps)]
-        for index, batch in enumerate(self.noise.split(self.batch_size)):
+        everyone = self.noise.split(self.batch_size)
+        for index in distributed.share(len(everyone)):  # every batch, in one process
+            batch = everyone[index]
             with sampling(model) if prepared else nullcontext():
                 scheduler = make_scheduler(self.sampler, self.training)
                 batches.append(
@@ -249,15 +256,21 @@ class Harness:
                         self.steps,
                         seed=self.seed + index,
                         desc=desc,
+                        progress=distributed.is_main(),
                         on_step=lambda step, eps: epsilons[step].append(eps.float().cpu()),
                     )
                     .float()
                     .cpu()
                 )
                 cache = max(cache, state_bytes(model) // len(batch) if prepared else 0)
-        seconds = time.perf_counter() - start
         skips, calls = block_skips(model) if prepared else (0, 0)
-        skip_fraction = (skips - skips_before) / (calls - calls_before) if calls > calls_before else None
+        # the slowest process's time; every process's batches, skips and calls, in global order
+        seconds = max(distributed.gathered([time.perf_counter() - start]))
+        batches, epsilons = distributed.gathered(batches), [distributed.gathered(step) for step in epsilons]
+        cache = max(distributed.gathered([cache]))
+        counts = distributed.gathered([(skips - skips_before, calls - calls_before)])
+        skipped, called = sum(s for s, _ in counts), sum(c for _, c in counts)
+        skip_fraction = skipped / called if called else None
         return Run(torch.cat(batches), seconds, cache, [torch.cat(step) for step in epsilons], skip_fraction)
 
 

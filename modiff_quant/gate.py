@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from . import distributed
 from .atomic_files import replace_file
 from .evaluate import CALIBRATION_SAMPLES, POSITIVE, SEEDS, Harness, integer_error
 from .quoting import shown
@@ -80,7 +81,7 @@ def run_gate(path: Path, *, update: bool = False, execution: dict[str, Any] | No
     compared = [_compare(c, results) for c in comparisons]
     ran = {name: result for name, result in results.items() if isinstance(result, dict)}
     recorded = update and len(ran) == len(results) and all(check.passed for check in compared)
-    if recorded:
+    if recorded and distributed.is_main():  # every process measured the same: one writes
         _record(path, ran)
     return checks + compared, recorded
 
@@ -237,6 +238,8 @@ def _evaluate(
             results[name], _ = harness.evaluate(
                 recipes[name], calibration_samples=setting.get("calibration_samples", CALIBRATION_SAMPLES)
             )
+        except distributed.ProcessGroupError:
+            raise  # the job is broken, not the setting: every later setting would wait on it too
         except Exception as exc:  # a regression that crashes one setting must not hide the others'
             results[name] = f"error: {type(exc).__name__}: {' '.join(str(exc).split())}"
     return results

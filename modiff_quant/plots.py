@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import distributed
 from .evaluate import Harness, Run, step_relative_errors
 from .figure_data import FdTable, LayerDistribution, Spread, load_fd_table, record_distributions, step_errors
 from .recipe import Recipe
@@ -137,6 +138,10 @@ def _save_step_error(
 
 
 def _save(figure: Figure, path: Path, data: dict[str, Any]) -> Path:
+    """The PNG and its JSON; in a torch.distributed job, where every process drew the same
+    figure, rank 0 alone writes them."""
+    if not distributed.is_main():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     path.with_suffix(".json").write_text(json.dumps(data, indent=1), encoding="utf-8")

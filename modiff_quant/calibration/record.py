@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..tensors import iter_tensors, map_tensors, tensor_bytes
 from ..trajectory import Position
 
@@ -84,9 +85,13 @@ class CalibrationRecord:
         sample = next((t for t in iter_tensors((args, kwargs)) if t.dim() > 0), None)
         if sample is None:
             raise RuntimeError("calibrate(): the model call carries no batched tensor to record")
-        call = RecordedCall(trajectory, position[0], position[1], timestep, Inputs.keep(args, kwargs, sample.shape[0]))
+        self._append(
+            RecordedCall(trajectory, position[0], position[1], timestep, Inputs.keep(args, kwargs, sample.shape[0]))
+        )
+
+    def _append(self, call: RecordedCall) -> None:
         self.calls.append(call)
-        self._index[(trajectory, call.branch, call.step)] = call
+        self._index[(call.trajectory, call.branch, call.step)] = call
 
     def previous(self, call: RecordedCall) -> RecordedCall | None:
         """The call one step earlier in the same trajectory branch."""
@@ -107,6 +112,35 @@ class CalibrationRecord:
             for tensor in iter_tensors((call.inputs.args, call.inputs.kwargs)):
                 digest.update(tensor_bytes(tensor))
         return digest.hexdigest()
+
+
+def gathered_record(record: CalibrationRecord, device: torch.device) -> CalibrationRecord:
+    """Every process's record of a torch.distributed job as one, on `device`, in rank order, each
+    rank's trajectories numbered on from the ranks before it (in order of first call). When each
+    process calibrates on its share of the batches, this is the record one process makes of them all."""
+    if distributed.world_size() == 1:
+        return record
+    merged = CalibrationRecord()
+    following = None  # the next free trajectory number
+    cpu = torch.device("cpu")
+    for calls in distributed.gathered([[_moved(call, cpu) for call in record.calls]]):
+        numbers: dict[int, int] = {}
+        for call in calls:
+            if following is None:  # rank 0 keeps its numbers
+                number = call.trajectory
+            else:
+                number = numbers.setdefault(call.trajectory, following + len(numbers))
+            merged._append(replace(_moved(call, device), trajectory=number))
+        if merged.calls:
+            following = max(call.trajectory for call in merged.calls) + 1
+    return merged
+
+
+def _moved(call: RecordedCall, device: torch.device) -> RecordedCall:
+    """The call with its inputs on `device` (a CUDA tensor would unpickle on the sender's GPU)."""
+    inputs = call.inputs
+    args, kwargs = (map_tensors(part, lambda t: t.to(device)) for part in (inputs.args, inputs.kwargs))
+    return replace(call, inputs=Inputs(args, kwargs, inputs.rows))
 
 
 def _copy(tensor: Tensor) -> Tensor:
