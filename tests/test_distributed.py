@@ -49,19 +49,19 @@ def test_a_bad_timeout_is_named_before_any_process_group(monkeypatch, capsys):
     )
 
 
+def _run(command: list[str], cwd: Path | None = None, check: bool = True, **variables: str):
+    """A job in a subprocess, one thread per process (as torchrun gives each); with `check`, its
+    stderr's tail when it fails."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", **variables}
+    done = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=300, check=False)
+    assert not check or done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def _eval(tmp_path, name: str, launcher: list[str]) -> dict:
     out = tmp_path / f"{name}.json"
     arguments = ["eval", "--model", "digits16", "--recipe", "w8a4-modiff", "--steps", "5", "--samples", "10"]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    done = subprocess.run(
-        [sys.executable, *launcher, "modiff_quant", *arguments, "--batch-size", "2", "--json", str(out)],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run([sys.executable, *launcher, "modiff_quant", *arguments, "--batch-size", "2", "--json", str(out)])
     return {"metrics": json.loads(out.read_text(encoding="utf-8")), "stdout": done.stdout, "stderr": done.stderr}
 
 
@@ -82,20 +82,11 @@ def test_eval_under_torchrun_equals_one_process(tmp_path):
 def test_calibration_under_torchrun_gives_one_process_scales(tmp_path):
     """PTQ4DM's MoDiff calibration, its three batches recorded by two gloo processes (2 + 1),
     converts to the one process's model on every rank: every scale, zero point and weight equal."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     runs = {"one": [sys.executable, str(JOB)], "two": [*TORCHRUN, str(JOB)]}
     states = {}
     for name, command in runs.items():
         out = tmp_path / f"{name}.pt"
-        done = subprocess.run(
-            [*command, "w8a4-modiff-ptq4dm", str(out)],
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+        _run([*command, "w8a4-modiff-ptq4dm", str(out)])
         states[name] = torch.load(out)
     assert states["one"].keys() == states["two"].keys()
     scales = [key for key in states["one"] if "scale" in key]
@@ -108,16 +99,9 @@ def test_calibration_under_torchrun_gives_one_process_scales(tmp_path):
 def test_a_process_that_hangs_fails_the_job_within_the_timeout(tmp_path):
     """One process of two sleeps instead of calibrating: the other's gather gives up after the
     timeout (5 s here) with a message naming it, and torchrun stops the job."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_VARIABLE: "5"}
     start = time.perf_counter()
-    done = subprocess.run(
-        [*TORCHRUN, str(JOB), "w8a4-modiff-ptq4dm", str(tmp_path / "x.pt"), "--stall-rank", "1"],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    command = [*TORCHRUN, str(JOB), "w8a4-modiff-ptq4dm", str(tmp_path / "x.pt"), "--stall-rank", "1"]
+    done = _run(command, check=False, **{distributed.TIMEOUT_VARIABLE: "5"})
     assert done.returncode != 0 and time.perf_counter() - start < 90
     assert "ProcessGroupError: process 0 of 2: another process of the job failed or did not answer" in done.stderr
     assert not (tmp_path / "x.pt").exists()
@@ -148,16 +132,7 @@ def test_the_readme_sharded_pipeline_example_runs_as_one_process(tmp_path):
     for processes in (1, 2):
         folder = tmp_path / str(processes)
         folder.mkdir()
-        done = subprocess.run(
-            [*TORCHRUN[:-1], str(processes), str(job)],
-            cwd=folder,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+        _run([*TORCHRUN[:-1], str(processes), str(job)], cwd=folder)
         samples[processes] = np.load(folder / "samples.npy")
     assert samples[1].shape == (32, 16, 16, 1) and np.array_equal(samples[1], samples[2])
 
