@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from functools import cache
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 T = TypeVar("T")
 
@@ -106,3 +108,42 @@ def gathered(items: list[T]) -> list[T]:
             f"s): {cause}"
         ) from exc
     return [item for part in parts for item in part]
+
+
+class JobProgress:
+    """Rank 0's bar of the batches every process of the job has finished (shown only when there
+    are several processes). Each process adds its finished batches to a counter in torchrun's
+    store, one atomic add and no collective, so a process never waits for the bar; rank 0 shows
+    the sum each time it finishes a batch of its own. Without torchrun's store (a job started
+    otherwise), rank 0 counts its own batches."""
+
+    def __init__(self, total: int, desc: str, key: str) -> None:
+        self._store = _store() if world_size() > 1 else None
+        self._key = f"modiff_quant/progress/{key}"
+        self._done = 0
+        shown = world_size() > 1 and is_main()
+        self._bar = tqdm(
+            total=total, desc=f"{desc} ({world_size()} processes)", unit="batch", leave=False, disable=not shown
+        )
+
+    def advance(self) -> None:
+        """One more batch of this process is done."""
+        self._done += 1
+        count = self._store.add(self._key, 1) if self._store is not None else self._done
+        self._bar.update(count - self._bar.n)
+
+    def finish(self) -> None:
+        """Every process is done (after a gather): the bar shows the total, then goes."""
+        if not self._bar.disable:
+            self._bar.n = self._bar.total
+            self._bar.refresh()  # update() would skip a render within its minimum interval
+        self._bar.close()
+
+
+@cache
+def _store() -> dist.TCPStore | None:
+    """A client of the key-value store torchrun's processes rendezvoused on, if there is one."""
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not address or not port:
+        return None
+    return dist.TCPStore(address, int(port), is_master=False, timeout=timedelta(seconds=60))

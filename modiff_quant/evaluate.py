@@ -119,6 +119,7 @@ class Harness:
         if self.dtype != torch.float32:  # diffusers warns on any dtype cast, even to the dtype it has
             self.model = self.model.to(self.dtype)
         self.noise = self._noise(samples, seed)  # drawn on the CPU: the same noise on every device
+        self._runs = 0  # sampling runs so far
 
     def _noise(self, count: int, seed: int) -> Tensor:
         return torch.randn(count, *sample_shape(self.model), generator=torch.Generator().manual_seed(seed))
@@ -244,6 +245,8 @@ class Harness:
         start, batches, cache = time.perf_counter(), [], 0
         epsilons: list[list[Tensor]] = [[] for _ in range(self.steps)]
         everyone = self.noise.split(self.batch_size)
+        self._runs += 1  # the same count in every process: names this run's progress counter
+        progress = distributed.JobProgress(len(everyone), desc, f"{desc}/{self._runs}")
         for index in distributed.share(len(everyone)):  # every batch, in one process
             batch = everyone[index]
             with sampling(model) if prepared else nullcontext():
@@ -263,12 +266,14 @@ class Harness:
                     .cpu()
                 )
                 cache = max(cache, state_bytes(model) // len(batch) if prepared else 0)
+            progress.advance()
         skips, calls = block_skips(model) if prepared else (0, 0)
         # the slowest process's time; every process's batches, skips and calls, in global order
         seconds = max(distributed.gathered([time.perf_counter() - start]))
         batches, epsilons = distributed.gathered(batches), [distributed.gathered(step) for step in epsilons]
         cache = max(distributed.gathered([cache]))
         counts = distributed.gathered([(skips - skips_before, calls - calls_before)])
+        progress.finish()
         skipped, called = sum(s for s, _ in counts), sum(c for _, c in counts)
         skip_fraction = skipped / called if called else None
         return Run(torch.cat(batches), seconds, cache, [torch.cat(step) for step in epsilons], skip_fraction)

@@ -69,13 +69,15 @@ def _eval(tmp_path, name: str, launcher: list[str]) -> dict:
 def test_eval_under_torchrun_equals_one_process(tmp_path):
     """Two gloo processes share five batches (3 + 2): every quality key of the JSON is the one
     process's, bit for bit (one thread each, as torchrun gives every process); rank 0 alone
-    prints the metrics and warns."""
+    prints the metrics and warns, and its bar counts both processes' batches."""
     one = _eval(tmp_path, "one", ["-m"])
     two = _eval(tmp_path, "two", [*TORCHRUN[1:], "-m"])
     assert {key: two["metrics"][key] for key in QUALITY_KEYS} == {key: one["metrics"][key] for key in QUALITY_KEYS}
     assert one["metrics"]["settings"]["processes"] == 1 and two["metrics"]["settings"]["processes"] == 2
     assert two["stdout"].count('"psnr_vs_fp"') == 1
     assert two["stderr"].count("FD from 10 samples") == one["stderr"].count("FD from 10 samples") == 1
+    bars = [line for line in two["stderr"].replace("\r", "\n").splitlines() if "w8a4-modiff (2 processes)" in line]
+    assert "5/5" in bars[-1] and "(2 processes)" not in one["stderr"]  # the batches of both processes
 
 
 @pytest.mark.slow
