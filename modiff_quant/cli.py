@@ -638,12 +638,11 @@ def _sharded(command: str, device: str) -> Iterator[None]:
         raise UsageError(f"{command} runs in one process; under torchrun run {', '.join(SHARDED_COMMANDS)}")
     distributed.join(checked_device(device))
     try:
-        with open(os.devnull, "w", encoding="utf-8") as quiet:
-            if distributed.is_main():
+        if distributed.is_main():
+            yield
+        else:
+            with open(os.devnull, "w", encoding="utf-8") as quiet, redirect_stdout(quiet), redirect_stderr(quiet):
                 yield
-            else:
-                with redirect_stdout(quiet), redirect_stderr(quiet):
-                    yield
     finally:
         distributed.leave()
 

@@ -268,15 +268,14 @@ class Harness:
                 cache = max(cache, state_bytes(model) // len(batch) if prepared else 0)
             progress.advance()
         skips, calls = block_skips(model) if prepared else (0, 0)
-        # the slowest process's time; every process's batches, skips and calls, in global order
-        seconds = max(distributed.gathered([time.perf_counter() - start]))
-        batches, epsilons = distributed.gathered(batches), [distributed.gathered(step) for step in epsilons]
-        cache = max(distributed.gathered([cache]))
-        counts = distributed.gathered([(skips - skips_before, calls - calls_before)])
+        mine = (time.perf_counter() - start, batches, epsilons, cache, skips - skips_before, calls - calls_before)
+        # every process's part in one exchange, in rank order (so the batches in global order)
+        times, batch_parts, step_parts, caches, skipped, called = zip(*distributed.gathered([mine]))
         progress.finish()
-        skipped, called = sum(s for s, _ in counts), sum(c for _, c in counts)
-        skip_fraction = skipped / called if called else None
-        return Run(torch.cat(batches), seconds, cache, [torch.cat(step) for step in epsilons], skip_fraction)
+        images = torch.cat([batch for part in batch_parts for batch in part])
+        epsilons = [torch.cat([eps for part in step_parts for eps in part[step]]) for step in range(self.steps)]
+        skip_fraction = sum(skipped) / sum(called) if sum(called) else None
+        return Run(images, max(times), max(caches), epsilons, skip_fraction)
 
 
 def checked_device(device: str) -> torch.device:
