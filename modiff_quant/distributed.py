@@ -12,6 +12,7 @@ group from them (gloo on the CPU, NCCL for CUDA devices) unless the caller alrea
 
 from __future__ import annotations
 
+import itertools
 import os
 from datetime import timedelta
 from functools import cache
@@ -117,9 +118,10 @@ class JobProgress:
     the sum each time it finishes a batch of its own. Without torchrun's store (a job started
     otherwise), rank 0 counts its own batches."""
 
-    def __init__(self, total: int, desc: str, key: str) -> None:
+    def __init__(self, total: int, desc: str) -> None:
         self._store = _store() if world_size() > 1 else None
-        self._key = f"modiff_quant/progress/{key}"
+        # every process makes the same bars in the same order: the n-th bar has the same counter in each
+        self._key = f"modiff_quant/progress/{next(_BARS)}"
         self._done = 0
         shown = world_size() > 1 and is_main()
         self._bar = tqdm(
@@ -138,6 +140,10 @@ class JobProgress:
             self._bar.n = self._bar.total
             self._bar.refresh()  # update() would skip a render within its minimum interval
         self._bar.close()
+
+
+_BARS = itertools.count()
+"""Bars made so far in this process (so a counter in the store is never reused)."""
 
 
 @cache

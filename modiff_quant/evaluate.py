@@ -119,7 +119,6 @@ class Harness:
         if self.dtype != torch.float32:  # diffusers warns on any dtype cast, even to the dtype it has
             self.model = self.model.to(self.dtype)
         self.noise = self._noise(samples, seed)  # drawn on the CPU: the same noise on every device
-        self._runs = 0  # sampling runs so far
 
     def _noise(self, count: int, seed: int) -> Tensor:
         return torch.randn(count, *sample_shape(self.model), generator=torch.Generator().manual_seed(seed))
@@ -245,8 +244,7 @@ class Harness:
         start, batches, cache = time.perf_counter(), [], 0
         epsilons: list[list[Tensor]] = [[] for _ in range(self.steps)]
         everyone = self.noise.split(self.batch_size)
-        self._runs += 1  # the same count in every process: names this run's progress counter
-        progress = distributed.JobProgress(len(everyone), desc, f"{desc}/{self._runs}")
+        progress = distributed.JobProgress(len(everyone), desc)
         for index in distributed.share(len(everyone)):  # every batch, in one process
             batch = everyone[index]
             with sampling(model) if prepared else nullcontext():
