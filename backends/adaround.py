@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from modiff_quant import distributed
 from modiff_quant.calibration.reconstruction import Reconstruction, Unit, UnitSample, random_batches
 from modiff_quant.layers import QuantizedLayer, join_weight_parts
 from modiff_quant.quant import QuantSpec, stats_view
@@ -117,22 +118,22 @@ def learn_rounding(
     nearest = reconstruction_loss(reconstruction, unit, samples, 2.0, quantized_activations=False)
     optimizer = torch.optim.Adam([r.v for parts in roundings.values() for r in parts], lr=schedule.lr)
     batches = random_batches(samples, schedule.iters, schedule.batch_size, schedule.seed)
+    variables = [r.v for parts in roundings.values() for r in parts]
     for step, (sample, rows) in enumerate(batches):
         _stage(roundings, hard=False)
-        output = reconstruction.forward(unit, sample, rows, quantized_activations=False)
-        loss = (output - sample.target[rows]).pow(2).sum(1).mean()
+        loss = reconstruction.loss(unit, sample, rows, 2.0, quantized_activations=False)
+        if not loss.requires_grad:  # the unit's output ignores its weights (a 0-bit layer reuses its cached output)
+            break
         beta = schedule.regularizer_beta(step)
-        if beta is not None:
+        if beta is not None and distributed.is_main():  # once in the gradients summed over processes
             loss = loss + schedule.round_weight * sum(
                 r.regularizer(beta) for parts in roundings.values() for r in parts
             )
-        if (
-            not loss.requires_grad
-        ):  # the unit's output ignores its weights (e.g. a 0-bit layer reuses its cached output)
-            break
         optimizer.zero_grad()
         loss.backward()
+        distributed.sum_gradients(variables)
         optimizer.step()
+    distributed.same_as_main(variables)
     _stage(roundings, hard=True)
     return {
         "unit": unit.name,
@@ -165,11 +166,14 @@ def _stage(roundings: dict[QuantizedLayer, list[AdaRound]], *, hard: bool) -> No
 def reconstruction_loss(
     reconstruction: Reconstruction, unit: Unit, samples: Sequence[UnitSample], p: float, *, quantized_activations: bool
 ) -> float:
-    """Mean L_p reconstruction error of the unit over all calibration samples."""
-    total = 0.0
-    for sample in samples:
-        rows = torch.arange(sample.inputs.rows)
-        output = reconstruction.forward(unit, sample, rows, quantized_activations=quantized_activations)
-        total += float((output - sample.target).abs().pow(p).sum(1).mean())
+    """Mean L_p reconstruction error of the unit over all calibration samples (in a torch.distributed
+    job each process's share, summed in sample order: one process's value exactly)."""
+    losses = []
+    for index in distributed.share(len(samples)):
+        sample = samples[index]
+        output = reconstruction.forward(
+            unit, sample, torch.arange(sample.inputs.rows), quantized_activations=quantized_activations
+        )
+        losses.append(float((output - sample.target).abs().pow(p).sum(1).mean()))
     reconstruction.tracker.reset()
-    return total / len(samples)
+    return sum(distributed.gathered(losses)) / len(samples)

@@ -11,7 +11,7 @@ shifted). Models already converted with Brevitas layers are adopted by `adopt_la
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from functools import cache
 from types import ModuleType
@@ -134,6 +134,19 @@ class BrevitasActivationQuantizer(ActivationQuantizer):
             if self._range is None
             else torch.stack([self._range[0].minimum(seen[0]), self._range[1].maximum(seen[1])])
         )
+
+    @property
+    def combines(self) -> bool:
+        """The running range combines across processes; Brevitas' own per-call statistics do not."""
+        return not self.per_call
+
+    def statistics(self) -> Any:
+        return None if self._range is None else self._range.cpu()
+
+    def combine(self, parts: Sequence[Any], device: torch.device) -> None:
+        seen = [part for part in parts if part is not None]
+        ranges = torch.stack(seen) if seen else None
+        self._range = None if ranges is None else torch.stack([ranges[:, 0].amin(), ranges[:, 1].amax()]).to(device)
 
     def freeze(self) -> None:
         if self._range is not None:

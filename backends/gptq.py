@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from modiff_quant import distributed
 from modiff_quant.calibration.reconstruction import Reconstruction, Unit, UnitSample
 from modiff_quant.layers import QuantizedLayer, join_weight_parts
 from modiff_quant.quant import QuantSpec, fake_quantize, stats_view
@@ -139,10 +140,16 @@ def compensate_layer(
 
     handle = layer.register_forward_pre_hook(collect)
     try:
-        for sample in samples:
+        for index in distributed.share(len(samples)):  # in a job, each process its share of the samples
+            sample = samples[index]
             reconstruction.forward(unit, sample, torch.arange(sample.inputs.rows), quantized_activations=False)
     finally:
         handle.remove()
+    if distributed.world_size() > 1:  # the float64 sums added in rank order
+        parts = [(part, n) for part, n in distributed.gathered([(hessian, count)]) if n]
+        count = sum(n for _, n in parts)
+        if parts:
+            hessian = sum((part for part, _ in parts[1:]), parts[0][0])
     if count == 0:
         raise RuntimeError(f"{layer.plan.name}: not reached by its unit's forward pass, so its inputs are unknown")
     assert isinstance(hessian, Tensor)

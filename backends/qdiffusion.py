@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from modiff_quant import distributed
 from modiff_quant.base_quantizer import ObservedActivationQuantizer, SplitActivationQuantizer
 from modiff_quant.calibration import CalibrationRecord, Pick, uniform_steps
 from modiff_quant.calibration.reconstruction import DEFAULT_BLOCK_TYPES, Reconstruction, Unit, random_batches
@@ -109,16 +110,17 @@ class QDiffusionQuantizer(StaticQuantizer):
             for sample, rows in random_batches(samples, self.act_iters, self.batch_size, self.seed):
                 for quantizer, scale, log in zip(quantizers, initial, logs):
                     quantizer.scale = scale * log.exp()
-                output = reconstruction.forward(unit, sample, rows, quantized_activations=True)
-                loss = (output - sample.target[rows]).abs().pow(self.p).sum(1).mean()
+                loss = reconstruction.loss(unit, sample, rows, self.p, quantized_activations=True)
                 if (
                     not loss.requires_grad
                 ):  # the output ignores the step sizes (e.g. a 0-bit layer reuses its cached output)
                     break
                 optimizer.zero_grad()
                 loss.backward()
+                distributed.sum_gradients(logs)
                 optimizer.step()
                 schedule.step()
+            distributed.same_as_main(logs)
         finally:
             reconstruction.tracker.reset()
             for quantizer, scale, log in zip(quantizers, initial, logs):

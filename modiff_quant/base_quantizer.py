@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -54,6 +55,20 @@ class ActivationQuantizer(nn.Module, ABC):
 
     def freeze(self) -> None:
         """Conversion: fix the parameters from what was observed (no-op for runtime quantizers)."""
+
+    @property
+    def combines(self) -> bool:
+        """Whether `combine` can merge what several processes observed (then each observes only its
+        share of the calibration samples); a quantizer that observes must say so itself."""
+        return not self.needs_calibration
+
+    def statistics(self) -> Any:
+        """What `observe` collected in this process, picklable (tensors on the CPU)."""
+        return None
+
+    def combine(self, parts: Sequence[Any], device: torch.device) -> None:
+        """Hold what one process observing every process's samples would: `parts` are every
+        process's `statistics()` in rank order (no-op for runtime quantizers)."""
 
     def frozen_state(self) -> dict[str, Tensor]:
         """The parameters `freeze()` fixed (saved by the calibration cache)."""
@@ -112,6 +127,17 @@ class ObservedActivationQuantizer(ActivationQuantizer):
             except ValueError as exc:
                 error_msgs.append(f"{prefix.removesuffix('.')}: {exc}")
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    @property
+    def combines(self) -> bool:
+        return self.observer is None or self.observer.combines
+
+    def statistics(self) -> Any:
+        return None if self.observer is None else self.observer.statistics()
+
+    def combine(self, parts: Sequence[Any], device: torch.device) -> None:
+        if self.observer is not None:
+            self.observer.combine(parts, device)
 
     def freeze(self) -> None:
         """Fix scale and zero point, then drop the observer and the statistics it held."""
@@ -196,6 +222,17 @@ class SplitActivationQuantizer(ActivationQuantizer):
             head, tail = self._parts(x)
             self.first.observe(head)
             self.second.observe(tail)
+
+    @property
+    def combines(self) -> bool:
+        return self.first.combines and self.second.combines
+
+    def statistics(self) -> Any:
+        return self.first.statistics(), self.second.statistics()
+
+    def combine(self, parts: Sequence[Any], device: torch.device) -> None:
+        self.first.combine([part[0] for part in parts], device)
+        self.second.combine([part[1] for part in parts], device)
 
     def freeze(self) -> None:
         self.first.freeze()

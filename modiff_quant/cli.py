@@ -31,6 +31,7 @@ from .evaluate import (
     Harness,
     checked_device,
     integer_error,
+    step_relative_errors,
 )
 from .features import FEATURE_DIM
 from .gate import format_checks, run_gate
@@ -241,9 +242,10 @@ def _eval(args: argparse.Namespace) -> None:
     finite = {key: _json_number(value) for key, value in metrics.items()}
     if args.json and distributed.is_main():
         _write_json(args.json, {"settings": settings, **finite})
+    step_errors = step_relative_errors(harness.reference.epsilons, run.epsilons) if args.out else []  # every process
     if args.out and distributed.is_main():
         save_grid(args.out / "grid.png", {"full precision": harness.reference.images, args.recipe: run.images})
-        figures = write_eval_figures(harness, args.recipe, run, args.out)
+        figures = write_eval_figures(harness, args.recipe, step_errors, args.out)
         write_report(
             args.out / "report.md",
             f"modiff-quant eval: {args.recipe} on {args.model}",

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from functools import cache
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
@@ -99,8 +102,39 @@ def gathered(items: list[T]) -> list[T]:
     if world_size() == 1:
         return items
     parts: list[Any] = [None] * world_size()
-    try:
+    with _collective():
         dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+def sum_gradients(parameters: Sequence[Tensor]) -> None:
+    """Each parameter's gradient replaced by its sum over the processes (one collective): with each
+    process's loss its rows' share of a batch mean, the gradient of the whole batch."""
+    if world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
+    with _collective():
+        dist.all_reduce(flat)
+    for parameter, total in zip(parameters, flat.split([p.numel() for p in parameters])):
+        parameter.grad = total.view_as(parameter)
+
+
+def same_as_main(tensors: Sequence[Tensor]) -> None:
+    """Rank 0's values in place on every process (what each learned from summed gradients may
+    differ in the last bit where an all-reduce sums in a different order on each process)."""
+    if world_size() == 1:
+        return
+    with _collective(), torch.no_grad():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+
+
+@contextmanager
+def _collective() -> Iterator[None]:
+    """A collective whose failure says which process saw it and why, as ProcessGroupError."""
+    try:
+        yield
     except RuntimeError as exc:  # gloo: "Connection closed by peer", "Timed out waiting ..."
         cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ProcessGroupError(
@@ -108,7 +142,6 @@ def gathered(items: list[T]) -> list[T]:
             f"process group's timeout ({TIMEOUT_VARIABLE} for modiff-quant's commands, default {DEFAULT_TIMEOUT_S} "
             f"s): {cause}"
         ) from exc
-    return [item for part in parts for item in part]
 
 
 class JobProgress:

@@ -8,6 +8,7 @@ held-out real data uses the bundled digit classifier's features (digits16 only; 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ class Run:
     images: Tensor
     seconds: float
     cache_bytes_per_image: int
-    epsilons: list[Tensor]  # per step, all samples
+    epsilons: list[list[Tensor]]  # per step, this process's batches (every batch in one process)
     block_skip_fraction: float | None  # of the cached blocks' calls (None: no cached block)
 
 
@@ -195,11 +196,14 @@ class Harness:
         # the recipe is checked before the reference is sampled
         checked = None if recipe is None else self.check(recipe, base_quantizer, calibration_samples)
         reference = self.reference  # before the quantized run, so that neither run pays for the other's warm-up
+        quantize_seconds = 0.0
         if checked is None:  # the full-precision model itself
             run = reference
             plan = None
         else:
+            start = time.perf_counter()
             quantized = self.quantize(checked, calibration_samples=calibration_samples)
+            quantize_seconds = time.perf_counter() - start
             run = self._generate(quantized, getattr(recipe, "name", str(recipe)))
             plan = plan_of(quantized)
         bops = count_bops(self._macs, plan, self.steps, self.bops_conventions)
@@ -214,6 +218,7 @@ class Harness:
             "block_skip_fraction": run.block_skip_fraction,
             "wall_seconds": run.seconds,
             "wall_seconds_fp": reference.seconds,
+            "quantize_seconds": quantize_seconds,
         }
         return metrics, run
 
@@ -266,12 +271,12 @@ class Harness:
                 cache = max(cache, state_bytes(model) // len(batch) if prepared else 0)
             progress.advance()
         skips, calls = block_skips(model) if prepared else (0, 0)
-        mine = (time.perf_counter() - start, batches, epsilons, cache, skips - skips_before, calls - calls_before)
         # every process's part in one exchange, in rank order (so the batches in global order)
-        times, batch_parts, step_parts, caches, skipped, called = zip(*distributed.gathered([mine]))
+        # (ε stays in each process: `step_relative_errors` gathers only its sums)
+        mine = (time.perf_counter() - start, batches, cache, skips - skips_before, calls - calls_before)
+        times, batch_parts, caches, skipped, called = zip(*distributed.gathered([mine]))
         progress.finish()
         images = torch.cat([batch for part in batch_parts for batch in part])
-        epsilons = [torch.cat([eps for part in step_parts for eps in part[step]]) for step in range(self.steps)]
         skip_fraction = sum(skipped) / sum(called) if sum(called) else None
         return Run(images, max(times), max(caches), epsilons, skip_fraction)
 
@@ -292,7 +297,22 @@ def checked_device(device: str) -> torch.device:
     return found
 
 
-def step_relative_errors(reference: list[Tensor], predictions: list[Tensor]) -> list[float]:
-    """‖ε − ε_FP‖ / ‖ε_FP‖ at each step, both models sampling from the same noise (its mean over
-    steps is `eps_rel_error`; the curve shows whether errors accumulate)."""
-    return [float((p - r).norm() / r.norm().clamp_min(1e-12)) for r, p in zip(reference, predictions)]
+def step_relative_errors(reference: list[list[Tensor]], predictions: list[list[Tensor]]) -> list[float]:
+    """‖ε − ε_FP‖ / ‖ε_FP‖ at each step over all samples, both models sampling from the same noise
+    (its mean over steps is `eps_rel_error`; the curve shows whether errors accumulate). Each list
+    holds, per step, this process's batches (`Run.epsilons`): each batch's sums of squares are
+    gathered and added in global batch order, the same for any number of processes."""
+    per_step = [
+        [(_squares(p.double() - r.double()), _squares(r.double())) for r, p in zip(refs, preds, strict=True)]
+        for refs, preds in zip(reference, predictions, strict=True)
+    ]
+    batches = distributed.gathered(list(zip(*per_step)))  # [batch][step] -> (error, reference)
+    errors = []
+    for step in range(len(per_step)):
+        error, norm = (math.fsum(batch[step][part] for batch in batches) for part in (0, 1))
+        errors.append(math.sqrt(error) / max(math.sqrt(norm), 1e-12))
+    return errors
+
+
+def _squares(tensor: Tensor) -> float:
+    return float(tensor.square().sum())

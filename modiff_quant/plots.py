@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import distributed
-from .evaluate import Harness, Run, step_relative_errors
+from .evaluate import Harness
 from .figure_data import FdTable, LayerDistribution, Spread, load_fd_table, record_distributions, step_errors
 from .recipe import Recipe
 from .samplers import make_scheduler
@@ -91,11 +91,12 @@ def write_fd_vs_bits(results: Path, out: Path, w_bits: int = 8, name: str = FD_V
     return _save(_draw_fd_vs_bits(table, title), out / name, data)
 
 
-def write_eval_figures(harness: Harness, label: str, run: Run, out: Path) -> dict[str, str]:
+def write_eval_figures(harness: Harness, label: str, step_errors: list[float], out: Path) -> dict[str, str]:
     """What `eval --out` adds to its report: the evaluated model's per-step ε error (from the
-    evaluation's own runs) and the default layers' distributions. Returns caption -> file name."""
+    evaluation's own runs: `step_relative_errors`) and the default layers' distributions. Returns
+    caption -> file name."""
     name = Path(label).stem
-    curves = {name: step_relative_errors(harness.reference.epsilons, run.epsilons)}
+    curves = {name: step_errors}
     step_error = _save_step_error(
         harness, f"{_setting(harness)}\n{name} vs full precision", curves, {}, out / "step-error.png"
     )

@@ -1,12 +1,14 @@
 """A torch.distributed job for tests/test_distributed.py: calibrate a recipe through the harness
-(each process recording its share of the calibration batches) and save the converted model's
-state, from rank 0, to the path given; run alone or under torchrun. With `--stall-rank 1`, that
-process sleeps instead of calibrating, as a hung process would."""
+(each process recording its share of the calibration batches) and save, from every process, the
+converted model's state and how many times the model ran, to OUT-rankN.pt; run alone or under
+torchrun. With `--stall-rank 1`, that process sleeps instead of calibrating, as a hung process
+would."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,9 +27,12 @@ def main() -> None:
         if distributed.rank() == args.stall_rank:
             time.sleep(120)
         harness = Harness("digits16", steps=5, samples=2, batch_size=2)
+        calls = []
+        harness.model.register_forward_pre_hook(lambda *_: calls.append(1))  # the quantized copy keeps it
         quantized = harness.quantize(args.recipe, calibration_samples=6)
-        if distributed.is_main():
-            torch.save({k: v.clone() for k, v in quantized.state_dict().items()}, args.out)
+        state = {k: v.clone() for k, v in quantized.state_dict().items()}
+        out = Path(args.out)
+        torch.save({"state": state, "calls": len(calls)}, out.with_name(f"{out.stem}-rank{distributed.rank()}.pt"))
     finally:
         distributed.leave()
 

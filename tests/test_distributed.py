@@ -1,5 +1,6 @@
-"""Sampling sharded over torchrun's processes (gloo on the CPU): the same images and metrics as
-one process, rank 0 alone writing; commands that do not shard, and a bad timeout, refused."""
+"""Sampling and calibration sharded over torchrun's processes (gloo on the CPU): the same images,
+metrics and converted model as one process, rank 0 alone writing; observers that combine across
+processes; commands that do not shard, and a bad timeout, refused."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ import numpy as np
 import pytest
 import torch
 from helpers import readme_example
+from torch import Tensor
 
 from modiff_quant import distributed
+from modiff_quant.base_quantizer import ObservedActivationQuantizer, SplitActivationQuantizer
 from modiff_quant.cli import main
+from modiff_quant.observers import Observer, observation_stream
+from modiff_quant.quant import Granularity, QuantSpec
+from modiff_quant.registry import OBSERVERS
 
 JOB = Path(__file__).with_name("distributed_job.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -80,21 +86,70 @@ def test_eval_under_torchrun_equals_one_process(tmp_path):
     assert "5/5" in bars[-1] and "(2 processes)" not in one["stderr"]  # the batches of both processes
 
 
-@pytest.mark.slow
-def test_calibration_under_torchrun_gives_one_process_scales(tmp_path):
-    """PTQ4DM's MoDiff calibration, its three batches recorded by two gloo processes (2 + 1),
-    converts to the one process's model on every rank: every scale, zero point and weight equal."""
+def _calibrated(tmp_path, recipe: str | Path) -> dict[str, list[dict]]:
+    """`distributed_job.py` alone and under two gloo processes: each process's saved state and
+    model-call count."""
     runs = {"one": [sys.executable, str(JOB)], "two": [*TORCHRUN, str(JOB)]}
-    states = {}
+    saved = {}
     for name, command in runs.items():
         out = tmp_path / f"{name}.pt"
-        _run([*command, "w8a4-modiff-ptq4dm", str(out)])
-        states[name] = torch.load(out)
-    assert states["one"].keys() == states["two"].keys()
-    scales = [key for key in states["one"] if "scale" in key]
-    assert scales, "the recipe calibrated no scale"
-    for key, value in states["one"].items():
-        assert torch.equal(value, states["two"][key]), key
+        _run([*command, str(recipe), str(out)])
+        saved[name] = [torch.load(tmp_path / f"{name}-rank{rank}.pt") for rank in range(1 if name == "one" else 2)]
+    return saved
+
+
+@pytest.mark.slow
+def test_calibration_under_torchrun_gives_one_process_scales(tmp_path):
+    """PTQ4DM's MoDiff calibration, its three batches recorded by two gloo processes (2 + 1), each
+    process observing half the calibration samples (L_2.4 search samples combined): every rank
+    converts to the one process's model, every scale, zero point and weight equal."""
+    saved = _calibrated(tmp_path, "w8a4-modiff-ptq4dm")
+    one = saved["one"][0]["state"]
+    assert [key for key in one if "scale" in key], "the recipe calibrated no scale"
+    for rank in saved["two"]:
+        assert rank["state"].keys() == one.keys()
+        for key, value in one.items():
+            assert torch.equal(value, rank["state"][key]), key
+    # the replay is split, not repeated: each process runs the model far fewer times than one alone
+    assert max(rank["calls"] for rank in saved["two"]) < 0.75 * saved["one"][0]["calls"]
+
+
+@pytest.mark.slow
+def test_reconstruction_under_torchrun_averages_gradients(tmp_path):
+    """Q-Diffusion under two gloo processes: each learns on half of every batch and the gradients
+    are summed, so both ranks hold one model, the one process's up to summation order, which Adam
+    and the rounding decisions amplify (0.4 % of the weights round the other way and step sizes
+    move 0.4 % here): step sizes within 1 % and at most 1 % of the weights rounded differently."""
+    recipe = tmp_path / "short.yaml"
+    recipe.write_text(
+        "version: 1\nextends: w8a4-modiff-qdiffusion\ndefaults:\n"
+        "  base_quantizer: {name: qdiffusion, weight_iters: 30, act_iters: 10, samples_per_step: 4}\n",
+        encoding="utf-8",
+    )
+    saved = _calibrated(tmp_path, recipe)
+    one, (first, second) = saved["one"][0]["state"], saved["two"]
+    for key, value in first["state"].items():
+        assert torch.equal(value, second["state"][key]), key
+    weights = [key for key, value in one.items() if key.endswith(".weight") and value.dim() > 1]
+    scales = [key for key in one if key.endswith("scale")]
+    assert weights and scales
+    for key in scales:
+        torch.testing.assert_close(first["state"][key], one[key], rtol=1e-2, atol=0, msg=key)
+    changed = sum(int((first["state"][key] != one[key]).sum()) for key in weights)
+    assert changed <= 0.01 * sum(one[key].numel() for key in weights)
+
+
+@pytest.mark.slow
+def test_gptq_and_bias_correction_under_torchrun_add_the_processes_sums(tmp_path):
+    """GPTQ's Hessians and bias correction's mean inputs, each process summing its share of the
+    samples and the float64 sums added in rank order: both ranks hold one model, the one
+    process's up to that order (rounded to float32, no weight and no bias moves here)."""
+    saved = _calibrated(tmp_path, "w8a4-modiff-gptq")
+    one, (first, second) = saved["one"][0]["state"], saved["two"]
+    for key, value in one.items():
+        assert torch.equal(first["state"][key], second["state"][key]), key
+        assert torch.equal(first["state"][key], value), key
+    assert max(rank["calls"] for rank in saved["two"]) < 0.75 * saved["one"][0]["calls"]
 
 
 @pytest.mark.slow
@@ -106,7 +161,7 @@ def test_a_process_that_hangs_fails_the_job_within_the_timeout(tmp_path):
     done = _run(command, check=False, **{distributed.TIMEOUT_VARIABLE: "5"})
     assert done.returncode != 0 and time.perf_counter() - start < 90
     assert "ProcessGroupError: process 0 of 2: another process of the job failed or did not answer" in done.stderr
-    assert not (tmp_path / "x.pt").exists()
+    assert not list(tmp_path.glob("x-rank*.pt"))
 
 
 def test_a_failed_process_group_is_a_one_line_error_with_exit_3(monkeypatch, capsys):
@@ -157,3 +212,75 @@ def test_the_gate_stops_at_a_failed_process_group(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(distributed, "gathered", fail)
     assert main(["gate", "--baseline", str(path)]) == 3 and len(calls) == 1
     assert "another process of the job failed" in capsys.readouterr().err
+
+
+def _observed(name: str, streams: list[Tensor], **options) -> Observer:
+    """An observer of `name` that saw `streams`, each as its own observation stream."""
+    observer = OBSERVERS.get(name)(QuantSpec(4, False, Granularity("channel")), **options)
+    for index, stream in streams:
+        with observation_stream(index):
+            observer.observe(stream)
+    return observer
+
+
+@pytest.mark.parametrize("name", ["minmax", "ema_minmax", "mse"])
+@pytest.mark.parametrize("split", [0, 1, 5, 9])
+def test_observers_of_two_processes_combine_into_one_process(name, split):
+    """Two processes observe streams 0..split-1 and split..8: the combined observer is the one that
+    saw all nine in order; exactly, but for the moving average (rounding of its linear recurrence)."""
+    generator = torch.Generator().manual_seed(0)
+    streams = [(index, torch.randn(3, 4, 5, 5, generator=generator) * (index + 1)) for index in range(9)]
+    options = {"max_values": 100} if name == "mse" else {}  # the sample drops values, so its keys matter
+    whole = _observed(name, streams, **options)
+    parts = [_observed(name, streams[:split], **options), _observed(name, streams[split:], **options)]
+    combined = OBSERVERS.get(name)(QuantSpec(4, False, Granularity("channel")), **options)
+    assert combined.combines
+    combined.combine([part.statistics() for part in parts], torch.device("cpu"))
+    if name == "ema_minmax":
+        torch.testing.assert_close(combined.qparams(), whole.qparams(), rtol=1e-6, atol=1e-7)
+    else:
+        for got, want in zip(combined.qparams(), whole.qparams()):
+            assert torch.equal(got, want)
+    if name == "mse":
+        assert torch.equal(combined.statistics()["values"], whole.statistics()["values"])
+
+
+def test_an_observer_that_changes_observing_without_combining_is_not_sharded():
+    """A plugin observer that keeps its own statistics but does not say how they combine is
+    replayed in full by every process rather than combined wrongly."""
+
+    class Counting(OBSERVERS.get("minmax")):
+        def observe(self, x: Tensor) -> None:
+            super().observe(x * 2)
+
+    assert not Counting(QuantSpec(4, False, Granularity("tensor"))).combines
+
+
+def test_activation_quantizers_say_whether_they_combine():
+    """A split quantizer combines part by part; Brevitas' running range combines, its per-call
+    statistics (Brevitas' own state) do not, so those are replayed in full by every process."""
+    from modiff_quant.backends.brevitas import BrevitasQuantizer
+
+    spec = QuantSpec(4, False, Granularity("tensor"))
+    streams = [torch.randn(2, 6, 3, 3) * scale for scale in (1.0, 3.0, 0.5)]
+    built = {
+        "split": lambda: SplitActivationQuantizer(
+            ObservedActivationQuantizer(spec, 1, "mse"), ObservedActivationQuantizer(spec, 1, "minmax")
+        ),
+        "brevitas range": lambda: BrevitasQuantizer().activation_quantizer(spec, 1),
+    }
+    for name, build in built.items():
+        whole, parts, combined = build(), [build(), build()], build()
+        for quantizer in (whole, *parts, combined):
+            if isinstance(quantizer, SplitActivationQuantizer):
+                quantizer.split_at = 4
+        for index, stream in enumerate(streams):
+            with observation_stream(index):
+                whole.observe(stream)
+                parts[index // 2].observe(stream)
+        assert combined.combines, name
+        combined.combine([part.statistics() for part in parts], torch.device("cpu"))
+        for quantizer in (whole, combined):
+            quantizer.freeze()
+        assert torch.equal(whole(streams[1]), combined(streams[1])), name
+    assert not BrevitasQuantizer(calibration="per_call").activation_quantizer(spec, 1).combines

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..trajectory import Mode, Tracker
 from .record import CalibrationRecord, Inputs, RecordedCall
 from .selection import Pick
@@ -110,12 +111,14 @@ class Reconstruction:
 
     def capture(self, unit: Unit, *, inputs_from: Mode, previous: bool = False) -> list[UnitSample]:
         """The unit's inputs on every pick (from a pass in mode `inputs_from`), the full-precision
-        output as target, and with `previous` its inputs one step earlier (first steps excluded)."""
-        samples = []
-        for pick in self.picks:
-            prior = self.record.previous(pick.call) if previous else None
-            if previous and prior is None:
-                continue
+        output as target, and with `previous` its inputs one step earlier (first steps excluded).
+        In a torch.distributed job each process captures its share of the picks and every process
+        gets them all: the picks are independent, so the samples are one process's exactly."""
+        picks = [(pick, self.record.previous(pick.call) if previous else None) for pick in self.picks]
+        picks = [(pick, prior) for pick, prior in picks if prior is not None or not previous]
+        captured = []
+        for index in distributed.share(len(picks)):
+            pick, prior = picks[index]
             target_inputs, target = self._capture(unit, pick.call, pick.rows, Mode.REFERENCE, output=True)
             inputs = (
                 target_inputs
@@ -125,8 +128,25 @@ class Reconstruction:
             earlier = (
                 self._capture(unit, prior, pick.rows, inputs_from, output=False)[0] if prior is not None else None
             )
-            samples.append(UnitSample(pick.call, inputs, target, earlier, prior))
-        return samples
+            captured.append((inputs, target, earlier))
+        if distributed.world_size() > 1:
+            device = next((parameter.device for parameter in self.model.parameters()), torch.device("cpu"))
+            gathered = distributed.gathered([_moved(part, torch.device("cpu")) for part in captured])
+            captured = [_moved(part, device) for part in gathered]
+        return [
+            UnitSample(pick.call, inputs, target, earlier, prior)
+            for (pick, prior), (inputs, target, earlier) in zip(picks, captured, strict=True)
+        ]
+
+    def loss(self, unit: Unit, sample: UnitSample, rows: Tensor, p: float, *, quantized_activations: bool) -> Tensor:
+        """The batch's mean L_p output error, or in a torch.distributed job this process's part of
+        it (its share of the rows, weighted by their fraction), so that gradients summed over the
+        processes (`distributed.sum_gradients`) are the whole batch's."""
+        mine = distributed.share(len(rows))
+        part, weight = (rows[mine.start : mine.stop], len(mine) / len(rows)) if mine else (rows[:1], 0.0)
+        output = self.forward(unit, sample, part, quantized_activations=quantized_activations)
+        loss = (output - sample.target[part]).abs().pow(p).sum(1).mean()
+        return loss if weight == 1.0 else loss * weight
 
     def _capture(
         self, unit: Unit, call: RecordedCall, rows: Tensor, mode: Mode, *, output: bool
@@ -197,6 +217,18 @@ def random_batches(
     for _ in range(count):
         sample = samples[int(torch.randint(len(samples), (1,), generator=generator))]
         yield sample, torch.randperm(sample.inputs.rows, generator=generator)[:batch_size]
+
+
+def _moved(
+    captured: tuple[Inputs, Tensor | None, Inputs | None], device: torch.device
+) -> tuple[Inputs, Tensor | None, Inputs | None]:
+    """A captured sample's tensors on `device`."""
+    inputs, target, earlier = captured
+    return (
+        inputs.moved(device),
+        None if target is None else target.to(device),
+        None if earlier is None else earlier.moved(device),
+    )
 
 
 def _tensor(value: Any, owner: str) -> Tensor:

@@ -35,6 +35,12 @@ class Inputs:
         layout (torch 2.13's channels-last GroupNorm backward crashes on small inputs)."""
         return cls(map_tensors(args, _copy), map_tensors(kwargs, _copy), rows)
 
+    def moved(self, device: torch.device) -> Inputs:
+        """The inputs with their tensors on `device`."""
+        return Inputs(
+            map_tensors(self.args, lambda t: t.to(device)), map_tensors(self.kwargs, lambda t: t.to(device)), self.rows
+        )
+
     def select(self, rows: Tensor) -> Inputs:
         """The inputs restricted to some batch rows (tensors whose first dim is the batch)."""
         return Inputs(
@@ -138,9 +144,7 @@ def gathered_record(record: CalibrationRecord, device: torch.device) -> Calibrat
 
 def _moved(call: RecordedCall, device: torch.device) -> RecordedCall:
     """The call with its inputs on `device` (a CUDA tensor would unpickle on the sender's GPU)."""
-    inputs = call.inputs
-    args, kwargs = (map_tensors(part, lambda t: t.to(device)) for part in (inputs.args, inputs.kwargs))
-    return replace(call, inputs=Inputs(args, kwargs, inputs.rows))
+    return replace(call, inputs=call.inputs.moved(device))
 
 
 def _copy(tensor: Tensor) -> Tensor:

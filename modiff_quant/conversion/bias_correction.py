@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..calibration.record import CalibrationRecord
 from ..layer_parts import LAYER_TYPES, layer_type_named
 from ..layers import QuantizedLayer
@@ -54,32 +55,48 @@ def mean_output_shift(weight_error: Tensor, mean_input: Tensor, groups: int = 1)
 def input_means(
     model: nn.Module, tracker: Tracker, record: CalibrationRecord, layers: Sequence[QuantizedLayer]
 ) -> dict[QuantizedLayer, Tensor]:
-    """Each layer's mean input per channel over every recorded call, the model in full precision."""
-    sums: dict[QuantizedLayer, Tensor] = {}
-    counts: dict[QuantizedLayer, int] = {}
-    channel_dims = {layer: LAYER_TYPES[layer_type_named(layer.plan.module_type)] for layer in layers}
+    """Each layer's mean input per channel over every recorded call, the model in full precision.
+    In a torch.distributed job each process runs its share of the calls and the float64 sums are
+    added in rank order: one process's means up to float64 rounding before the float32 result."""
+    sums: list[Tensor | None] = [None] * len(layers)
+    counts = [0] * len(layers)
+    positions = {layer: index for index, layer in enumerate(layers)}
+    channel_dims = [LAYER_TYPES[layer_type_named(layer.plan.module_type)] for layer in layers]
 
     def accumulate(layer: QuantizedLayer, args: tuple[Tensor, ...]) -> None:
+        index = positions[layer]
         x = args[0].detach().float()
-        channel = x.dim() + channel_dims[layer]
+        channel = x.dim() + channel_dims[index]
         # each call's sum on the device, the running total in float64 on the CPU (MPS has no float64)
-        sums[layer] = sums.get(layer, 0) + x.sum([d for d in range(x.dim()) if d != channel]).cpu().double()
-        counts[layer] = counts.get(layer, 0) + x.numel() // x.shape[channel]
+        total = x.sum([d for d in range(x.dim()) if d != channel]).cpu().double()
+        sums[index] = total if sums[index] is None else sums[index] + total
+        counts[index] += x.numel() // x.shape[channel]
 
     hooks = [layer.register_forward_pre_hook(accumulate) for layer in layers]
     previous, tracker.mode = tracker.mode, Mode.REFERENCE
     try:
-        for call in tqdm(record.calls, desc="bias correction: mean inputs", leave=False):
+        for index in tqdm(distributed.share(len(record.calls)), desc="bias correction: mean inputs", leave=False):
+            call = record.calls[index]
             with tracker.pinned(call.branch, call.step, call.timestep):
                 model(*call.inputs.args, **call.inputs.kwargs)
     finally:
         tracker.mode = previous
         for hook in hooks:
             hook.remove()
-    silent = [layer.plan.name for layer in layers if layer not in sums]
+    if distributed.world_size() > 1:
+        parts = distributed.gathered([(sums, counts)])
+        sums = [_added([part[0][index] for part in parts]) for index in range(len(layers))]
+        counts = [sum(part[1][index] for part in parts) for index in range(len(layers))]
+    silent = [layer.plan.name for layer, total in zip(layers, sums) if total is None]
     if silent:
         raise RuntimeError(
             f"w_bias_correction: {first_few(silent)} never ran in the calibration loop, so their mean input is "
             "unknown; run the loop through them or set w_bias_correction: false for them"
         )
-    return {layer: (sums[layer] / counts[layer]).float() for layer in layers}
+    return {layer: (total / count).float() for layer, total, count in zip(layers, sums, counts)}
+
+
+def _added(parts: Sequence[Tensor | None]) -> Tensor | None:
+    """The processes' sums added in rank order (None: no process ran the layer)."""
+    present = [part for part in parts if part is not None]
+    return None if not present else sum(present[1:], present[0])

@@ -11,12 +11,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..blocks import BlockCache
 from ..calibration.concat import detect_concat_inputs
 from ..calibration.reconstruction import Reconstruction
 from ..calibration.record import CalibrationRecord, RecordedCall
 from ..calibration.selection import Pick
 from ..layers import QuantizedLayer
+from ..observers import observation_stream
 from ..quoting import first_few
 from ..schemes import RAW
 from ..trajectory import Mode, Tracker
@@ -59,7 +61,7 @@ def convert_layers(
         correct_biases(model, tracker, record, correcting)
     for layer in layers:
         layer.commit_weight()
-    if cache is not None:
+    if cache is not None and distributed.is_main():  # every process holds the same model: one writes
         cache.save()
 
 
@@ -123,17 +125,26 @@ def _observe(
         for call in (c for c in record.calls if c.step == 0 and id(c) not in picked):
             chains.append([(call, True)])
             rows.append(torch.arange(call.rows))
+    quantizers = [quantizer for layer in layers for quantizer in layer.all_quantizers()]
+    # in a torch.distributed job each process observes its share when every quantizer can combine
+    sharded = distributed.world_size() > 1 and all(quantizer.combines for quantizer in quantizers)
+    streams = distributed.share(len(chains)) if sharded else range(len(chains))
     observing = frozenset(layers)
     previous_mode, tracker.mode = tracker.mode, Mode.OBSERVING
     try:
         with torch.no_grad():
-            for chain, chosen in tqdm(list(zip(chains, rows)), desc=f"calibrating {name}", leave=False):
+            for stream in tqdm(streams, desc=f"calibrating {name}", leave=False):
                 tracker.reset()
-                for call, observe in chain:
+                for call, observe in chains[stream]:
                     tracker.observing = observing if observe else frozenset()
-                    inputs = call.inputs.select(chosen)
-                    with tracker.pinned(call.branch, call.step, call.timestep):
+                    inputs = call.inputs.select(rows[stream])
+                    with tracker.pinned(call.branch, call.step, call.timestep), observation_stream(stream):
                         model(*inputs.args, **inputs.kwargs)
     finally:
         tracker.mode, tracker.observing = previous_mode, frozenset()
         tracker.reset()
+    if sharded:
+        device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
+        parts = distributed.gathered([[quantizer.statistics() for quantizer in quantizers]])
+        for index, quantizer in enumerate(quantizers):
+            quantizer.combine([part[index] for part in parts], device)
