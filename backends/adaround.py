@@ -116,9 +116,9 @@ def learn_rounding(
     samples = reconstruction.capture(unit, inputs_from=Mode.WEIGHTS_ONLY)
     _stage(roundings, hard=True)
     nearest = reconstruction_loss(reconstruction, unit, samples, 2.0, quantized_activations=False)
-    optimizer = torch.optim.Adam([r.v for parts in roundings.values() for r in parts], lr=schedule.lr)
-    batches = random_batches(samples, schedule.iters, schedule.batch_size, schedule.seed)
     variables = [r.v for parts in roundings.values() for r in parts]
+    optimizer = torch.optim.Adam(variables, lr=schedule.lr)
+    batches = random_batches(samples, schedule.iters, schedule.batch_size, schedule.seed)
     for step, (sample, rows) in enumerate(batches):
         _stage(roundings, hard=False)
         loss = reconstruction.loss(unit, sample, rows, 2.0, quantized_activations=False)

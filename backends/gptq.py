@@ -146,10 +146,8 @@ def compensate_layer(
     finally:
         handle.remove()
     if distributed.world_size() > 1:  # the float64 sums added in rank order
-        parts = [(part, n) for part, n in distributed.gathered([(hessian, count)]) if n]
-        count = sum(n for _, n in parts)
-        if parts:
-            hessian = sum((part for part, _ in parts[1:]), parts[0][0])
+        parts = distributed.gathered([(hessian, count)])
+        hessian, count = distributed.added([part if n else None for part, n in parts]), sum(n for _, n in parts)
     if count == 0:
         raise RuntimeError(f"{layer.plan.name}: not reached by its unit's forward pass, so its inputs are unknown")
     assert isinstance(hessian, Tensor)

@@ -7,13 +7,11 @@ parameters and quantizes weights; `sampling` scopes one or more trajectories.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
 from torch import nn
 
 from .attention_products import attention_operands, install_operands
@@ -23,6 +21,7 @@ from .conversion import convert_layers
 from .deferred import set_binder, take_marks
 from .layers import Execution, QuantizedLayer, quantize_layer
 from .recipe import Plan, Recipe, load_recipe
+from .tensors import device_of
 from .trajectory import Mode, Tracker
 
 _TRACKER = "_modiff_tracker"
@@ -149,13 +148,7 @@ def calibrate(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         tracker.mode = Mode.PREPARED
         tracker.reset()
-    tracker.record = gathered_record(record, _device_of(model))
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    """Where the model computes (its first parameter's or buffer's device; the CPU without any)."""
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
+    tracker.record = gathered_record(record, device_of(model))
 
 
 def convert(model: nn.Module, cache_dir: str | Path | None = None) -> nn.Module:

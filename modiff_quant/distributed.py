@@ -107,6 +107,13 @@ def gathered(items: list[T]) -> list[T]:
     return [item for part in parts for item in part]
 
 
+def added(parts: Sequence[Any]) -> Any:
+    """Every process's partial sum (from `gathered`) added in rank order, skipping the processes
+    that had none (None); None when none had one."""
+    present = [part for part in parts if part is not None]
+    return sum(present[1:], present[0]) if present else None
+
+
 def sum_gradients(parameters: Sequence[Tensor]) -> None:
     """Each parameter's gradient replaced by its sum over the processes (one collective): with each
     process's loss its rows' share of a batch mean, the gradient of the whole batch."""

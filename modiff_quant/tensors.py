@@ -1,4 +1,5 @@
-"""Tensors inside the nested arguments and outputs of model calls: walking, mapping, hashing.
+"""Tensors inside the nested arguments and outputs of model calls: walking, mapping, hashing;
+and where a model computes.
 
 Vocabulary shared by the tracker (finite outputs, in-place guards), the calibration record
 (copies and fingerprints of recorded calls) and the layers (weight digests).
@@ -6,11 +7,12 @@ Vocabulary shared by the tracker (finite outputs, in-place guards), the calibrat
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def iter_tensors(value: Any) -> Iterable[Tensor]:
@@ -45,3 +47,9 @@ def tensor_bytes(tensor: Tensor) -> bytes:
     """Shape, dtype and raw contents: equal bytes mean an identical tensor."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     return repr((tuple(tensor.shape), str(tensor.dtype))).encode() + flat.view(torch.uint8).numpy().tobytes()
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model computes (its first parameter's or buffer's device; the CPU without any)."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")

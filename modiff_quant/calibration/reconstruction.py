@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
+from ..tensors import device_of
 from ..trajectory import Mode, Tracker
 from .record import CalibrationRecord, Inputs, RecordedCall
 from .selection import Pick
@@ -130,9 +131,8 @@ class Reconstruction:
             )
             captured.append((inputs, target, earlier))
         if distributed.world_size() > 1:
-            device = next((parameter.device for parameter in self.model.parameters()), torch.device("cpu"))
             gathered = distributed.gathered([_moved(part, torch.device("cpu")) for part in captured])
-            captured = [_moved(part, device) for part in gathered]
+            captured = [_moved(part, device_of(self.model)) for part in gathered]
         return [
             UnitSample(pick.call, inputs, target, earlier, prior)
             for (pick, prior), (inputs, target, earlier) in zip(picks, captured, strict=True)

@@ -85,7 +85,7 @@ def input_means(
             hook.remove()
     if distributed.world_size() > 1:
         parts = distributed.gathered([(sums, counts)])
-        sums = [_added([part[0][index] for part in parts]) for index in range(len(layers))]
+        sums = [distributed.added([part[0][index] for part in parts]) for index in range(len(layers))]
         counts = [sum(part[1][index] for part in parts) for index in range(len(layers))]
     silent = [layer.plan.name for layer, total in zip(layers, sums) if total is None]
     if silent:
@@ -94,9 +94,3 @@ def input_means(
             "unknown; run the loop through them or set w_bias_correction: false for them"
         )
     return {layer: (total / count).float() for layer, total, count in zip(layers, sums, counts)}
-
-
-def _added(parts: Sequence[Tensor | None]) -> Tensor | None:
-    """The processes' sums added in rank order (None: no process ran the layer)."""
-    present = [part for part in parts if part is not None]
-    return None if not present else sum(present[1:], present[0])

@@ -21,6 +21,7 @@ from ..layers import QuantizedLayer
 from ..observers import observation_stream
 from ..quoting import first_few
 from ..schemes import RAW
+from ..tensors import device_of
 from ..trajectory import Mode, Tracker
 from .bias_correction import correct_biases
 from .cache import CalibrationCache
@@ -144,7 +145,6 @@ def _observe(
         tracker.mode, tracker.observing = previous_mode, frozenset()
         tracker.reset()
     if sharded:
-        device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
         parts = distributed.gathered([[quantizer.statistics() for quantizer in quantizers]])
         for index, quantizer in enumerate(quantizers):
-            quantizer.combine([part[index] for part in parts], device)
+            quantizer.combine([part[index] for part in parts], device_of(model))
