@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from modiff_quant import distributed
-from modiff_quant.calibration.reconstruction import Reconstruction, Unit, UnitSample, random_batches
+from modiff_quant.calibration.reconstruction import Reconstruction, Unit, UnitSample, lp_error, random_batches
 from modiff_quant.layers import QuantizedLayer, join_weight_parts
 from modiff_quant.quant import QuantSpec, stats_view
 from modiff_quant.trajectory import Mode
@@ -174,6 +174,6 @@ def reconstruction_loss(
         output = reconstruction.forward(
             unit, sample, torch.arange(sample.inputs.rows), quantized_activations=quantized_activations
         )
-        losses.append(float((output - sample.target).abs().pow(p).sum(1).mean()))
+        losses.append(float(lp_error(output, sample.target, p)))
     reconstruction.tracker.reset()
     return sum(distributed.gathered(losses)) / len(samples)

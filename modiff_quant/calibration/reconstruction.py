@@ -144,8 +144,9 @@ class Reconstruction:
         processes (`distributed.sum_gradients`) are the whole batch's."""
         mine = distributed.share(len(rows))
         part, weight = (rows[mine.start : mine.stop], len(mine) / len(rows)) if mine else (rows[:1], 0.0)
-        output = self.forward(unit, sample, part, quantized_activations=quantized_activations)
-        loss = (output - sample.target[part]).abs().pow(p).sum(1).mean()
+        loss = lp_error(
+            self.forward(unit, sample, part, quantized_activations=quantized_activations), sample.target[part], p
+        )
         return loss if weight == 1.0 else loss * weight
 
     def _capture(
@@ -207,6 +208,11 @@ class Reconstruction:
             yield
         finally:
             self.tracker.mode = previous
+
+
+def lp_error(output: Tensor, target: Tensor, p: float) -> Tensor:
+    """The mean over rows of each row's summed |output − target|^p: reconstruction's loss."""
+    return (output - target).abs().pow(p).sum(1).mean()
 
 
 def random_batches(
