@@ -163,11 +163,13 @@ def test_input_shape_change_inside_a_layer_names_the_layer():
 
     model = mq.convert(mq.prepare(Context(), "w8a4-modiff"))
     x = torch.randn(2, 4)
-    model(x, torch.randn(2, 7, 4))
+    # by keyword, as pipelines pass encoder states: a second positional argument would be read as the
+    # timestep, and a larger maximum in the new context would start a new trajectory instead
+    model(x, context=torch.randn(2, 7, 4))
     with pytest.raises(
         RuntimeError, match=r"to_k: input shape changed from \[2, 7, 4\] to \[2, 9, 4\] within a trajectory"
     ):
-        model(x, torch.randn(2, 9, 4))
+        model(x, context=torch.randn(2, 9, 4))
 
 
 @torch.no_grad()
